@@ -1,0 +1,43 @@
+"""Anchor (prior) boxes of S3FD: one square anchor per feature-map cell."""
+import torch
+
+
+class PriorBox:
+    """Priors for one input size.
+
+    Args:
+        input_size: (H, W) of the network input in pixels.
+        feature_maps: [(h_k, w_k), ...] the real sizes of the six source maps.
+        cfg: provides STEPS, ANCHOR_SIZES and CLIP.
+
+    `forward()` returns [P, 4] priors in normalised center form (cx, cy, w, h), ordered
+    source by source, row-major within a map: cx = (j + 0.5) * step / W,
+    cy = (i + 0.5) * step / H, w = anchor / W, h = anchor / H.
+    """
+
+    def __init__(self, input_size, feature_maps, cfg, device=None, dtype=torch.float32):
+        self.imh, self.imw = int(input_size[0]), int(input_size[1])
+        self.feature_maps = [(int(h), int(w)) for h, w in feature_maps]
+        self.steps = cfg.STEPS
+        self.anchor_sizes = cfg.ANCHOR_SIZES
+        self.clip = cfg.CLIP
+        self.device = device
+        self.dtype = dtype
+        if len(self.feature_maps) != len(self.steps):
+            raise ValueError(f'{len(self.feature_maps)} feature maps but {len(self.steps)} steps in cfg')
+
+    def forward(self):
+        per_map = []
+        for (fh, fw), step, anchor in zip(self.feature_maps, self.steps, self.anchor_sizes):
+            cy = (torch.arange(fh, device=self.device, dtype=torch.float64) + 0.5) * step / self.imh
+            cx = (torch.arange(fw, device=self.device, dtype=torch.float64) + 0.5) * step / self.imw
+            cy, cx = torch.meshgrid(cy, cx, indexing='ij')
+            w = torch.full_like(cx, anchor / self.imw)
+            h = torch.full_like(cy, anchor / self.imh)
+            per_map.append(torch.stack((cx, cy, w, h), dim=-1).reshape(-1, 4))
+        priors = torch.cat(per_map, dim=0).to(self.dtype)
+        if self.clip:
+            priors.clamp_(min=0, max=1)
+        return priors
+
+    __call__ = forward

@@ -1,0 +1,81 @@
+"""S3FD training loss: smooth-L1 localisation + softmax confidence with hard negative mining."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..bbox_utils import match_batch
+
+
+class MultiBoxLoss(nn.Module):
+    """Multibox loss of S3FD.
+
+    Called as `criterion((loc, conf, priors), targets)`:
+        loc [B, P, 4], conf [B, P, C] raw logits, priors [P, 4] normalised center form;
+        targets: list of B tensors [n_i, 5] rows (x1, y1, x2, y2, label), normalised,
+        label 1 for a face; n_i may be 0.
+    Returns (loss_l, loss_c), scalars:
+        loss_l = sum of smooth-L1 over positive priors,
+        loss_c = sum of cross-entropy over positives and hard negatives, where each image
+                 keeps its min(ratio * num_pos, P - 1) negatives of highest
+                 logsumexp(conf) - conf[label];
+        both divided by the number of positives in the batch (by B if there is none).
+
+    Everything is computed in float32 on the predictions' device, without a Python loop
+    over images or anchors and without host synchronisation.
+    """
+
+    def __init__(self, cfg, dataset='face', match_mode=None):
+        super().__init__()
+        if dataset != 'face':
+            raise ValueError(f"dataset {dataset!r} is not supported; S3FD trains on 'face'")
+        self.num_classes = cfg.NUM_CLASSES
+        self.negpos_ratio = cfg.NEG_POS_RATIOS
+        self.variance = cfg.VARIANCE
+        self.thresholds = tuple(cfg.FACE.OVERLAP_THRESH)
+        self.match_mode = match_mode or cfg.SCALE_COMPENSATION
+
+    def build_targets(self, targets, priors, num_images):
+        """Matched (loc_t [B, P, 4], conf_t [B, P]) for a list of per-image targets."""
+        device = priors.device
+        counts = [int(t.shape[0]) for t in targets]
+        if sum(counts):
+            flat = torch.cat([t.reshape(-1, 5) for t in targets]).to(device, torch.float32,
+                                                                     non_blocking=True)
+        else:
+            flat = priors.new_zeros((0, 5))
+        segment = torch.repeat_interleave(torch.arange(num_images, device=device),
+                                          torch.tensor(counts, device=device),
+                                          output_size=flat.size(0))
+        return match_batch(flat[:, :4], flat[:, 4], segment, num_images, priors,
+                           self.variance, self.thresholds, self.match_mode)
+
+    def forward(self, predictions, targets):
+        loc_data, conf_data, priors = predictions
+        num_images, num_priors = loc_data.shape[:2]
+        if len(targets) != num_images:
+            raise ValueError(f'{len(targets)} targets for a batch of {num_images} images')
+        with torch.autocast(device_type=loc_data.device.type, enabled=False):
+            loc_data = loc_data.float()
+            conf_data = conf_data.float()
+            with torch.no_grad():
+                loc_t, conf_t = self.build_targets(targets, priors.float(), num_images)
+            pos = conf_t > 0  # [B, P]
+            num_pos = pos.sum(dim=1, keepdim=True)
+
+            loss_l = F.smooth_l1_loss(loc_data, loc_t, reduction='none').sum(dim=-1)
+            loss_l = (loss_l * pos).sum()
+
+            # Cross-entropy of every prior; it also serves as the mining score.
+            ce = torch.logsumexp(conf_data, dim=-1) - conf_data.gather(-1, conf_t.unsqueeze(-1)).squeeze(-1)
+            with torch.no_grad():
+                mining = ce.detach().masked_fill(pos, 0.0)
+                order = torch.sort(mining, dim=1, descending=True, stable=True).indices
+                rank = torch.empty_like(order)
+                rank.scatter_(1, order, torch.arange(num_priors, device=order.device).expand(num_images, -1))
+                num_neg = torch.clamp(self.negpos_ratio * num_pos, max=num_priors - 1)
+                neg = rank < num_neg
+            loss_c = (ce * (pos | neg)).sum()
+
+            total_pos = num_pos.sum()
+            norm = torch.where(total_pos > 0, total_pos, num_images).float()
+            return loss_l / norm, loss_c / norm

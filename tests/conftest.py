@@ -1,0 +1,40 @@
+"""Shared test fixtures: repository root on sys.path, the real WIDER FACE files in ../shared."""
+import os
+import sys
+
+import pytest
+import torch
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+SHARED_WIDER = os.path.join(os.path.dirname(REPO_ROOT), 'shared', 'widerface')
+REAL_IMAGE = os.path.join(SHARED_WIDER, 'WIDER_val', 'images', '0--Parade',
+                          '0_Parade_marchingband_1_465.jpg')
+REAL_VAL_ANNOTATIONS = os.path.join(SHARED_WIDER, 'wider_face_split', 'wider_face_val_bbx_gt.txt')
+REAL_GT_DIR = os.path.join(SHARED_WIDER, 'eval_tools', 'ground_truth')
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def require_shared(path):
+    """Skip the calling test when the real WIDER FACE file is not beside the checkout."""
+    if not os.path.exists(path):
+        pytest.skip(f'real WIDER FACE data not found at {path} (../shared/widerface is absent)')
+    return path
+
+
+@pytest.fixture
+def real_image_path():
+    return require_shared(REAL_IMAGE)
+
+
+@pytest.fixture
+def real_val_annotations():
+    return require_shared(REAL_VAL_ANNOTATIONS)
+
+
+@pytest.fixture
+def real_gt_dir():
+    return require_shared(REAL_GT_DIR)
