@@ -1,0 +1,130 @@
+"""Checkpoint files: atomic saving, safe loading, and model weights in and out.
+
+Every file that may come from elsewhere is read with `torch.load(..., weights_only=True)`,
+so a pickle that would execute code is refused. Errors are `CheckpointError` with a
+one-line message that names the file.
+"""
+import os
+import tempfile
+
+import torch
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, unreadable or does not fit the model."""
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file in the same folder, then rename over `path`.
+
+    A crash or kill during the write leaves the previous file intact.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_file(path, map_location='cpu'):
+    """Read a checkpoint with weights_only=True; CheckpointError on any failure."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f'{path}: no such file')
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises several types for foreign or corrupt files
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if 'Weights only load failed' in str(e) or 'Unsupported global' in str(e):
+            raise CheckpointError(f'{path}: refused: the file holds Python objects other than '
+                                  f'tensors and plain containers, and weights_only=True does not '
+                                  f'execute them') from None
+        raise CheckpointError(f'{path}: not a readable PyTorch checkpoint ({msg})') from None
+
+
+_PREFIXES = ('module.', '_orig_mod.')
+
+
+def extract_state_dict(obj, path='<checkpoint>'):
+    """The model state_dict inside a loaded checkpoint.
+
+    Accepts a plain state_dict, a training checkpoint ({'weight': ...} as written by
+    train.py), or {'model': ...} / {'state_dict': ...}. Strips DDP's 'module.' and
+    torch.compile's '_orig_mod.' prefixes.
+    """
+    if not isinstance(obj, dict):
+        raise CheckpointError(f'{path}: expected a state_dict or a checkpoint dict, found {type(obj).__name__}')
+    state = obj
+    for key in ('weight', 'model', 'state_dict'):
+        if isinstance(obj.get(key), dict):
+            state = obj[key]
+            break
+    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f'{path}: no model weights found (expected a dict of tensors, '
+                              f'or one under "weight", "model" or "state_dict")')
+    cleaned = {}
+    for key, value in state.items():
+        for prefix in _PREFIXES:
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        cleaned[key] = value
+    return cleaned
+
+
+def _describe(keys, limit=8):
+    keys = sorted(keys)
+    shown = ', '.join(keys[:limit])
+    return shown + (f', ... ({len(keys)} in all)' if len(keys) > limit else '')
+
+
+def load_weights(module, state_dict, path='<checkpoint>'):
+    """module.load_state_dict(strict=True) with a clear message on any mismatch."""
+    own = module.state_dict()
+    missing = set(own) - set(state_dict)
+    unexpected = set(state_dict) - set(own)
+    problems = []
+    if missing:
+        problems.append(f'missing keys: {_describe(missing)}')
+    if unexpected:
+        problems.append(f'unexpected keys: {_describe(unexpected)}')
+    wrong = [f'{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}'
+             for k, v in own.items() if k in state_dict and state_dict[k].shape != v.shape]
+    if wrong:
+        problems.append(f'shape mismatch (file vs model): {_describe(wrong, 4)}')
+    if problems:
+        raise CheckpointError(f'{path}: does not fit {type(module).__name__}: ' + '; '.join(problems))
+    module.load_state_dict(state_dict, strict=True)
+
+
+def checkpoint_variant(obj):
+    """Model variant recorded in a checkpoint ('reference', 'caffe'), or None."""
+    if isinstance(obj, dict):
+        if isinstance(obj.get('variant'), str):
+            return obj['variant']
+        if isinstance(obj.get('cfg'), dict) and isinstance(obj['cfg'].get('MODEL_VARIANT'), str):
+            return obj['cfg']['MODEL_VARIANT']
+    return None
+
+
+def load_model(path, phase='test', device='cpu', variant=None):
+    """Build S3FD and load weights from `path` (plain state_dict or training checkpoint).
+
+    The variant is taken from `variant`, else from the checkpoint, else cfg's default.
+    Returns the network on `device`, in eval mode for phase 'test'.
+    """
+    from s3fd import build_s3fd  # local import: keeps this module free of model code
+
+    obj = load_file(path)
+    net = build_s3fd(phase, variant=variant or checkpoint_variant(obj))
+    load_weights(net, extract_state_dict(obj, path), path)
+    net.to(device)
+    if phase == 'test':
+        net.eval()
+    return net
