@@ -1,0 +1,47 @@
+"""Small helpers shared by the weight tools (make_basenet, convert_official, export_onnx)."""
+import sys
+
+from utils.checkpoint import CheckpointError
+
+
+class ToolError(RuntimeError):
+    """A user-facing failure of a tool (missing optional package, failed verification)."""
+
+
+def describe_keys(keys, limit=10):
+    """'a, b, c, ... (N in all)': a sorted, shortened list of state_dict keys for messages."""
+    keys = sorted(keys)
+    shown = ', '.join(keys[:limit])
+    return shown + (f', ... ({len(keys)} in all)' if len(keys) > limit else '')
+
+
+def check_layout(state, expected, path, layout_name, hint=None):
+    """Raise CheckpointError unless `state` holds every key of `expected` with its shape.
+
+    state: {key: tensor}; expected: {key: torch.Size}. The message names the file, lists
+    the missing keys and the shape mismatches, and ends with `hint` when given.
+    """
+    missing = [k for k in expected if k not in state]
+    wrong = [f'{k} {tuple(state[k].shape)} (expected {tuple(shape)})'
+             for k, shape in expected.items() if k in state and state[k].shape != shape]
+    if not missing and not wrong:
+        return
+    problems = []
+    if missing:
+        problems.append(f'missing {len(missing)} of {len(expected)} keys: {describe_keys(missing)}')
+    if wrong:
+        problems.append(f'wrong shapes: {describe_keys(wrong, 4)}')
+    message = f'{path}: not the {layout_name} layout: ' + '; '.join(problems)
+    if hint:
+        message += f' ({hint})'
+    raise CheckpointError(message)
+
+
+def run_cli(main, parse_args):
+    """Run `main(parse_args())`; a CheckpointError or ToolError becomes one line on stderr
+    and exit status 1 instead of a traceback."""
+    try:
+        main(parse_args())
+    except (CheckpointError, ToolError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(1)

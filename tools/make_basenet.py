@@ -1,0 +1,181 @@
+"""Build the reduced-fc VGG16 basenet (weights/vgg16_reducedfc.pth) from ImageNet VGG16 weights.
+
+    python tools/make_basenet.py --src vgg16-397923af.pth [--dst weights/vgg16_reducedfc.pth]
+                                 [--src_norm torchvision|caffe]
+
+--src is a local VGG16 state_dict in torchvision's layout (`features.N.weight/bias` for the
+13 convolutions, `classifier.0/3/6.*` for fc6/fc7/fc8), e.g. torchvision's ImageNet file
+vgg16-397923af.pth; nothing is downloaded. The result is a plain state_dict whose keys are
+exactly those of `build_s3fd(...).vgg.state_dict()` (`0.weight` ... `33.bias`); train.py loads
+it into `net.vgg` with strict=True.
+
+What is done to the weights:
+- conv1_1 ... conv5_3 are copied (features.N -> N).
+- fc6 and fc7 become convolutions by decimation, as in the SSD paper's reduced fc
+  (following DeepLab-LargeFOV): fc6's 4096x25088 matrix is viewed as 4096x512x7x7
+  (torchvision flattens pool5 as channel, row, column), every 4th output channel is kept
+  starting at 0 (0, 4, ..., 4092) and every 3rd tap in both spatial directions (0, 3, 6):
+  1024x512x3x3, bias likewise every 4th. S3FD runs it with dilation 6. fc7's 4096x4096
+  matrix keeps every 4th row and column from 0: 1024x1024x1x1, bias every 4th. fc8 is
+  dropped.
+- conv1_1 is rewritten for this repository's input. torchvision's VGG16 was trained on RGB
+  scaled to [0, 1] and normalised by the ImageNet mean (0.485, 0.456, 0.406) and std
+  (0.229, 0.224, 0.225); S3FD is fed RGB minus (123, 117, 104), unscaled. Since conv1_1 is
+  linear, its weights are divided by 255*std per input channel and the mean difference is
+  folded into its bias, so every later layer sees the activations the ImageNet model would
+  see for the same image. (Exact everywhere except the one-pixel zero padding of conv1_1,
+  which now stands for the pixel value (123, 117, 104) instead of 255*mean =
+  (123.7, 116.3, 103.5): less than one grey level.) --src_norm caffe does the same for a
+  Caffe-trained VGG16 in torchvision's key layout (BGR, 0..255, minus (103.939, 116.779,
+  123.68)): input channels are reversed and only the mean difference is folded.
+"""
+import argparse
+import os
+import sys
+import warnings
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from data.config import cfg  # noqa: E402
+from s3fd import vgg  # noqa: E402
+from tools._common import check_layout, run_cli  # noqa: E402
+from utils.checkpoint import atomic_save, extract_state_dict, load_file, load_weights  # noqa: E402
+
+FC6_INDEX, FC7_INDEX = 31, 33
+FC_CHANNEL_STEP = 4  # 4096 -> 1024 channels
+FC6_TAP_STEP = 3  # 7x7 -> 3x3 taps (0, 3, 6)
+POOL5_SHAPE = (512, 7, 7)
+FC_WIDTH = 4096
+
+# How each source was trained: source input channel k reads RGB channel order[k] as
+# (pixel / scale - mean[k]) / std[k], pixel in 0..255.
+SOURCE_NORMS = {
+    'torchvision': dict(order=(0, 1, 2), scale=255.0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+    'caffe': dict(order=(2, 1, 0), scale=1.0, mean=(103.939, 116.779, 123.68), std=(1.0, 1.0, 1.0)),
+}
+
+
+def _trunk_shapes():
+    """The layers of net.vgg on the meta device (shapes only, no memory, no init cost)."""
+    with torch.device('meta'):
+        return vgg()
+
+
+def conv_indices():
+    """Indices of the 13 VGG16 convolutions in `features` (and in `net.vgg`): 0, 2, 5, ... 28."""
+    return [i for i, layer in enumerate(_trunk_shapes()) if isinstance(layer, nn.Conv2d) and i < FC6_INDEX]
+
+
+def source_layout():
+    """{key: shape} that a torchvision VGG16 state_dict must hold (fc8 is not needed)."""
+    layers = _trunk_shapes()
+    expected = {}
+    for i in conv_indices():
+        expected[f'features.{i}.weight'] = layers[i].weight.shape
+        expected[f'features.{i}.bias'] = layers[i].bias.shape
+    pool5 = POOL5_SHAPE[0] * POOL5_SHAPE[1] * POOL5_SHAPE[2]
+    expected['classifier.0.weight'] = torch.Size((FC_WIDTH, pool5))
+    expected['classifier.0.bias'] = torch.Size((FC_WIDTH,))
+    expected['classifier.3.weight'] = torch.Size((FC_WIDTH, FC_WIDTH))
+    expected['classifier.3.bias'] = torch.Size((FC_WIDTH,))
+    return expected
+
+
+def _layout_hint(state):
+    keys = set(state)
+    if any(k.endswith('running_mean') for k in keys):
+        return 'it has batch-norm statistics: this is VGG16-BN; use the plain VGG16 weights'
+    if f'{FC6_INDEX}.weight' in keys:
+        return 'it is already a reduced-fc basenet in the net.vgg layout: pass it to train.py as it is'
+    if 'vgg.0.weight' in keys:
+        return 'it is an S3FD checkpoint, not an ImageNet VGG16'
+    if 'conv1_1.weight' in keys:
+        return 'it is in the released S3FD layout: use tools/convert_official.py'
+    return "expected torchvision's VGG16 keys features.N.* and classifier.0/3.*"
+
+
+def fold_input_normalisation(weight, bias, src_norm='torchvision', dst_mean=None):
+    """conv1_1 for this repository's input, from conv1_1 of a VGG16 trained on `src_norm`.
+
+    weight [64, 3, k, k], bias [64]. The returned (weight, bias), applied to RGB minus
+    `dst_mean` (default cfg.img_mean) in 0..255, equal the originals applied to the source's
+    normalised input of the same image (ignoring the zero padding, see the module doc).
+    Computed in float64, returned in the input dtype.
+    """
+    norm = SOURCE_NORMS[src_norm]
+    dst_mean = cfg.img_mean if dst_mean is None else dst_mean
+    w, b = weight.double(), bias.double().clone()
+    new_w = torch.empty_like(w)
+    for k, c in enumerate(norm['order']):
+        std = norm['std'][k]
+        # x_src[k] = x_dst[c] / (scale*std) + (dst_mean[c] / scale - mean[k]) / std
+        new_w[:, c] = w[:, k] / (norm['scale'] * std)
+        offset = (dst_mean[c] / norm['scale'] - norm['mean'][k]) / std
+        b += w[:, k].sum(dim=(1, 2)) * offset
+    return new_w.to(weight.dtype), b.to(bias.dtype)
+
+
+def reduce_fc(fc6_weight, fc6_bias, fc7_weight, fc7_bias):
+    """Decimate VGG16's fc6/fc7 into the reduced-fc convolutions.
+
+    fc6_weight [4096, 25088], fc6_bias [4096], fc7_weight [4096, 4096], fc7_bias [4096].
+    Returns fc6 [1024, 512, 3, 3] (output channels 0, 4, ..., taps 0, 3, 6), its bias [1024],
+    fc7 [1024, 1024, 1, 1] (rows and columns 0, 4, ...), its bias [1024].
+    """
+    s, t = FC_CHANNEL_STEP, FC6_TAP_STEP
+    fc6 = fc6_weight.reshape(FC_WIDTH, *POOL5_SHAPE)[::s, :, ::t, ::t]
+    fc7 = fc7_weight[::s, ::s][:, :, None, None]
+    return (fc6.contiguous(), fc6_bias[::s].contiguous(), fc7.contiguous(), fc7_bias[::s].contiguous())
+
+
+def convert_vgg16(state, src_norm='torchvision', path='<vgg16>'):
+    """torchvision-layout VGG16 state_dict -> reduced-fc basenet state_dict (net.vgg keys).
+
+    Raises CheckpointError naming `path` and the missing keys when `state` has another layout.
+    """
+    check_layout(state, source_layout(), path, 'torchvision VGG16', _layout_hint(state))
+    out = {}
+    for i in conv_indices():
+        out[f'{i}.weight'] = state[f'features.{i}.weight'].float().clone()
+        out[f'{i}.bias'] = state[f'features.{i}.bias'].float().clone()
+    out['0.weight'], out['0.bias'] = fold_input_normalisation(out['0.weight'], out['0.bias'], src_norm)
+    fc6, fc6_b, fc7, fc7_b = reduce_fc(state['classifier.0.weight'].float(), state['classifier.0.bias'].float(),
+                                       state['classifier.3.weight'].float(), state['classifier.3.bias'].float())
+    out[f'{FC6_INDEX}.weight'], out[f'{FC6_INDEX}.bias'] = fc6, fc6_b
+    out[f'{FC7_INDEX}.weight'], out[f'{FC7_INDEX}.bias'] = fc7, fc7_b
+    return out
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--src', required=True, help='local VGG16 state_dict in torchvision layout')
+    parser.add_argument('--dst', default='weights/vgg16_reducedfc.pth', help='output basenet file')
+    parser.add_argument('--src_norm', choices=sorted(SOURCE_NORMS), default='torchvision',
+                        help='input normalisation the VGG16 was trained with (default: torchvision)')
+    return parser.parse_args(argv)
+
+
+def main(args):
+    """Write the basenet to args.dst (atomically); returns its state_dict."""
+    state = extract_state_dict(load_file(args.src), args.src)
+    basenet = convert_vgg16(state, args.src_norm, args.src)
+    # Proof that the file fits: strict load into the trunk of both model variants (built on
+    # the meta device: keys and shapes are checked, nothing is allocated).
+    with torch.device('meta'):
+        trunks = [nn.ModuleList(vgg(variant)) for variant in ('reference', 'caffe')]
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='.*meta parameter.*no-op')
+        for trunk in trunks:
+            load_weights(trunk, basenet, args.dst)
+    atomic_save(basenet, args.dst)
+    print(f'wrote {args.dst}: {len(basenet)} tensors, conv1_1..conv5_3, fc6 {tuple(basenet["31.weight"].shape)}, '
+          f'fc7 {tuple(basenet["33.weight"].shape)}; conv1_1 folded from {args.src_norm} normalisation to '
+          f'RGB minus {tuple(cfg.img_mean)}')
+    return basenet
+
+
+if __name__ == '__main__':
+    run_cli(main, parse_args)
