@@ -22,7 +22,7 @@ def nms_top_k(boxes, scores, groups, iou_threshold, top_k):
     if num == 0:
         return order
     num_groups = int(groups.max()) + 1
-    prefix = min(num, max(4 * top_k, 1024))
+    prefix = min(num, max(top_k, 1024))
     while True:
         keep = batched_nms(boxes[:prefix], scores[:prefix], groups[:prefix], iou_threshold)
         keep = _first_per_group(keep, groups, top_k)

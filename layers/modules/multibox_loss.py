@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..bbox_utils import match_batch
+from ..bbox_utils import PriorGrid, top_n_per_row, match_batch
 
 
 class MultiBoxLoss(nn.Module):
@@ -33,21 +33,35 @@ class MultiBoxLoss(nn.Module):
         self.variance = cfg.VARIANCE
         self.thresholds = tuple(cfg.FACE.OVERLAP_THRESH)
         self.match_mode = match_mode or cfg.SCALE_COMPENSATION
+        self._grid_for = (None, None)  # (priors tensor, its PriorGrid or None)
+
+    def prior_grid(self, priors):
+        """The PriorGrid of `priors`, recovered once per prior tensor (the network caches it)."""
+        cached_priors, grid = self._grid_for
+        if cached_priors is not priors:
+            grid = PriorGrid.from_priors(priors)
+            self._grid_for = (priors, grid)
+        return grid
 
     def build_targets(self, targets, priors, num_images):
-        """Matched (loc_t [B, P, 4], conf_t [B, P]) for a list of per-image targets."""
+        """Matched (loc_t [B, P, 4], conf_t [B, P]) for a list of per-image targets.
+
+        Targets normally arrive on the host from the data loader; the face sizes are read
+        there, so matching on an accelerator needs no host synchronisation.
+        """
         device = priors.device
         counts = [int(t.shape[0]) for t in targets]
         if sum(counts):
-            flat = torch.cat([t.reshape(-1, 5) for t in targets]).to(device, torch.float32,
-                                                                     non_blocking=True)
+            flat = torch.cat([t.reshape(-1, 5) for t in targets]).float()
         else:
-            flat = priors.new_zeros((0, 5))
-        segment = torch.repeat_interleave(torch.arange(num_images, device=device),
-                                          torch.tensor(counts, device=device),
-                                          output_size=flat.size(0))
-        return match_batch(flat[:, :4], flat[:, 4], segment, num_images, priors,
-                           self.variance, self.thresholds, self.match_mode)
+            flat = torch.zeros((0, 5))
+        flat_cpu = flat.detach().cpu() if flat.device.type != 'cpu' else flat
+        flat = flat.to(device, non_blocking=True)
+        segment = torch.repeat_interleave(torch.arange(num_images), torch.tensor(counts, dtype=torch.long))
+        return match_batch(flat[:, :4], flat[:, 4], segment.to(device, non_blocking=True), num_images,
+                           priors, self.variance, self.thresholds, self.match_mode,
+                           grid=self.prior_grid(priors), truths_cpu=flat_cpu[:, :4],
+                           max_faces=max(counts) if counts else 0)
 
     def forward(self, predictions, targets):
         loc_data, conf_data, priors = predictions
@@ -68,14 +82,26 @@ class MultiBoxLoss(nn.Module):
             # Cross-entropy of every prior; it also serves as the mining score.
             ce = torch.logsumexp(conf_data, dim=-1) - conf_data.gather(-1, conf_t.unsqueeze(-1)).squeeze(-1)
             with torch.no_grad():
-                mining = ce.detach().masked_fill(pos, 0.0)
-                order = torch.sort(mining, dim=1, descending=True, stable=True).indices
-                rank = torch.empty_like(order)
-                rank.scatter_(1, order, torch.arange(num_priors, device=order.device).expand(num_images, -1))
-                num_neg = torch.clamp(self.negpos_ratio * num_pos, max=num_priors - 1)
-                neg = rank < num_neg
+                num_neg = torch.clamp(self.negpos_ratio * num_pos.squeeze(1), max=num_priors - 1)
+                neg = hard_negatives(ce.detach().masked_fill(pos, 0.0), ~pos, num_neg)
             loss_c = (ce * (pos | neg)).sum()
 
             total_pos = num_pos.sum()
             norm = torch.where(total_pos > 0, total_pos, num_images).float()
             return loss_l / norm, loss_c / norm
+
+
+def hard_negatives(mining, negative, num_neg):
+    """Mask of the num_neg[b] highest-scoring negatives of each image (ties: lower index).
+
+    mining [B, P] scores, negative [B, P] bool, num_neg [B] long. On accelerators this is a
+    sort, free of host synchronisation; on the CPU, where there is nothing to overlap, a top-k
+    sized by the largest count is several times faster and selects the same priors.
+    """
+    if mining.device.type == 'cpu':
+        return top_n_per_row(mining, negative, num_neg, int(num_neg.max()) if num_neg.numel() else 0)
+    num_priors = mining.size(1)
+    order = torch.sort(mining.masked_fill(~negative, -1.0), dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(num_priors, device=order.device).expand_as(order))
+    return negative & (rank < num_neg[:, None])

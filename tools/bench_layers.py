@@ -1,0 +1,99 @@
+"""Benchmark of the S3FD layers on CPU: MultiBoxLoss and Detect at 640x640.
+
+Prints one JSON object with median wall times in seconds:
+  loss_s:   MultiBoxLoss (matching + mining + both losses, forward only) on a batch of
+            16 images with 1-40 faces each;
+  detect_s: Detect on one 640x640 output whose scores are all near 0.5 (every prior above
+            CONF_THRESH, so NMS_TOP_K = 5000 candidates go to NMS).
+
+    python tools/bench_layers.py [--threads 1] [--repeat 15] [--device cpu]
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from data.config import cfg  # noqa: E402
+from layers.functions.detection import Detect  # noqa: E402
+from layers.functions.prior_box import PriorBox  # noqa: E402
+from layers.modules.multibox_loss import MultiBoxLoss  # noqa: E402
+
+MAPS_640 = [(160, 160), (80, 80), (40, 40), (20, 20), (10, 10), (5, 5)]
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--threads', type=int, default=1, help='torch intra-op threads')
+    parser.add_argument('--repeat', type=int, default=15, help='timed repetitions (after 2 warm-ups)')
+    parser.add_argument('--batch_size', type=int, default=16)
+    parser.add_argument('--device', default='cpu')
+    return parser.parse_args()
+
+
+def random_faces(gen, n):
+    """n face boxes (x1, y1, x2, y2, 1), normalised, 8 to 300 px at 640."""
+    size = (torch.rand(n, 1, generator=gen) ** 2 * 292 + 8) / 640
+    aspect = torch.rand(n, 1, generator=gen) * 0.5 + 1.0  # taller than wide
+    wh = torch.cat((size, size * aspect), 1).clamp(max=0.9)
+    xy = torch.rand(n, 2, generator=gen) * (1 - wh)
+    return torch.cat((xy, xy + wh, torch.ones(n, 1)), 1)
+
+
+def timed(fn, repeat, device):
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(repeat):
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(args):
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    gen = torch.Generator().manual_seed(0)
+    priors = PriorBox((640, 640), MAPS_640, cfg, device=device).forward()
+    num_priors = priors.size(0)
+
+    counts = torch.randint(1, 41, (args.batch_size,), generator=gen).tolist()
+    targets = [random_faces(gen, n).to(device) for n in counts]
+    loc = torch.randn(args.batch_size, num_priors, 4, generator=gen).to(device)
+    conf = torch.randn(args.batch_size, num_priors, 2, generator=gen).to(device)
+    criterion = MultiBoxLoss(cfg)
+
+    def run_loss():
+        loss_l, loss_c = criterion((loc, conf, priors), targets)
+        return loss_l + loss_c
+
+    loss_s = timed(run_loss, args.repeat, device)
+
+    det_loc = (torch.randn(1, num_priors, 4, generator=gen) * 0.1).to(device)
+    det_conf = torch.softmax(torch.randn(1, num_priors, 2, generator=gen) * 0.01, -1).to(device)
+    detect = Detect(cfg)
+    candidates = int((det_conf[..., 1] > cfg.CONF_THRESH).sum())
+    detect_s = timed(lambda: detect.forward(det_loc, det_conf, priors), args.repeat, device)
+    kept = int((detect.forward(det_loc, det_conf, priors)[0, 1, :, 0] > 0).sum())
+
+    print(json.dumps({
+        'device': str(device), 'threads': args.threads, 'priors': num_priors,
+        'loss_batch': args.batch_size, 'faces_per_image': [min(counts), max(counts)],
+        'loss_s': round(loss_s, 4), 'loss_target_s': 0.12,
+        'detect_candidates_above_thresh': candidates, 'detect_kept': kept,
+        'detect_s': round(detect_s, 4), 'detect_target_s': 0.015,
+    }))
+
+
+if __name__ == '__main__':
+    main(parse_args())
