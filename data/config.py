@@ -66,6 +66,18 @@ _C.sampling_trials = 50
 _C.min_face_size = 6.0
 _C.filter_min_face = True
 _C.mirror_prob = 0.5
+# Resize interpolations drawn at random for each training sample (OpenCV names; add
+# 'lanczos' for the reference's fifth method at about twice the per-sample cost).
+_C.resize_interpolations = ('linear', 'cubic', 'area', 'nearest')
+# SSD square samplers as (min scale, max scale) of the image's short side.
+_C.ssd_sampler_scales = ((1.0, 1.0),) + ((0.3, 1.0),) * 5
+# Data-anchor-sampling accepts a window holding a whole face or overlapping one above this IoU.
+_C.das_accept_iou = 0.7
+# A training sample whose augmentation kept no face is drawn again this many times before a
+# deterministic crop around its largest face is used.
+_C.resample_attempts = 10
+# Unreadable training images are replaced; give up after this many unreadable replacements.
+_C.replacement_tries = 100
 
 # -- face dataset -----------------------------------------------------------------------
 _C.FACE = EasyDict()
