@@ -1,0 +1,333 @@
+"""WIDER FACE: the official annotation parser, the list-file reader and the dataset.
+
+Formats (DESIGN.md section 5):
+
+* Official annotation file `wider_face_{train,val}_bbx_gt.txt`: a relative image path line,
+  a face-count line, then `count` lines `x y w h blur expression illumination invalid
+  occlusion pose` (pixels, top-left corner and size); an image with count 0 is followed by
+  one line of ten zeros.
+* List file (`data/face_train.txt`, written by prepare_wider_data.py), one image per line:
+  `<image path> <n> x y w h 1 x y w h 1 ...` (pixels).
+
+`WIDERDetection` returns `(image float32 [3, S, S], target float32 [n, 5])`: the image in RGB
+order with `cfg.img_mean` subtracted (no scaling), target rows `(x1, y1, x2, y2, label)`
+normalised to [0, 1] by the output size, label 1.
+"""
+import re
+import sys
+import warnings
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from data.config import cfg
+from utils.augmentations import (TrainAugmentation, clip_boxes, fallback_plan, to_tensor,
+                                 val_transform)
+from utils.image_io import ImageReadError, load_rgb
+
+__all__ = ['AnnotationError', 'WiderAnnotation', 'read_wider_annotations', 'read_face_list',
+           'WIDERDetection']
+
+ATTRIBUTE_NAMES = ('blur', 'expression', 'illumination', 'invalid', 'occlusion', 'pose')
+
+
+class AnnotationError(ValueError):
+    """A malformed annotation or list file; the message is `<file>:<line>: <reason>`."""
+
+    def __init__(self, path, line, reason):
+        where = f'{path}:{line}' if line else str(path)
+        super().__init__(f'{where}: {reason}')
+        self.path, self.line, self.reason = str(path), line, reason
+
+    def __reduce__(self):
+        return type(self), (self.path, self.line, self.reason)
+
+
+class WiderAnnotation(NamedTuple):
+    """One image of an official annotation file.
+
+    name: path relative to `WIDER_<split>/images`, e.g. '0--Parade/0_Parade_marchingband_1_465.jpg'.
+    boxes: float32 [n, 4] (x, y, w, h) pixels, exactly as in the file (w or h may be 0).
+    attributes: int32 [n, 6] blur, expression, illumination, invalid, occlusion, pose.
+    line: line number of the path line (1-based).
+    """
+    name: str
+    boxes: np.ndarray
+    attributes: np.ndarray
+    line: int
+
+
+def _numbers(path, lineno, text, what):
+    try:
+        return [float(tok) for tok in text.split()]
+    except ValueError:
+        raise AnnotationError(path, lineno, f'non-numeric field in {what}: {text.strip()!r}') from None
+
+
+def read_wider_annotations(path):
+    """Parse an official WIDER FACE annotation file.
+
+    Returns a list of `WiderAnnotation` in file order. Raises `AnnotationError` (naming the
+    file and the line) on a missing count, a non-numeric field, a face line without ten
+    numbers, or a file that ends inside an image's face list; `FileNotFoundError` when the
+    file does not exist.
+    """
+    with open(path, 'r', encoding='utf-8') as handle:
+        lines = handle.read().splitlines()
+    records = []
+    i, total = 0, len(lines)
+    while i < total:
+        name = lines[i].strip()
+        if not name:
+            i += 1
+            continue
+        path_line = i + 1
+        if i + 1 >= total or not lines[i + 1].strip():
+            raise AnnotationError(path, i + 2, f'file ends before the face count of {name!r}')
+        count_text = lines[i + 1].strip()
+        try:
+            count = int(count_text)
+        except ValueError:
+            raise AnnotationError(path, i + 2, f'expected the number of faces of {name!r}, '
+                                               f'got {count_text!r}') from None
+        if count < 0:
+            raise AnnotationError(path, i + 2, f'negative face count {count}')
+        i += 2
+        rows = []
+        for k in range(count):
+            if i >= total:
+                raise AnnotationError(path, total + 1, f'truncated: {name!r} declares {count} '
+                                                      f'faces but the file ends after {k}')
+            values = _numbers(path, i + 1, lines[i], 'a face line')
+            if len(values) != 10:
+                raise AnnotationError(path, i + 1, f'expected 10 numbers (x y w h blur expression '
+                                                  f'illumination invalid occlusion pose), got {len(values)}')
+            rows.append(values)
+            i += 1
+        if count == 0 and i < total:
+            # The official files put one line of ten zeros after a count of 0.
+            tokens = lines[i].split()
+            if len(tokens) == 10 and all(re.fullmatch(r'-?[0-9.]+', t) for t in tokens):
+                i += 1
+        table = np.asarray(rows, dtype=np.float64).reshape(-1, 10)
+        records.append(WiderAnnotation(name, table[:, :4].astype(np.float32),
+                                       table[:, 4:].astype(np.int32), path_line))
+    return records
+
+
+_TOKEN = re.compile(r'\S+')
+
+
+def _parse_list_line(path, lineno, line):
+    """One list-file line -> (image path, float32 [n, 5] x y w h label). The image path may
+    contain spaces: it is everything before the count that makes the line consistent."""
+    spans = [(m.start(), m.group()) for m in _TOKEN.finditer(line)]
+    if len(spans) < 2:
+        raise AnnotationError(path, lineno, 'expected "<image path> <n> x y w h 1 ...", '
+                                            f'got {line.strip()!r}')
+    for k in range(1, len(spans)):
+        tok = spans[k][1]
+        if tok.isdigit() and len(spans) - k - 1 == 5 * int(tok):
+            image = line[:spans[k][0]].strip()
+            values = _numbers(path, lineno, ' '.join(t for _, t in spans[k + 1:]), 'a box')
+            return image, np.asarray(values, dtype=np.float32).reshape(-1, 5)
+    # No consistent split: report the most likely cause.
+    tok = spans[1][1]
+    if not tok.isdigit():
+        raise AnnotationError(path, lineno, f'expected the face count after the image path, got {tok!r}')
+    raise AnnotationError(path, lineno, f'{int(tok)} faces need {5 * int(tok)} numbers after the '
+                                        f'count, found {len(spans) - 2}')
+
+
+def read_face_list(list_file):
+    """Read a list file.
+
+    Returns (paths: list[str], boxes: list of float32 [n, 5] (x1, y1, x2, y2, label) pixels).
+    Blank lines and lines starting with '#' are ignored. Raises `AnnotationError` for a
+    malformed line (file and line number) or a file without any image line,
+    `FileNotFoundError` when it does not exist.
+    """
+    paths, boxes = [], []
+    with open(list_file, 'r', encoding='utf-8') as handle:
+        for lineno, line in enumerate(handle, 1):
+            if not line.strip() or line.lstrip().startswith('#'):
+                continue
+            image, table = _parse_list_line(list_file, lineno, line)
+            table[:, 2] += table[:, 0]
+            table[:, 3] += table[:, 1]
+            paths.append(image)
+            boxes.append(table)
+    if not paths:
+        raise AnnotationError(list_file, 0, 'no image line: the list file is empty '
+                                            '(run prepare_wider_data.py to write it)')
+    return paths, boxes
+
+
+def _note(message):
+    print(f'WIDERDetection: {message}', file=sys.stderr, flush=True)
+
+
+class WIDERDetection(Dataset):
+    """WIDER FACE detection dataset over a list file.
+
+    Args:
+        list_file: list file of prepare_wider_data.py.
+        mode: 'train' (augmentation of utils/augmentations.py; images listed without a face
+            are left out, with a count printed) or 'val' (plain resize, every image kept).
+        input_size: side S of the square output (default cfg.INPUT_SIZE).
+        seed: base seed of the training randomness.
+        params: augmentation configuration (default data.config.cfg).
+
+    `dataset[i]` or `dataset[(epoch, i)]` -> (image float32 [3, S, S] RGB minus cfg.img_mean,
+    target float32 [n, 5] rows (x1, y1, x2, y2, 1) normalised to [0, 1]). A training sample
+    is a pure function of (seed, epoch, i): the epoch comes from the index tuple or else
+    from `set_epoch`. A training sample always holds at least one face: when augmentation
+    leaves none it is drawn again from a generator seeded with (seed, epoch, i, attempt),
+    and after `cfg.resample_attempts` attempts a deterministic crop around the largest face
+    is used. An image that cannot be read (or whose faces all lie outside it) is replaced by
+    another one chosen from (seed, epoch, i), warned about once per path and counted in
+    `self.bad_images` (per process: each DataLoader worker counts its own).
+    """
+
+    def __init__(self, list_file, mode='train', input_size=None, seed=0, params=None):
+        if mode not in ('train', 'val'):
+            raise ValueError(f"mode must be 'train' or 'val', got {mode!r}")
+        self.params = cfg if params is None else params
+        self.list_file = str(list_file)
+        self.mode = mode
+        self.input_size = int(input_size if input_size is not None else self.params.INPUT_SIZE)
+        self.seed = int(seed)
+        self.epoch = 0
+        self.max_attempts = int(self.params.get('resample_attempts', 10))
+        self.max_replacements = int(self.params.get('replacement_tries', 100))
+        self.mean = tuple(self.params.img_mean)
+        self.augment = TrainAugmentation(self.input_size, self.params) if mode == 'train' else None
+        self.bad_images = {}
+
+        paths, boxes = read_face_list(self.list_file)
+        bad_rows = 0
+        for k, table in enumerate(boxes):
+            ok = (table[:, 2] > table[:, 0]) & (table[:, 3] > table[:, 1])
+            if not ok.all():
+                bad_rows += int((~ok).sum())
+                boxes[k] = table[ok]
+        if bad_rows:
+            _note(f'{self.list_file}: dropped {bad_rows} boxes with w <= 0 or h <= 0')
+        self.num_listed = len(paths)
+        self.num_without_face = 0
+        if mode == 'train':
+            keep = [k for k, table in enumerate(boxes) if len(table)]
+            self.num_without_face = len(paths) - len(keep)
+            if self.num_without_face:
+                _note(f'{self.list_file}: {self.num_without_face} of {len(paths)} images have '
+                      f'no face and are left out of training')
+            if not keep:
+                raise AnnotationError(self.list_file, 0, 'no image with a face to train on')
+            paths = [paths[k] for k in keep]
+            boxes = [boxes[k] for k in keep]
+        # One flat array plus offsets: cheaper for forked DataLoader workers than many arrays.
+        self.paths = paths
+        counts = np.array([len(t) for t in boxes], dtype=np.int64)
+        self._offsets = np.concatenate([[0], np.cumsum(counts)])
+        self._boxes = (np.concatenate(boxes, axis=0) if counts.sum() else
+                       np.zeros((0, 5), dtype=np.float32))
+
+    def __len__(self):
+        return len(self.paths)
+
+    def set_epoch(self, epoch):
+        """Epoch used by `dataset[i]` (an index `(epoch, i)` overrides it)."""
+        self.epoch = int(epoch)
+
+    # -- raw access --------------------------------------------------------------------------
+
+    def pull_image(self, index):
+        """uint8 [H, W, 3] RGB image of sample `index` (raises ImageReadError)."""
+        return load_rgb(self.paths[index])
+
+    def pull_anno(self, index):
+        """float32 [n, 5] (x1, y1, x2, y2, label) in pixels of the original image, as listed."""
+        return self._boxes[self._offsets[index]:self._offsets[index + 1]].copy()
+
+    def image_path(self, index):
+        return self.paths[index]
+
+    # -- samples -----------------------------------------------------------------------------
+
+    def _rng(self, *key):
+        return np.random.default_rng([self.seed, *key])
+
+    def _load(self, index):
+        """(image, clipped boxes [n, 4], labels [n]) or raises ImageReadError."""
+        path = self.paths[index]
+        image = load_rgb(path)
+        height, width = image.shape[:2]
+        table = self.pull_anno(index)
+        boxes, keep = clip_boxes(table[:, :4], width, height)
+        if self.mode == 'train' and len(boxes) == 0:
+            raise ImageReadError(path, f'none of its {len(table)} faces lies inside the '
+                                       f'{width}x{height} image')
+        return image, boxes, table[keep, 4]
+
+    def _skip(self, index, exc):
+        path = self.paths[index]
+        if path not in self.bad_images:
+            self.bad_images[path] = exc.reason
+            warnings.warn(f'skipping unreadable image ({len(self.bad_images)} so far in '
+                          f'this process): {exc}', RuntimeWarning, stacklevel=3)
+
+    def _target(self, boxes, labels):
+        target = np.empty((len(boxes), 5), dtype=np.float32)
+        target[:, :4] = boxes / self.input_size
+        target[:, 4] = labels
+        return torch.from_numpy(target)
+
+    def __getitem__(self, index):
+        if isinstance(index, (tuple, list)):
+            epoch, index = index
+        else:
+            epoch = self.epoch
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f'index {index} out of range for {len(self)} samples')
+        if self.mode == 'train':
+            return self._train_item(int(epoch), index)
+        return self._val_item(index)
+
+    def _train_item(self, epoch, index):
+        last_error = None
+        for r in range(self.max_replacements):
+            source = index if r == 0 else int(self._rng(epoch, index, r, 1).integers(len(self)))
+            try:
+                image, boxes, labels = self._load(source)
+            except ImageReadError as exc:
+                self._skip(source, exc)
+                last_error = exc
+                continue
+            height, width = image.shape[:2]
+            plan = None
+            for attempt in range(self.max_attempts):
+                candidate = self.augment.plan(boxes, width, height, self._rng(epoch, index, r, 0, attempt))
+                if len(candidate.boxes):
+                    plan = candidate
+                    break
+            if plan is None:
+                plan = fallback_plan(self.augment, boxes, width, height)
+            out, out_boxes = self.augment.render(image, plan)
+            return to_tensor(out, self.mean), self._target(out_boxes, labels[plan.keep])
+        raise RuntimeError(f'{self.list_file}: no readable training image found in '
+                           f'{self.max_replacements} tries from sample {index}; last error: {last_error}')
+
+    def _val_item(self, index):
+        for r in range(min(self.max_replacements, len(self))):
+            source = (index + r) % len(self)
+            try:
+                image, boxes, labels = self._load(source)
+            except ImageReadError as exc:
+                self._skip(source, exc)
+                continue
+            out, out_boxes = val_transform(image, boxes, self.input_size)
+            return to_tensor(out, self.mean), self._target(out_boxes, labels)
+        raise RuntimeError(f'{self.list_file}: no readable image found from sample {index} on')
