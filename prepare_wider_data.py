@@ -1,0 +1,129 @@
+"""Write the WIDER FACE list files used for training and validation.
+
+    python prepare_wider_data.py --dataset_dir /data/WIDER [--out_dir data] [--drop_invalid]
+
+Reads `<dataset_dir>/wider_face_split/wider_face_{train,val}_bbx_gt.txt` and writes
+`<out_dir>/face_train.txt` and `<out_dir>/face_val.txt`, one image per line:
+`<absolute image path> <n> x y w h 1 x y w h 1 ...` (pixels, top-left corner and size),
+in the order of the annotation file. Faces with w <= 0 or h <= 0 are dropped, and with
+`--drop_invalid` also the faces flagged invalid; an image left without a face is still
+written, with count 0 (training leaves it out, validation keeps it). Image paths are
+`<dataset_dir>/WIDER_<split>/images/<name>`; missing image files are counted, not fatal.
+The defaults come from data/config.py (cfg.FACE.WIDER_DIR, the folder of cfg.FACE.TRAIN_FILE).
+"""
+import argparse
+import os
+import tempfile
+
+
+from data.config import cfg
+from data.widerface import ATTRIBUTE_NAMES, AnnotationError, read_wider_annotations
+
+SPLITS = ('train', 'val')
+INVALID = ATTRIBUTE_NAMES.index('invalid')
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description='Write face_train.txt / face_val.txt from WIDER FACE.')
+    parser.add_argument('--dataset_dir', default=cfg.FACE.WIDER_DIR,
+                        help='WIDER FACE root holding wider_face_split/ and WIDER_{train,val}/images '
+                             '(default: cfg.FACE.WIDER_DIR = %(default)s)')
+    parser.add_argument('--out_dir', default=os.path.dirname(cfg.FACE.TRAIN_FILE) or '.',
+                        help='folder of the list files (default: %(default)s)')
+    parser.add_argument('--drop_invalid', action='store_true',
+                        help='also drop the faces whose "invalid" flag is 1')
+    return parser.parse_args(argv)
+
+
+def annotation_path(dataset_dir, split):
+    return os.path.join(dataset_dir, 'wider_face_split', f'wider_face_{split}_bbx_gt.txt')
+
+
+def image_root(dataset_dir, split):
+    return os.path.join(dataset_dir, f'WIDER_{split}', 'images')
+
+
+def _number(value):
+    value = float(value)
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
+def convert_split(annotation_file, images_dir, drop_invalid=False):
+    """Annotation file -> (list-file lines, stats dict with images, faces, dropped_size,
+    dropped_invalid, missing)."""
+    records = read_wider_annotations(annotation_file)
+    images_dir = os.path.abspath(images_dir)
+    lines = []
+    stats = dict(images=0, faces=0, dropped_size=0, dropped_invalid=0, missing=0)
+    for rec in records:
+        boxes = rec.boxes
+        keep = (boxes[:, 2] > 0) & (boxes[:, 3] > 0)
+        stats['dropped_size'] += int((~keep).sum())
+        if drop_invalid:
+            invalid = keep & (rec.attributes[:, INVALID] != 0)
+            stats['dropped_invalid'] += int(invalid.sum())
+            keep &= ~invalid
+        kept = boxes[keep]
+        path = os.path.join(images_dir, rec.name)
+        if not os.path.isfile(path):
+            stats['missing'] += 1
+        fields = [path, str(len(kept))]
+        for x, y, w, h in kept.tolist():
+            fields += [_number(x), _number(y), _number(w), _number(h), '1']
+        lines.append(' '.join(fields))
+        stats['images'] += 1
+        stats['faces'] += len(kept)
+    return lines, stats
+
+
+def write_atomic(path, lines):
+    """Write text lines to `path` through a temporary file in the same folder + os.replace."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
+        with os.fdopen(fd, 'w', encoding='utf-8') as handle:
+            for line in lines:
+                handle.write(line + '\n')
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def main(args):
+    """Convert every split whose annotation file exists; returns {split: stats}."""
+    found = {s: annotation_path(args.dataset_dir, s) for s in SPLITS}
+    present = {s: p for s, p in found.items() if os.path.isfile(p)}
+    if not present:
+        raise SystemExit(f'error: no WIDER FACE annotation file found: looked for '
+                         f'{found["train"]} and {found["val"]} (set --dataset_dir)')
+    results = {}
+    for split in SPLITS:
+        if split not in present:
+            print(f'{split}: skipped, {found[split]} not found')
+            continue
+        try:
+            lines, stats = convert_split(present[split], image_root(args.dataset_dir, split),
+                                         args.drop_invalid)
+        except AnnotationError as exc:
+            raise SystemExit(f'error: {exc}') from None
+        out_file = os.path.join(args.out_dir, f'face_{split}.txt')
+        write_atomic(out_file, lines)
+        dropped = f'dropped {stats["dropped_size"]} faces with w<=0 or h<=0'
+        if args.drop_invalid:
+            dropped += f' and {stats["dropped_invalid"]} flagged invalid'
+        print(f'{split}: {stats["images"]} images, {stats["faces"]} faces -> {out_file} '
+              f'({dropped}; {stats["missing"]} image files missing)')
+        results[split] = stats
+    return results
+
+
+if __name__ == '__main__':
+    main(parse_args())
