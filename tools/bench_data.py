@@ -1,0 +1,112 @@
+"""Data-pipeline throughput on one CPU core: decode + augmentation + to-tensor of WIDERDetection.
+
+    python tools/bench_data.py [--num 300] [--synthetic 40] [--wider_dir ../shared/widerface]
+
+Prints one JSON object: training-mode samples per second on the real WIDER val image of
+`--wider_dir` (listed `--num` times, so every sample draws its own augmentation), on a
+synthetic WIDER made by data/synthetic.py (when available), plus validation-mode speed and
+the decode time alone. The target is >= 120 training samples/s on the real image.
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import cv2
+import torch
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+from data.widerface import WIDERDetection, read_wider_annotations  # noqa: E402
+from utils.image_io import load_rgb  # noqa: E402
+
+REAL_NAME = '0--Parade/0_Parade_marchingband_1_465.jpg'
+TARGET = 120.0
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description='Benchmark the WIDER FACE data pipeline on one core.')
+    parser.add_argument('--wider_dir', default=os.path.join(os.path.dirname(REPO_ROOT), 'shared', 'widerface'),
+                        help='folder holding the real val annotation file and image (default: %(default)s)')
+    parser.add_argument('--num', type=int, default=300, help='timed training samples per dataset')
+    parser.add_argument('--synthetic', type=int, default=40,
+                        help='synthetic training images to generate (0: skip the synthetic run)')
+    parser.add_argument('--input_size', type=int, default=640)
+    parser.add_argument('--seed', type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def _time_samples(dataset, indices):
+    dataset[indices[0]]  # warm-up (allocations, caches)
+    start = time.perf_counter()
+    faces = 0
+    for index in indices:
+        _, target = dataset[index]
+        faces += len(target)
+    seconds = time.perf_counter() - start
+    return {'samples': len(indices), 'seconds': round(seconds, 3),
+            'samples_per_s': round(len(indices) / seconds, 1),
+            'ms_per_sample': round(1000 * seconds / len(indices), 2),
+            'mean_faces_per_sample': round(faces / len(indices), 2)}
+
+
+def bench_real(args, tmp):
+    ann_file = os.path.join(args.wider_dir, 'wider_face_split', 'wider_face_val_bbx_gt.txt')
+    image = os.path.join(args.wider_dir, 'WIDER_val', 'images', REAL_NAME)
+    if not (os.path.isfile(ann_file) and os.path.isfile(image)):
+        return {'skipped': f'real WIDER files not found under {args.wider_dir}'}
+    record = next(r for r in read_wider_annotations(ann_file) if r.name == REAL_NAME)
+    boxes = [b for b in record.boxes.tolist() if b[2] > 0 and b[3] > 0]
+    line = f'{image} {len(boxes)} ' + ' '.join(f'{x:g} {y:g} {w:g} {h:g} 1' for x, y, w, h in boxes)
+    list_file = os.path.join(tmp, 'real.txt')
+    with open(list_file, 'w') as handle:
+        handle.write((line + '\n') * args.num)
+    train = WIDERDetection(list_file, 'train', input_size=args.input_size, seed=args.seed)
+    val = WIDERDetection(list_file, 'val', input_size=args.input_size)
+    result = {'image': image, 'size': list(load_rgb(image).shape[1::-1]), 'faces': len(boxes)}
+    result['train'] = _time_samples(train, [(0, i) for i in range(args.num)])
+    result['val'] = _time_samples(val, list(range(min(args.num, 100))))
+    start = time.perf_counter()
+    for _ in range(50):
+        load_rgb(image)
+    result['decode_ms'] = round(1000 * (time.perf_counter() - start) / 50, 2)
+    return result
+
+
+def bench_synthetic(args, tmp):
+    if args.synthetic <= 0:
+        return {'skipped': '--synthetic 0'}
+    try:
+        from data.synthetic import generate
+    except ImportError as exc:
+        return {'skipped': f'data/synthetic.py not available ({exc})'}
+    from prepare_wider_data import annotation_path, convert_split, image_root, write_atomic
+    root = os.path.join(tmp, 'synthetic')
+    generate(root, args.synthetic, 0, seed=args.seed)
+    lines, stats = convert_split(annotation_path(root, 'train'), image_root(root, 'train'))
+    list_file = os.path.join(tmp, 'synthetic.txt')
+    write_atomic(list_file, lines)
+    train = WIDERDetection(list_file, 'train', input_size=args.input_size, seed=args.seed)
+    indices = [(0, i % len(train)) for i in range(args.num)]
+    return {'images': len(train), 'faces': stats['faces'], 'train': _time_samples(train, indices)}
+
+
+def main(args):
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        report = {'threads': 1, 'input_size': args.input_size, 'target_samples_per_s': TARGET,
+                  'real': bench_real(args, tmp), 'synthetic': bench_synthetic(args, tmp)}
+    real_train = report['real'].get('train')
+    if real_train:
+        report['meets_target'] = real_train['samples_per_s'] >= TARGET
+    print(json.dumps(report))
+    return report
+
+
+if __name__ == '__main__':
+    main(parse_args())
