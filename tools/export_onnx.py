@@ -1,0 +1,271 @@
+"""Export a trained S3FD to ONNX and check the export with onnxruntime.
+
+    pip install -r requirements-onnx.txt        # onnx, onnxruntime, onnxscript
+    python tools/export_onnx.py --model weights/sfd_face.pth --out s3fd.onnx
+                                [--input_size 640 640] [--dynamic] [--opset 18]
+                                [--exporter dynamo|torchscript]
+
+The ONNX model:
+  input   image  float32 [B, 3, H, W]: RGB, minus the mean (123, 117, 104), not scaled
+                 (the network's own input convention). B is always free; H and W are fixed
+                 to --input_size unless --dynamic.
+  outputs loc    float32 [B, P, 4]: box offsets against the priors (variances 0.1, 0.2)
+          conf   float32 [B, P, 2]: softmax scores (background, face)
+          priors float32 [P, 4]: anchors, normalised (cx, cy, w, h); a constant for a fixed
+                 size, computed in the graph from the feature-map sizes with --dynamic.
+Detections: boxes = decode(loc, priors) scaled by (W, H, W, H), score = conf[..., 1], then
+threshold and NMS, i.e. `layers.functions.detection.Detect(cfg).forward(loc, conf, priors)`
+(see the README for a numpy/OpenCV version).
+
+Exporter: the default is torch's dynamo-based exporter (`torch.onnx.export(..., dynamo=True)`,
+needs onnxscript), the maintained path; --dynamic uses `torch.export.Dim.AUTO` for the batch,
+height and width, traced on an example of batch 2 and at least 256x256 pixels, so that
+neither the batch nor any feature map is fixed by torch.export's special treatment of sizes
+of 1. The legacy TorchScript exporter (`--exporter torchscript`, deprecated since torch 2.9)
+gives the same model and is kept as a fallback. Either way the file is written (atomically)
+only after onnxruntime agrees with PyTorch on a random image at --input_size (batch 2) and,
+with --dynamic, at a second size (batch 1): max abs difference at most --atol + --rtol times
+the largest output value. The differences are printed.
+"""
+import argparse
+import os
+import sys
+import tempfile
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from data.config import cfg  # noqa: E402
+from s3fd import VARIANTS  # noqa: E402
+from tools._common import ToolError, run_cli  # noqa: E402
+from utils.checkpoint import load_model  # noqa: E402
+
+INPUT_NAME = 'image'
+OUTPUT_NAMES = ('loc', 'conf', 'priors')
+EXPORTERS = ('dynamo', 'torchscript')
+MIN_DYNAMIC_EXAMPLE = 256
+INSTALL_HINT = 'install the optional ONNX packages: pip install -r requirements-onnx.txt'
+
+
+def graph_priors(image, feats, steps=None, anchor_sizes=None):
+    """Priors [P, 4] (normalised cx, cy, w, h) computed from tensor shapes only, so that an
+    exporter records them as graph operations. Same values and order as PriorBox: per source,
+    row-major, cx = (j + 0.5) * step / W, cy = (i + 0.5) * step / H, w = anchor / W,
+    h = anchor / H (float32 arithmetic here, float64 rounded to float32 in PriorBox)."""
+    steps = cfg.STEPS if steps is None else steps
+    anchor_sizes = cfg.ANCHOR_SIZES if anchor_sizes is None else anchor_sizes
+    height, width = image.shape[-2], image.shape[-1]
+    per_map = []
+    for f, step, anchor in zip(feats, steps, anchor_sizes):
+        fh, fw = f.shape[-2], f.shape[-1]
+        cy = (torch.arange(fh, dtype=torch.float32, device=image.device) + 0.5) * step / height
+        cx = (torch.arange(fw, dtype=torch.float32, device=image.device) + 0.5) * step / width
+        cy, cx = torch.meshgrid(cy, cx, indexing='ij')
+        w = torch.ones_like(cx) * (anchor / width)
+        h = torch.ones_like(cy) * (anchor / height)
+        per_map.append(torch.stack((cx, cy, w, h), dim=-1).reshape(-1, 4))
+    return torch.cat(per_map, dim=0)
+
+
+class S3FDForExport(nn.Module):
+    """S3FD with the outputs a deployment needs: image [B, 3, H, W] ->
+    (loc [B, P, 4], conf [B, P, 2] softmax, priors [P, 4]).
+
+    `fixed_priors` given ([P, 4], for one input size): returned as a constant. Otherwise the
+    priors are computed from the input and feature-map shapes (any input size).
+    """
+
+    def __init__(self, net, fixed_priors=None):
+        super().__init__()
+        self.net = net
+        if fixed_priors is not None:
+            self.register_buffer('fixed_priors', fixed_priors.detach().float().clone())
+        else:
+            self.fixed_priors = None
+
+    def forward(self, image):
+        feats = self.net.sources(image)
+        loc, conf = self.net.heads(feats)
+        conf = F.softmax(conf, dim=-1)
+        priors = self.fixed_priors if self.fixed_priors is not None else graph_priors(image, feats)
+        return loc, conf, priors
+
+
+def _import_onnx(exporter):
+    """(onnx, onnxruntime), or ToolError naming what is missing."""
+    missing = []
+    modules = {}
+    for name in ('onnx', 'onnxruntime') + (('onnxscript',) if exporter == 'dynamo' else ()):
+        try:
+            modules[name] = __import__(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        extra = ' (or use --exporter torchscript)' if missing == ['onnxscript'] else ''
+        raise ToolError(f'export_onnx needs {", ".join(missing)}: {INSTALL_HINT}{extra}')
+    return modules['onnx'], modules['onnxruntime']
+
+
+def export(wrapper, example, path, dynamic, opset, exporter):
+    """Write `wrapper` traced on `example` to `path` as ONNX with the given exporter."""
+    if exporter == 'dynamo':
+        auto = torch.export.Dim.AUTO
+        axes = {0: auto, 2: auto, 3: auto} if dynamic else {0: auto}
+        torch.onnx.export(wrapper, (example,), path, dynamo=True, input_names=[INPUT_NAME],
+                          output_names=list(OUTPUT_NAMES), opset_version=opset,
+                          dynamic_shapes={INPUT_NAME: axes}, external_data=False, verbose=False)
+    else:
+        axes = {INPUT_NAME: {0: 'batch'}, 'loc': {0: 'batch'}, 'conf': {0: 'batch'}}
+        if dynamic:
+            axes[INPUT_NAME].update({2: 'height', 3: 'width'})
+            axes['loc'][1] = axes['conf'][1] = 'num_priors'
+            axes['priors'] = {0: 'num_priors'}
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', DeprecationWarning)  # chosen explicitly by the user
+            torch.onnx.export(wrapper, (example,), path, dynamo=False, input_names=[INPUT_NAME],
+                              output_names=list(OUTPUT_NAMES), opset_version=opset,
+                              dynamic_axes=axes, do_constant_folding=True)
+
+
+def add_metadata(onnx, path, variant, source):
+    """Record the input/output conventions in the model file (metadata_props)."""
+    model = onnx.load(path)
+    props = {
+        'input': f'{INPUT_NAME} float32 [B,3,H,W]: RGB minus {tuple(cfg.img_mean)}, unscaled',
+        'outputs': 'loc [B,P,4] offsets; conf [B,P,2] softmax (background, face); '
+                   'priors [P,4] normalised (cx, cy, w, h)',
+        'variance': ' '.join(str(v) for v in cfg.VARIANCE),
+        'mean_rgb': ' '.join(str(v) for v in cfg.img_mean),
+        'steps': ' '.join(str(v) for v in cfg.STEPS),
+        'anchor_sizes': ' '.join(str(v) for v in cfg.ANCHOR_SIZES),
+        'variant': variant,
+        'source_checkpoint': os.path.basename(source),
+    }
+    del model.metadata_props[:]
+    for key, value in props.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+
+
+def compare(session, wrapper, image, atol, rtol):
+    """Max abs difference onnxruntime vs PyTorch per output: {'loc': ..., 'conf': ..., 'priors': ...}.
+
+    Raises ToolError when an output differs by more than atol + rtol * max|PyTorch output|.
+    """
+    with torch.no_grad():
+        expected = wrapper(image)
+    try:
+        got = session.run(list(OUTPUT_NAMES), {INPUT_NAME: image.numpy()})
+    except Exception as e:  # onnxruntime raises its own exception types
+        first = str(e).strip().splitlines()[0]
+        raise ToolError(f'onnxruntime could not run the export on a {tuple(image.shape)} input: {first}') from None
+    diffs = {}
+    for name, ref, out in zip(OUTPUT_NAMES, expected, got):
+        if tuple(out.shape) != tuple(ref.shape):
+            raise ToolError(f'onnxruntime gave {name} of shape {tuple(out.shape)}, PyTorch {tuple(ref.shape)}')
+        diffs[name] = (torch.from_numpy(out) - ref).abs().max().item()
+        limit = atol + rtol * ref.abs().max().item()
+        if diffs[name] > limit:
+            raise ToolError(f'the export disagrees with PyTorch on {name} for a {tuple(image.shape)} input: '
+                            f'max abs difference {diffs[name]:.3g} > {limit:.3g} (--atol {atol}, --rtol {rtol})')
+    return diffs
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def default_check_size(height, width):
+    """A second input size for --dynamic: about 3/4 of the first, not a multiple of 32."""
+    return max(48, height * 3 // 4 + 4), max(48, width * 3 // 4 - 4)
+
+
+def random_image(batch, height, width, generator):
+    """A mean-subtracted RGB image batch [B, 3, H, W], pixel values uniform in 0..255."""
+    pixels = torch.rand(batch, 3, height, width, generator=generator) * 255
+    return pixels - torch.tensor(cfg.img_mean)[:, None, None]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--model', required=True, help='S3FD checkpoint (train.py output or converted weights)')
+    parser.add_argument('--out', default='s3fd.onnx', help='output ONNX file')
+    parser.add_argument('--input_size', type=int, nargs=2, default=[640, 640], metavar=('H', 'W'),
+                        help='input height and width (fixed, or the example size with --dynamic)')
+    parser.add_argument('--dynamic', action='store_true', help='any input height and width')
+    parser.add_argument('--check_size', type=int, nargs=2, metavar=('H', 'W'),
+                        help='second size checked with --dynamic (default: about 3/4 of --input_size)')
+    parser.add_argument('--opset', type=int, default=18, help='ONNX opset (default 18)')
+    parser.add_argument('--exporter', choices=EXPORTERS, default='dynamo', help='default: dynamo')
+    parser.add_argument('--variant', choices=VARIANTS, help='model variant (default: from the checkpoint)')
+    parser.add_argument('--atol', type=float, default=1e-4,
+                        help='accepted max abs difference: atol + rtol * max|output| (default 1e-4)')
+    parser.add_argument('--rtol', type=float, default=1e-5, help='see --atol (default 1e-5)')
+    parser.add_argument('--seed', type=int, default=0, help='seed of the random check images')
+    return parser.parse_args(argv)
+
+
+def main(args):
+    """Export, check with onnxruntime, write args.out. Returns {(B, H, W): {output: max abs diff}}."""
+    onnx, ort = _import_onnx(args.exporter)
+    height, width = args.input_size
+    if min(height, width) < 32:
+        raise ToolError(f'--input_size {height} {width}: both sides must be at least 32 pixels')
+    net = load_model(args.model, phase='train', variant=args.variant).eval()
+    generator = torch.Generator().manual_seed(args.seed)
+    checks = [random_image(2, height, width, generator)]
+    if args.dynamic:
+        check_h, check_w = args.check_size or default_check_size(height, width)
+        checks.append(random_image(1, check_h, check_w, generator))
+    fixed_priors = None
+    example = checks[0]
+    if args.dynamic:
+        # torch.export treats a size of 1 as a special case (0/1 specialisation): traced with
+        # a 1x1 conv7_2 map, the in-graph priors would only work for 1x1. From 256 pixels
+        # on, every source map has at least 2 cells (the checks still run at --input_size).
+        example = random_image(2, max(height, MIN_DYNAMIC_EXAMPLE), max(width, MIN_DYNAMIC_EXAMPLE), generator)
+    else:
+        with torch.no_grad():
+            fixed_priors = net(checks[0][:1])[2]
+    wrapper = S3FDForExport(net, fixed_priors).eval()
+
+    folder = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(args.out) + '.', suffix='.tmp', dir=folder)
+    os.close(fd)
+    try:
+        try:
+            export(wrapper, example, tmp, args.dynamic, args.opset, args.exporter)
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            hint = '; --exporter torchscript may work' if args.exporter == 'dynamo' else ''
+            raise ToolError(f'{args.exporter} export of {args.model} failed: {first}{hint}') from None
+        add_metadata(onnx, tmp, net.variant, args.model)
+        session = ort.InferenceSession(tmp, providers=['CPUExecutionProvider'])
+        results = {}
+        for image in checks:
+            key = tuple(image.shape[:1]) + tuple(image.shape[2:])
+            results[key] = compare(session, wrapper, image, args.atol, args.rtol)
+            shown = ', '.join(f'{k} {v:.2e}' for k, v in results[key].items())
+            print(f'onnxruntime vs PyTorch, batch {key[0]} at {key[1]}x{key[2]}: max abs difference {shown}')
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual mode
+        os.replace(tmp, args.out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    shape = '[B, 3, H, W]' if args.dynamic else f'[B, 3, {height}, {width}]'
+    print(f'wrote {args.out} ({args.exporter} exporter, opset {args.opset}, variant {net.variant}): '
+          f'input {INPUT_NAME} {shape} RGB minus {tuple(cfg.img_mean)}; outputs loc, conf (softmax), priors')
+    return results
+
+
+if __name__ == '__main__':
+    run_cli(main, parse_args)
