@@ -1,0 +1,518 @@
+"""Train S3FD on WIDER FACE.
+
+    python train.py --device gpu                       # defaults of the original repository
+    python train.py --device npu --amp apex            # Ascend, Apex O2 with loss scale 32
+    python train.py --device gpu --resume weights/sfd_face_checkpoint.pth
+    torchrun --standalone --nproc_per_node 8 train.py --device gpu   # DDP, batch per process
+    python train.py --demo                             # synthetic WIDER, CPU, a few minutes
+
+Log lines, checkpoint names and defaults follow the original script-based repository;
+`weights/sfd_face_checkpoint.pth` holds everything needed to continue a run exactly.
+"""
+import argparse
+import datetime
+import math
+import os
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from data.config import cfg
+from data.factory import dataset_factory, detection_collate
+from data.sampler import EpochBatchSampler
+from layers.modules.multibox_loss import MultiBoxLoss
+from s3fd import build_s3fd, init_weights_from_scratch, init_weights_xavier
+from utils import device as devices
+from utils.checkpoint import (CheckpointError, atomic_save, extract_state_dict, load_file,
+                              load_weights)
+
+CHECKPOINT_VERSION = 1
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description='S3FD face detector training',
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument('--dataset', default='face', choices=['face'], help='training dataset')
+    parser.add_argument('--basenet', default='vgg16_reducedfc.pth',
+                        help="pretrained VGG16 trunk, a file in --save_folder (or a path); "
+                             "'none' trains from scratch")
+    parser.add_argument('--batch_size', default=16, type=int, help='images per batch and per process')
+    parser.add_argument('--resume', default=None, type=str,
+                        help='checkpoint to continue from (sfd_face_checkpoint.pth for an exact resume)')
+    parser.add_argument('--num_workers', default=4, type=int, help='data loading processes')
+    parser.add_argument('--device', default='gpu', choices=['gpu', 'npu', 'cpu'], help='where to train')
+    parser.add_argument('--device_id', default=0, type=int,
+                        help='GPU/NPU index (under torchrun the local rank is used)')
+    parser.add_argument('--lr', '--learning-rate', default=1e-3, type=float, help='initial learning rate')
+    parser.add_argument('--momentum', default=0.9, type=float, help='SGD momentum')
+    parser.add_argument('--weight_decay', default=5e-4, type=float, help='SGD weight decay')
+    parser.add_argument('--gamma', default=0.1, type=float,
+                        help=f'LR factor at each of the iterations cfg.LR_STEPS={tuple(cfg.LR_STEPS)}')
+    parser.add_argument('--save_folder', default='weights/', help='where checkpoints are written')
+    parser.add_argument('--amp', default='auto', choices=['auto', 'apex', 'native', 'off'],
+                        help='mixed precision: auto = native autocast on GPU, Apex O2 on NPU when '
+                             'installed (else native), off on CPU')
+    parser.add_argument('--amp_dtype', default='bf16', choices=['bf16', 'fp16'],
+                        help='autocast dtype for --amp native (fp16 adds a GradScaler)')
+    parser.add_argument('--loss_scale', default=32.0, type=float,
+                        help='static loss scale of the Ascend recipe (Apex O2 / NPU GradScaler)')
+    parser.add_argument('--epochs', default=cfg.EPOCHES, type=int, help='epochs to train')
+    parser.add_argument('--max_iter', default=cfg.MAX_STEPS, type=int,
+                        help='stop after this many iterations in total, saving a checkpoint')
+    parser.add_argument('--input_size', default=cfg.INPUT_SIZE, type=int, help='training image side')
+    parser.add_argument('--train_file', default=cfg.FACE.TRAIN_FILE, help='training list (prepare_wider_data.py)')
+    parser.add_argument('--val_file', default=cfg.FACE.VAL_FILE, help='validation list')
+    parser.add_argument('--seed', default=0, type=int, help='seed of initialisation, order and augmentation')
+    parser.add_argument('--channels_last', action='store_true', help='channels-last memory format (GPU)')
+    parser.add_argument('--compile', action='store_true', help='torch.compile the network')
+    parser.add_argument('--tensorboard', default=None, metavar='DIR',
+                        help='write TensorBoard scalars to DIR (needs the tensorboard package)')
+    parser.add_argument('--demo', action='store_true',
+                        help='generate a synthetic WIDER under data/demo/, train on it on the CPU for a '
+                             'few minutes, validate and evaluate')
+    return parser.parse_args(argv)
+
+
+# -- small helpers -------------------------------------------------------------------------
+
+
+def log(*parts):
+    """Print on the main process only (torchrun starts one process per device)."""
+    if devices.is_main_process():
+        print(*parts, flush=True)
+
+
+def fail(message):
+    """One clear line on stderr and a non-zero exit, no traceback."""
+    print(f'train.py: error: {message}', file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def learning_rate(args, iteration):
+    """lr * gamma ** (number of cfg.LR_STEPS already reached)."""
+    return args.lr * args.gamma ** lr_step_index(iteration)
+
+
+def lr_step_index(iteration):
+    return sum(iteration >= step for step in cfg.LR_STEPS)
+
+
+def set_learning_rate(optimizer, lr):
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+
+
+def format_eta(seconds):
+    return str(datetime.timedelta(seconds=int(max(0, seconds))))
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint and exits at the next step."""
+
+    def __init__(self):
+        self.signal = None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def close(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+        print(f'\n{self.signal} received: saving a checkpoint after this iteration', file=sys.stderr, flush=True)
+
+    def requested(self, device, sync_now):
+        """Whether any process was asked to stop (checked together when `sync_now`)."""
+        flag = self.signal is not None
+        if dist.is_initialized():
+            if not sync_now:
+                return False
+            t = torch.tensor([int(flag)], device=device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = bool(t.item())
+        return flag
+
+
+class FiniteCheck:
+    """Whether a step's loss is finite (on every process), read without draining a CUDA queue.
+
+    `submit(loss)` right after the forward; `ok()` after the backward has been queued: on
+    CUDA the flag travels to pinned host memory behind the forward, so waiting for it does
+    not stall the GPU's queue of backward kernels.
+    """
+
+    def __init__(self, device):
+        self.cuda = device.type == 'cuda'
+        self.flag = None
+        if self.cuda:
+            self.host = torch.zeros((), dtype=torch.int32).pin_memory()
+            self.event = torch.cuda.Event()
+
+    def submit(self, loss):
+        flag = torch.isfinite(loss.detach()).int()
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if self.cuda:
+            self.host.copy_(flag, non_blocking=True)
+            self.event.record()
+        else:
+            self.flag = flag
+
+    def ok(self):
+        if self.cuda:
+            self.event.synchronize()
+            return bool(self.host)
+        return bool(self.flag)
+
+
+# -- model, data, checkpoints ----------------------------------------------------------------
+
+
+def build_model(args):
+    net = build_s3fd('train', cfg.NUM_CLASSES)
+    if args.resume:
+        return net  # weights come from the checkpoint
+    if args.basenet.lower() == 'none':
+        log('Training from scratch (--basenet none): Kaiming init for the VGG trunk')
+        init_weights_from_scratch(net)
+        return net
+    path = args.basenet if os.path.dirname(args.basenet) else os.path.join(args.save_folder, args.basenet)
+    if not os.path.isfile(path):
+        fail(f'basenet {path} not found. Put the reduced-fc VGG16 (vgg16_reducedfc.pth) there, build it '
+             f'from torchvision VGG16 weights with `python tools/make_basenet.py --src <vgg16.pth> '
+             f'--dst {path}`, or train from scratch with --basenet none')
+    log(f'Load base network {path}')
+    try:
+        load_weights(net.vgg, extract_state_dict(load_file(path), path), path)
+    except CheckpointError as e:
+        fail(str(e))
+    log('Initializing weights...')
+    init_weights_xavier([net.extras, net.loc, net.conf])
+    return net
+
+
+def build_loaders(args, ctx, rank, world):
+    try:
+        train_set, val_set = dataset_factory(args.dataset, input_size=args.input_size, seed=args.seed,
+                                             train_file=args.train_file, val_file=args.val_file)
+    except (OSError, ValueError) as e:
+        fail(str(e).splitlines()[0] if str(e) else repr(e))
+    common = dict(collate_fn=detection_collate, num_workers=args.num_workers,
+                  pin_memory=ctx.type == 'cuda', persistent_workers=args.num_workers > 0)
+    if args.num_workers > 0:
+        common['prefetch_factor'] = 4
+    train_sampler = EpochBatchSampler(len(train_set), args.batch_size, args.seed, rank, world)
+    if train_sampler.batches_per_epoch == 0:
+        fail(f'{args.train_file}: {len(train_set)} training images are fewer than one batch of '
+             f'{args.batch_size} per process')
+    train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=train_sampler, **common)
+    val_loader = None
+    if val_set is not None and len(val_set):
+        val_sampler = EpochBatchSampler(len(val_set), args.batch_size, args.seed, rank, world,
+                                        shuffle=False, drop_last=False)
+        val_loader = torch.utils.data.DataLoader(val_set, batch_sampler=val_sampler, **common)
+    return train_loader, val_loader
+
+
+def save_checkpoint(path, model, optimizer, ctx, args, state):
+    """The resumable checkpoint: 'weight' and 'epoch' keep the original repository's meaning."""
+    atomic_save({
+        'version': CHECKPOINT_VERSION,
+        'weight': model.state_dict(),
+        'epoch': state['epoch'],
+        'optimizer': optimizer.state_dict(),
+        'amp': ctx.state_dict(),
+        'state': dict(state),
+        'step_index': lr_step_index(state['iteration']),
+        'rng': {'torch': torch.get_rng_state(),
+                'cuda': torch.cuda.get_rng_state_all() if ctx.type == 'cuda' else []},
+        'args': {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
+        'cfg': _plain(cfg),
+        'variant': cfg.MODEL_VARIANT,
+    }, path)
+
+
+def _plain(value):
+    """cfg as builtin containers (weights_only loading accepts nothing else)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def resume(path, model, optimizer, ctx, batches_per_epoch):
+    """Load a checkpoint into model/optimizer/scaler; returns the loop state to continue from."""
+    log(f'Resuming training, loading {path}...')
+    try:
+        ckpt = load_file(path)
+        load_weights(model, extract_state_dict(ckpt, path), path)
+    except CheckpointError as e:
+        fail(str(e))
+    if 'state' not in ckpt or 'optimizer' not in ckpt:
+        # Weights only (the original repository's checkpoint, or a plain state_dict).
+        epoch = int(ckpt.get('epoch', -1)) + 1 if isinstance(ckpt.get('epoch'), int) else 0
+        log(f'{path} holds weights only: optimizer state and position are not restored; '
+            f'starting at epoch {epoch}')
+        return new_state(epoch=epoch, iteration=epoch * batches_per_epoch)
+    try:
+        optimizer.load_state_dict(ckpt['optimizer'])
+    except (ValueError, KeyError) as e:
+        fail(f'{path}: optimizer state does not fit this model ({e})')
+    ctx.load_state_dict(ckpt.get('amp', {}))
+    rng = ckpt.get('rng', {})
+    if 'torch' in rng:
+        torch.set_rng_state(rng['torch'])
+    if rng.get('cuda') and ctx.type == 'cuda':
+        torch.cuda.set_rng_state_all(rng['cuda'])
+    state = new_state()
+    state.update(ckpt['state'])
+    return state
+
+
+def new_state(epoch=0, iteration=0):
+    """The training loop's position. 'epoch' is the current epoch, 'batch_in_epoch' the batches
+    of it already done, 'loss_sum'/'loss_count' the running epoch loss of the log line."""
+    return {'epoch': epoch, 'iteration': iteration, 'batch_in_epoch': 0, 'best_loss': math.inf,
+            'loss_sum': 0.0, 'loss_count': 0, 'nonfinite_in_a_row': 0}
+
+
+# -- the loop ------------------------------------------------------------------------------------
+
+
+def to_device(images, targets, device):
+    images = images.to(device, non_blocking=True)
+    return images, targets  # targets stay on the host: the loss reads face sizes there
+
+
+class Trainer:
+    """The training loop: one object holds what every step needs.
+
+    net is what runs the forward (possibly compiled / DDP-wrapped), model the bare S3FD whose
+    state_dict is saved with the plain key names.
+    """
+
+    def __init__(self, args, ctx, net, model, criterion, optimizer, train_loader, val_loader, state, writer):
+        self.args, self.ctx = args, ctx
+        self.net, self.model = net, model
+        self.criterion, self.optimizer = criterion, optimizer
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.state, self.writer = state, writer
+        self.sampler = train_loader.batch_sampler
+        self.total_iters = min(args.max_iter, args.epochs * self.sampler.batches_per_epoch)
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.main = devices.is_main_process()
+        self.checkpoint_path = os.path.join(args.save_folder, f'sfd_{args.dataset}_checkpoint.pth')
+        self.finite = FiniteCheck(ctx.device)
+        self.stop = None
+
+    def run(self):
+        self.stop = StopRequest()
+        self.net.train()
+        try:
+            while self.state['epoch'] < self.args.epochs and self.state['iteration'] < self.total_iters:
+                epoch = self.state['epoch']
+                if not self.train_one_epoch(epoch):
+                    return  # stopped mid-epoch; the checkpoint is saved
+                if self.val_loader is not None:
+                    self.validate(epoch)
+                self.state.update(epoch=epoch + 1, batch_in_epoch=0, loss_sum=0.0, loss_count=0)
+                self.save_checkpoint()
+                if self.stop.signal:
+                    log(f'{self.stop.signal}: checkpoint saved to {self.checkpoint_path}')
+                    return
+        finally:
+            self.stop.close()
+
+    def save_checkpoint(self, reason=None):
+        if self.main:
+            save_checkpoint(self.checkpoint_path, self.model, self.optimizer, self.ctx, self.args, self.state)
+            if reason:
+                log(f'{reason}: checkpoint saved to {self.checkpoint_path} (iteration {self.state["iteration"]})')
+
+    def train_one_epoch(self, epoch):
+        """Train the rest of `epoch`; False when the run stops before the epoch's end."""
+        args, ctx, state = self.args, self.ctx, self.state
+        self.sampler.set_epoch(epoch, state['batch_in_epoch'])
+        loss_sum = torch.tensor(state['loss_sum'], dtype=torch.float32, device=ctx.device)
+        self.window = [time.time(), 0.0, 0]  # start, data wait, iterations since the last log
+        fetch_start = time.time()
+        for images, targets in self.train_loader:
+            self.window[1] += time.time() - fetch_start
+            iteration = state['iteration']
+            set_learning_rate(self.optimizer, learning_rate(args, iteration))
+            images, targets = to_device(images, targets, ctx.device)
+            if args.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+
+            self.optimizer.zero_grad(set_to_none=True)
+            with ctx.autocast():
+                out = self.net(images)
+            loss_l, loss_c = self.criterion(out, targets)
+            loss = loss_l + loss_c
+            loss_l, loss_c = loss_l.detach(), loss_c.detach()
+            self.finite.submit(loss)
+            ctx.backward(loss, self.optimizer)
+            if self.finite.ok():
+                ctx.step(self.optimizer)
+                loss_sum += loss.detach()
+                state['loss_count'] += 1
+                state['nonfinite_in_a_row'] = 0
+            else:
+                self.skip_nonfinite(iteration, loss_l, loss_c)
+
+            state['batch_in_epoch'] += 1
+            state['iteration'] += 1
+            self.window[2] += 1
+            is_log_step = iteration % cfg.LOG_INTERVAL == 0
+            if is_log_step:
+                state['loss_sum'] = float(loss_sum)  # the one host sync, at log steps only
+                self.log_step(epoch, iteration, loss_l, loss_c)
+            if iteration != 0 and iteration % cfg.SAVE_INTERVAL == 0 and self.main:
+                log('Saving state, iter:', iteration)
+                atomic_save(self.model.state_dict(),
+                            os.path.join(args.save_folder, f'sfd_{args.dataset}_{iteration}.pth'))
+            if state['iteration'] >= self.total_iters or self.stop.requested(ctx.device, sync_now=is_log_step):
+                state['loss_sum'] = float(loss_sum)
+                if state['batch_in_epoch'] < self.sampler.batches_per_epoch:
+                    self.save_checkpoint('stop requested' if self.stop.signal
+                                         else f'reached --max_iter {args.max_iter}')
+                    return False
+                break
+            fetch_start = time.time()
+        state['loss_sum'] = float(loss_sum)
+        return True
+
+    def skip_nonfinite(self, iteration, loss_l, loss_c):
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state['nonfinite_in_a_row'] += 1
+        log(f'iter:{iteration} non-finite loss (loc {float(loss_l):.4g}, conf {float(loss_c):.4g}): '
+            f'step skipped ({self.state["nonfinite_in_a_row"]} in a row)')
+        if self.state['nonfinite_in_a_row'] >= 10:
+            self.save_checkpoint('stopped after 10 non-finite losses in a row')
+            fail('10 non-finite losses in a row: check the data and lower --lr '
+                 f'(state saved to {self.checkpoint_path})')
+
+    def log_step(self, epoch, iteration, loss_l, loss_c):
+        """The original four log lines, plus speed, data wait and ETA."""
+        state = self.state
+        start, data_wait, iters = self.window
+        elapsed = time.time() - start
+        tloss = state['loss_sum'] / max(state['loss_count'], 1)
+        lr = self.optimizer.param_groups[0]['lr']
+        log('Timer: %.4f' % ((elapsed - data_wait) / iters))
+        log('epoch:' + repr(epoch) + ' || iter:' + repr(iteration) + ' || Loss:%.4f' % tloss)
+        log('->> conf loss:{:.4f} || loc loss:{:.4f}'.format(float(loss_c), float(loss_l)))
+        log('->>lr:{:.6f}'.format(lr))
+        speed = iters * self.args.batch_size * self.world / max(elapsed, 1e-9)
+        eta = (self.total_iters - state['iteration']) * elapsed / iters
+        log('->> speed:{:.1f} img/s || data wait:{:.4f}s/iter || eta:{}'.format(
+            speed, data_wait / iters, format_eta(eta)))
+        if self.writer is not None:
+            for name, value in (('loss', tloss), ('loss_conf', float(loss_c)), ('loss_loc', float(loss_l)),
+                                ('lr', lr), ('images_per_s', speed)):
+                self.writer.add_scalar(f'train/{name}', value, iteration)
+        self.window = [time.time(), 0.0, 0]
+
+    @torch.no_grad()
+    def validate(self, epoch):
+        """Validation loss over the val list (sharded over processes), best-checkpoint saving."""
+        args, ctx, state = self.args, self.ctx, self.state
+        self.net.eval()
+        start = time.time()
+        total, batches = 0.0, 0
+        for images, targets in self.val_loader:
+            images, targets = to_device(images, targets, ctx.device)
+            if args.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with ctx.autocast():
+                out = self.net(images)
+            loss_l, loss_c = self.criterion(out, targets)
+            total += float(loss_l + loss_c)
+            batches += 1
+        total, batches = devices.all_reduce_sum([total, batches], ctx.device)
+        self.net.train()
+        tloss = total / max(batches, 1)
+        log('Timer: %.4f' % (time.time() - start))
+        log('test epoch:' + repr(epoch) + ' || Loss:%.4f' % tloss)
+        if self.writer is not None:
+            self.writer.add_scalar('val/loss', tloss, state['iteration'])
+        if tloss < state['best_loss']:
+            log('Saving best state,epoch', epoch)
+            if self.main:
+                atomic_save(self.model.state_dict(), os.path.join(args.save_folder, f'sfd_{args.dataset}.pth'))
+        state['best_loss'] = min(state['best_loss'], tloss)
+        return tloss
+
+
+def open_tensorboard(path):
+    if not path or not devices.is_main_process():
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log('--tensorboard: the tensorboard package is not installed (pip install tensorboard); '
+            'continuing without it')
+        return None
+    return SummaryWriter(path)
+
+
+def main(args):
+    if args.demo:
+        from utils.demo import prepare_demo
+        prepare_demo(args)
+    rank, world, local_rank = devices.distributed_env()
+    try:
+        ctx = devices.setup_device(args.device, local_rank if world > 1 else args.device_id,
+                                   args.amp, args.amp_dtype, args.loss_scale)
+    except devices.DeviceUnavailable as e:
+        fail(str(e))
+    devices.init_distributed(ctx.type)
+    torch.manual_seed(args.seed)
+    if devices.is_main_process():
+        os.makedirs(args.save_folder, exist_ok=True)
+    log(f'Device: {ctx.describe()}' + (f' | {world} processes, batch {args.batch_size} each' if world > 1 else ''))
+
+    train_loader, val_loader = build_loaders(args, ctx, rank, world)
+    net = build_model(args).to(ctx.device)
+    if args.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    optimizer = ctx.make_optimizer(net.parameters(), args.lr, args.momentum, args.weight_decay)
+    state = new_state()
+    if args.resume:
+        state = resume(args.resume, net, optimizer, ctx, train_loader.batch_sampler.batches_per_epoch)
+    model = net  # the bare module: its state_dict has the plain key names
+    net, optimizer = ctx.initialize(net, optimizer)
+    if args.compile:
+        net = torch.compile(net)
+    if world > 1:
+        ids = [ctx.device.index] if ctx.type in ('cuda', 'npu') else None
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
+    criterion = MultiBoxLoss(cfg, args.dataset)
+    writer = open_tensorboard(args.tensorboard)
+    log(f'Loading dataset: {len(train_loader.dataset)} training images, '
+        f'{len(val_loader.dataset) if val_loader else 0} validation images, '
+        f'{train_loader.batch_sampler.batches_per_epoch} iterations per epoch')
+    start = time.time()
+    try:
+        Trainer(args, ctx, net, model, criterion, optimizer, train_loader, val_loader, state, writer).run()
+    finally:
+        if writer is not None:
+            writer.close()
+        devices.cleanup_distributed()
+    log(f'Finished: iteration {state["iteration"]}, epoch {state["epoch"]}, '
+        f'best validation loss {state["best_loss"]:.4f}, {time.time() - start:.1f}s; '
+        f'weights in {args.save_folder}')
+    if args.demo:
+        from utils.demo import finish_demo
+        finish_demo(args, state)
+    return state
+
+
+if __name__ == '__main__':
+    main(parse_args())

@@ -1,0 +1,227 @@
+"""Device, mixed precision, optimizer and distributed set-up: every such choice lives here.
+
+    ctx = setup_device('gpu'|'npu'|'cpu', device_id, amp='auto'|'apex'|'native'|'off',
+                       amp_dtype='bf16'|'fp16', loss_scale=32.0)
+    model.to(ctx.device)
+    optimizer = ctx.make_optimizer(model.parameters(), lr, momentum, weight_decay)
+    model, optimizer = ctx.initialize(model, optimizer)      # Ascend Apex O2, else unchanged
+    with ctx.autocast():
+        loss = ...
+    stepped = ctx.backward_and_step(loss, optimizer)       # scaling / skipping handled here
+
+`DeviceUnavailable` carries a one-line message for a device or package that is missing.
+"""
+import contextlib
+import importlib
+import os
+
+import torch
+import torch.distributed as dist
+
+
+class DeviceUnavailable(RuntimeError):
+    """The requested device, or a package it needs, is not available."""
+
+
+DEVICE_TYPES = {'gpu': 'cuda', 'npu': 'npu', 'cpu': 'cpu'}
+DIST_BACKENDS = {'cuda': 'nccl', 'npu': 'hccl', 'cpu': 'gloo'}
+
+
+def _import_optional(name):
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+class DeviceContext:
+    """What the training loop needs to know about its device and precision.
+
+    Attributes: device (torch.device), type ('cuda', 'npu', 'cpu'), amp ('apex', 'native',
+    'off'), amp_dtype (torch dtype under autocast or None), scaler (GradScaler or None),
+    apex_amp (the apex.amp module when amp == 'apex').
+    """
+
+    def __init__(self, device, amp, amp_dtype, loss_scale, apex_amp=None, torch_npu=None):
+        self.device = device
+        self.type = device.type
+        self.amp = amp
+        self.amp_dtype = amp_dtype if amp == 'native' else None
+        self.loss_scale = loss_scale
+        self.apex_amp = apex_amp
+        self.torch_npu = torch_npu
+        self.scaler = None
+        if amp == 'native' and amp_dtype == torch.float16:
+            if self.type == 'npu':
+                # Ascend's scaler; a static scale reproduces the Apex recipe's fixed loss scale.
+                self.scaler = torch_npu.npu.amp.GradScaler(init_scale=loss_scale, dynamic=False)
+            else:
+                self.scaler = torch.amp.GradScaler(self.type)
+
+    def describe(self):
+        precision = {'apex': f'Apex O2 (loss scale {self.loss_scale})', 'off': 'float32'}.get(
+            self.amp, f'autocast {str(self.amp_dtype).replace("torch.", "")}'
+            + (' + GradScaler' if self.scaler is not None else ''))
+        return f'{self.device} | {precision}'
+
+    def autocast(self):
+        if self.amp != 'native':
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.type, dtype=self.amp_dtype)
+
+    def make_optimizer(self, params, lr, momentum, weight_decay):
+        """SGD with one parameter group (the fused optimizers only fuse the first group)."""
+        params = list(params)
+        if self.type == 'npu':
+            if self.amp == 'apex':
+                from apex.optimizers import NpuFusedSGD
+                return NpuFusedSGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+            fused = getattr(getattr(self.torch_npu, 'optim', None), 'NpuFusedSGD', None)
+            if fused is not None:
+                return fused(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+    def initialize(self, model, optimizer):
+        """Ascend Apex: amp.initialize(O2, static loss scale, combine_grad). Else unchanged."""
+        if self.amp == 'apex':
+            return self.apex_amp.initialize(model, optimizer, opt_level='O2',
+                                            loss_scale=self.loss_scale, combine_grad=True)
+        return model, optimizer
+
+    def backward(self, loss, optimizer):
+        if self.amp == 'apex':
+            with self.apex_amp.scale_loss(loss, optimizer) as scaled:
+                scaled.backward()
+        elif self.scaler is not None:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    def step(self, optimizer):
+        if self.scaler is not None:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+
+    def state_dict(self):
+        """Loss-scaler state for checkpoints (empty when there is none)."""
+        if self.amp == 'apex':
+            return {'apex': self.apex_amp.state_dict()}
+        if self.scaler is not None:
+            return {'scaler': self.scaler.state_dict()}
+        return {}
+
+    def load_state_dict(self, state):
+        if self.amp == 'apex' and 'apex' in state:
+            self.apex_amp.load_state_dict(state['apex'])
+        elif self.scaler is not None and 'scaler' in state:
+            self.scaler.load_state_dict(state['scaler'])
+
+    def synchronize(self):
+        if self.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+        elif self.type == 'npu':
+            torch.npu.synchronize(self.device)
+
+    def max_memory_gb(self):
+        if self.type == 'cuda':
+            return torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+        if self.type == 'npu':
+            return torch.npu.max_memory_allocated(self.device) / 2 ** 30
+        return None
+
+
+def setup_device(name, device_id=0, amp='auto', amp_dtype='bf16', loss_scale=32.0):
+    """Resolve --device/--amp into a DeviceContext; DeviceUnavailable with one line if not possible."""
+    if name not in DEVICE_TYPES:
+        raise DeviceUnavailable(f'unknown device {name!r}: choose gpu, npu or cpu')
+    dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}[amp_dtype]
+    torch_npu = apex_amp = None
+    if name == 'gpu':
+        if not torch.cuda.is_available():
+            raise DeviceUnavailable('--device gpu: no CUDA device is available to this PyTorch '
+                                    f'({torch.__version__}); use --device cpu, or install a CUDA build')
+        if device_id >= torch.cuda.device_count():
+            raise DeviceUnavailable(f'--device_id {device_id}: only {torch.cuda.device_count()} CUDA device(s)')
+        torch.cuda.set_device(device_id)
+        device = torch.device('cuda', device_id)
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        if amp == 'apex':
+            raise DeviceUnavailable('--amp apex is the Ascend Apex recipe; on GPU use --amp native or off')
+        amp = 'native' if amp == 'auto' else amp
+        if amp == 'native' and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            dtype = torch.float16
+    elif name == 'npu':
+        torch_npu = _import_optional('torch_npu')
+        if torch_npu is None:
+            raise DeviceUnavailable('--device npu needs the torch_npu package (Ascend PyTorch adapter), '
+                                    'which is not installed')
+        if not torch.npu.is_available():
+            raise DeviceUnavailable('--device npu: torch_npu is installed but no NPU is available')
+        device = torch.device('npu', device_id)
+        torch.npu.set_device(device)
+        if amp in ('auto', 'apex'):
+            apex = _import_optional('apex')
+            apex_amp = getattr(apex, 'amp', None) if apex is not None else None
+            if apex_amp is None and amp == 'apex':
+                raise DeviceUnavailable("--amp apex needs Ascend's Apex (apex.amp), which is not installed; "
+                                        'use --amp native')
+            amp = 'apex' if apex_amp is not None else 'native'
+            if amp == 'native':
+                dtype = torch.float16 if amp_dtype == 'bf16' and not _npu_bf16(torch_npu) else dtype
+    else:
+        device = torch.device('cpu')
+        if amp == 'apex':
+            raise DeviceUnavailable('--amp apex needs --device npu')
+        amp = 'off' if amp == 'auto' else amp
+    return DeviceContext(device, amp, dtype, loss_scale, apex_amp=apex_amp, torch_npu=torch_npu)
+
+
+def _npu_bf16(torch_npu):
+    check = getattr(getattr(torch_npu, 'npu', None), 'is_bf16_supported', None)
+    return bool(check()) if callable(check) else False
+
+
+# -- distributed ---------------------------------------------------------------------------
+
+
+def distributed_env():
+    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) when not launched so."""
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    if world <= 1:
+        return 0, 1, 0
+    return int(os.environ['RANK']), world, int(os.environ.get('LOCAL_RANK', '0'))
+
+
+def init_distributed(device_type):
+    """Join the process group started by torchrun (backend nccl, hccl or gloo by device)."""
+    rank, world, local_rank = distributed_env()
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend=DIST_BACKENDS[device_type])
+    return rank, world, local_rank
+
+
+def is_main_process():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def all_reduce_sum(values, device):
+    """Sum a list of floats over all processes (identity when not distributed)."""
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def cleanup_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
