@@ -112,6 +112,7 @@ class S3FD(nn.Module):
             confs.append(conf.permute(0, 2, 3, 1).reshape(conf.size(0), -1, self.num_classes))
         return torch.cat(locs, dim=1), torch.cat(confs, dim=1)
 
+    @torch.compiler.disable
     def priors_for(self, image_size, feats, device):
         """Priors [P, 4] (float32, on `device`) for this input size and these source maps."""
         maps = tuple(tuple(f.shape[-2:]) for f in feats)

@@ -290,6 +290,27 @@ def to_device(images, targets, device):
     return images, targets  # targets stay on the host: the loss reads face sizes there
 
 
+def training_step(net, criterion, optimizer, ctx, finite, images, targets, channels_last=False):
+    """One SGD step: forward under autocast, loss, backward and update unless the loss is not
+    finite. Returns (loss, loss_l, loss_c) detached and whether the update was applied."""
+    images, targets = to_device(images, targets, ctx.device)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    optimizer.zero_grad(set_to_none=True)
+    with ctx.autocast():
+        out = net(images)
+    loss_l, loss_c = criterion(out, targets)
+    loss = loss_l + loss_c
+    finite.submit(loss)
+    ctx.backward(loss, optimizer)
+    stepped = finite.ok()
+    if stepped:
+        ctx.step(optimizer)
+    else:
+        optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), loss_l.detach(), loss_c.detach(), stepped
+
+
 class Trainer:
     """The training loop: one object holds what every step needs.
 
@@ -346,21 +367,10 @@ class Trainer:
             self.window[1] += time.time() - fetch_start
             iteration = state['iteration']
             set_learning_rate(self.optimizer, learning_rate(args, iteration))
-            images, targets = to_device(images, targets, ctx.device)
-            if args.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-
-            self.optimizer.zero_grad(set_to_none=True)
-            with ctx.autocast():
-                out = self.net(images)
-            loss_l, loss_c = self.criterion(out, targets)
-            loss = loss_l + loss_c
-            loss_l, loss_c = loss_l.detach(), loss_c.detach()
-            self.finite.submit(loss)
-            ctx.backward(loss, self.optimizer)
-            if self.finite.ok():
-                ctx.step(self.optimizer)
-                loss_sum += loss.detach()
+            loss, loss_l, loss_c, stepped = training_step(self.net, self.criterion, self.optimizer, ctx,
+                                                          self.finite, images, targets, args.channels_last)
+            if stepped:
+                loss_sum += loss
                 state['loss_count'] += 1
                 state['nonfinite_in_a_row'] = 0
             else:
@@ -389,7 +399,6 @@ class Trainer:
         return True
 
     def skip_nonfinite(self, iteration, loss_l, loss_c):
-        self.optimizer.zero_grad(set_to_none=True)
         self.state['nonfinite_in_a_row'] += 1
         log(f'iter:{iteration} non-finite loss (loc {float(loss_l):.4g}, conf {float(loss_c):.4g}): '
             f'step skipped ({self.state["nonfinite_in_a_row"]} in a row)')

@@ -49,10 +49,12 @@ def load_file(path, map_location='cpu'):
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for foreign or corrupt files
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if 'Weights only load failed' in str(e) or 'Unsupported global' in str(e):
+        if 'Unsupported global' in str(e) or 'GLOBAL' in str(e):
             raise CheckpointError(f'{path}: refused: the file holds Python objects other than '
                                   f'tensors and plain containers, and weights_only=True does not '
                                   f'execute them') from None
+        if 'Weights only load failed' in msg:
+            msg = 'unrecognised content'
         raise CheckpointError(f'{path}: not a readable PyTorch checkpoint ({msg})') from None
 
 

@@ -1,0 +1,199 @@
+"""Training-step throughput of S3FD: forward, loss with matching, backward, SGD update.
+
+    python tools/bench_train.py --device gpu --batch_size 16 --input_size 640 --amp native
+    python tools/bench_train.py --device gpu --data loader --num_workers 16 --channels_last --compile
+    python tools/bench_train.py --device cpu --batch_size 2 --input_size 320 --steps 3
+
+--data synthetic: batches made once and kept on the device (the model's speed alone);
+--data loader: the real DataLoader over synthetic WIDER JPEGs with the training augmentation
+(the whole pipeline). Prints one JSON object: images_per_s, step_time_s, peak_mem_gb and
+peak_fraction (achieved FLOP/s over the device's dense peak at that precision; null when the
+device is not in the table).
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from data.config import cfg  # noqa: E402
+from layers.modules.multibox_loss import MultiBoxLoss  # noqa: E402
+from s3fd import build_s3fd, init_weights_from_scratch  # noqa: E402
+from train import FiniteCheck, training_step  # noqa: E402
+from utils import device as devices  # noqa: E402
+
+# Dense tensor-core peaks in TFLOP/s (no sparsity): bf16/fp16, and fp32 (TF32 where used).
+PEAK_TFLOPS = {
+    'H100': {'bf16': 989.0, 'fp16': 989.0, 'fp32': 494.5},
+    'H200': {'bf16': 989.0, 'fp16': 989.0, 'fp32': 494.5},
+    'A100': {'bf16': 312.0, 'fp16': 312.0, 'fp32': 156.0},
+    'L40S': {'bf16': 362.0, 'fp16': 362.0, 'fp32': 183.0},
+    'V100': {'bf16': None, 'fp16': 125.0, 'fp32': 15.7},
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--device', default='gpu', choices=['gpu', 'npu', 'cpu'])
+    p.add_argument('--device_id', default=0, type=int)
+    p.add_argument('--batch_size', default=16, type=int)
+    p.add_argument('--input_size', default=640, type=int)
+    p.add_argument('--amp', default='auto', choices=['auto', 'apex', 'native', 'off'])
+    p.add_argument('--amp_dtype', default='bf16', choices=['bf16', 'fp16'])
+    p.add_argument('--loss_scale', default=32.0, type=float)
+    p.add_argument('--channels_last', action='store_true')
+    p.add_argument('--compile', action='store_true', help='torch.compile the network (not the data path)')
+    p.add_argument('--steps', default=20, type=int, help='timed steps')
+    p.add_argument('--warmup', default=5, type=int, help='untimed steps first')
+    p.add_argument('--data', default='synthetic', choices=['synthetic', 'loader'])
+    p.add_argument('--num_workers', default=8, type=int, help='loader workers (--data loader)')
+    p.add_argument('--images', default=256, type=int, help='synthetic WIDER images (--data loader)')
+    p.add_argument('--data_dir', default=None, help='reuse/keep the synthetic WIDER here (--data loader)')
+    return p.parse_args(argv)
+
+
+def train_flops_per_image(input_size):
+    """Multiply-adds of every convolution at this input size, x2 for FLOPs, x3 for
+    forward + backward (gradients w.r.t. inputs and weights)."""
+    net = build_s3fd('train')
+    macs = []
+
+    def hook(module, inputs, output):
+        k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
+        macs.append(output.numel() * k)
+
+    handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        net(torch.zeros(1, 3, input_size, input_size))
+    for h in handles:
+        h.remove()
+    return 3 * 2 * sum(macs)
+
+
+def device_peak(ctx, precision):
+    if ctx.type != 'cuda':
+        return None
+    name = torch.cuda.get_device_name(ctx.device)
+    for key, peaks in PEAK_TFLOPS.items():
+        if key in name:
+            return peaks.get(precision)
+    return None
+
+
+def synthetic_batches(args, count, gen):
+    """Random images (on the device) with 1-40 faces of 8-300 px each (targets on the host)."""
+    batches = []
+    for _ in range(count):
+        images = torch.randn(args.batch_size, 3, args.input_size, args.input_size, generator=gen) * 60
+        targets = []
+        for n in torch.randint(1, 41, (args.batch_size,), generator=gen).tolist():
+            side = (torch.rand(n, 1, generator=gen) ** 2 * 292 + 8) / args.input_size
+            wh = torch.cat((side, side * 1.25), 1).clamp(max=0.9)
+            xy = torch.rand(n, 2, generator=gen) * (1 - wh)
+            targets.append(torch.cat((xy, xy + wh, torch.ones(n, 1)), 1))
+        batches.append((images, targets))
+    return batches
+
+
+def loader_batches(args, ctx):
+    from data.factory import detection_collate
+    from data.sampler import EpochBatchSampler
+    from data.synthetic import generate
+    from data.widerface import WIDERDetection
+    import prepare_wider_data
+
+    root = args.data_dir or os.path.join(tempfile.gettempdir(), 's3fd_bench_wider')
+    generate(os.path.join(root, 'WIDER'), args.images, 1, seed=0)
+    prepare_wider_data.main(prepare_wider_data.parse_args(['--dataset_dir', os.path.join(root, 'WIDER'),
+                                                           '--out_dir', root]))
+    dataset = WIDERDetection(os.path.join(root, 'face_train.txt'), 'train', input_size=args.input_size)
+    sampler = EpochBatchSampler(len(dataset), args.batch_size, seed=0)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=detection_collate, num_workers=args.num_workers,
+        pin_memory=ctx.type == 'cuda', persistent_workers=args.num_workers > 0,
+        prefetch_factor=4 if args.num_workers > 0 else None)
+
+    def forever():
+        epoch = 0
+        while True:
+            sampler.set_epoch(epoch)
+            yield from loader
+            epoch += 1
+    return forever()
+
+
+def main(args):
+    try:
+        ctx = devices.setup_device(args.device, args.device_id, args.amp, args.amp_dtype, args.loss_scale)
+    except devices.DeviceUnavailable as e:
+        sys.exit(f'bench_train.py: error: {e}')
+    torch.manual_seed(0)
+    net = build_s3fd('train')
+    init_weights_from_scratch(net)
+    net.to(ctx.device)
+    if args.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    optimizer = ctx.make_optimizer(net.parameters(), 1e-3, 0.9, 5e-4)
+    net, optimizer = ctx.initialize(net, optimizer)
+    if args.compile:
+        net = torch.compile(net)
+    criterion = MultiBoxLoss(cfg)
+    finite = FiniteCheck(ctx.device)
+
+    if args.data == 'synthetic':
+        made = synthetic_batches(args, 4, torch.Generator().manual_seed(0))
+        made = [(images.to(ctx.device), targets) for images, targets in made]
+        source = (made[i % len(made)] for i in range(10 ** 9))
+    else:
+        source = loader_batches(args, ctx)
+
+    def run(steps):
+        losses = []
+        wait = 0.0
+        for _ in range(steps):
+            t = time.perf_counter()
+            images, targets = next(source)
+            wait += time.perf_counter() - t
+            loss, _, _, _ = training_step(net, criterion, optimizer, ctx, finite, images, targets,
+                                          args.channels_last)
+            losses.append(loss)
+        return losses, wait
+
+    run(args.warmup)
+    ctx.synchronize()
+    if ctx.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(ctx.device)
+    start = time.perf_counter()
+    losses, wait = run(args.steps)
+    ctx.synchronize()
+    elapsed = time.perf_counter() - start
+
+    step_time = elapsed / args.steps
+    images_per_s = args.batch_size / step_time
+    precision = 'fp32' if ctx.amp == 'off' else ('fp16' if ctx.amp == 'apex' else
+                                                 str(ctx.amp_dtype).replace('torch.bfloat', 'bf').replace('torch.float', 'fp'))
+    flops = train_flops_per_image(args.input_size)
+    peak = device_peak(ctx, precision)
+    print(json.dumps({
+        'device': ctx.describe(), 'device_name': torch.cuda.get_device_name(ctx.device) if ctx.type == 'cuda' else ctx.type,
+        'batch_size': args.batch_size, 'input_size': args.input_size, 'precision': precision,
+        'channels_last': args.channels_last, 'compile': args.compile, 'data': args.data,
+        'num_workers': args.num_workers if args.data == 'loader' else None,
+        'steps': args.steps, 'step_time_s': round(step_time, 4), 'images_per_s': round(images_per_s, 2),
+        'data_wait_s_per_step': round(wait / args.steps, 4),
+        'train_tflop_per_image': round(flops / 1e12, 4),
+        'achieved_tflops': round(flops * images_per_s / 1e12, 2),
+        'peak_tflops': peak,
+        'peak_fraction': round(flops * images_per_s / 1e12 / peak, 4) if peak else None,
+        'peak_mem_gb': round(ctx.max_memory_gb(), 2) if ctx.max_memory_gb() is not None else None,
+        'final_loss': round(float(losses[-1]), 4),
+    }))
+
+
+if __name__ == '__main__':
+    main(parse_args())

@@ -1,0 +1,79 @@
+"""Mixed precision must not change training: the same weights and batches trained for N steps
+in float32 and under autocast give losses within a tolerance.
+
+    python tools/check_precision.py --device gpu --amp_dtype bf16 --steps 20
+    python tools/check_precision.py --device cpu --input_size 128 --batch_size 2 --steps 5
+
+Prints one JSON object with both loss sequences, the relative difference of the final losses
+(mean of the last 5 steps) and `ok` (difference <= --tolerance, 2% by default).
+"""
+import argparse
+import copy
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from data.config import cfg  # noqa: E402
+from layers.modules.multibox_loss import MultiBoxLoss  # noqa: E402
+from s3fd import build_s3fd, init_weights_from_scratch  # noqa: E402
+from tools.bench_train import synthetic_batches  # noqa: E402
+from train import FiniteCheck, training_step  # noqa: E402
+from utils import device as devices  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--device', default='gpu', choices=['gpu', 'npu', 'cpu'])
+    p.add_argument('--device_id', default=0, type=int)
+    p.add_argument('--amp_dtype', default='bf16', choices=['bf16', 'fp16'])
+    p.add_argument('--batch_size', default=16, type=int)
+    p.add_argument('--input_size', default=640, type=int)
+    p.add_argument('--steps', default=20, type=int)
+    p.add_argument('--lr', default=1e-3, type=float)
+    p.add_argument('--tolerance', default=0.02, type=float)
+    return p.parse_args(argv)
+
+
+def train_losses(net, ctx, batches, steps, lr):
+    net = copy.deepcopy(net).to(ctx.device)
+    optimizer = ctx.make_optimizer(net.parameters(), lr, 0.9, 5e-4)
+    net, optimizer = ctx.initialize(net, optimizer)
+    criterion, finite = MultiBoxLoss(cfg), FiniteCheck(ctx.device)
+    losses = []
+    for step in range(steps):
+        images, targets = batches[step % len(batches)]
+        loss, _, _, _ = training_step(net, criterion, optimizer, ctx, finite, images.to(ctx.device), targets)
+        losses.append(float(loss))
+    return losses
+
+
+def main(args):
+    try:
+        fp32 = devices.setup_device(args.device, args.device_id, amp='off')
+        mixed = devices.setup_device(args.device, args.device_id, amp='native', amp_dtype=args.amp_dtype)
+    except devices.DeviceUnavailable as e:
+        sys.exit(f'check_precision.py: error: {e}')
+    if fp32.type == 'cuda':  # compare with true float32, not TF32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    torch.manual_seed(0)
+    net = build_s3fd('train')
+    init_weights_from_scratch(net)
+    batches = synthetic_batches(args, 4, torch.Generator().manual_seed(0))
+    ref = train_losses(net, fp32, batches, args.steps, args.lr)
+    amp = train_losses(net, mixed, batches, args.steps, args.lr)
+    tail = min(5, args.steps)
+    ref_end, amp_end = sum(ref[-tail:]) / tail, sum(amp[-tail:]) / tail
+    rel = abs(amp_end - ref_end) / abs(ref_end)
+    print(json.dumps({'device': mixed.describe(), 'steps': args.steps, 'fp32_losses': [round(x, 4) for x in ref],
+                      'amp_losses': [round(x, 4) for x in amp], 'final_rel_diff': round(rel, 5),
+                      'tolerance': args.tolerance, 'ok': rel <= args.tolerance}))
+    return rel <= args.tolerance
+
+
+if __name__ == '__main__':
+    sys.exit(0 if main(parse_args()) else 1)
