@@ -1,0 +1,137 @@
+"""Detect faces in images and save copies with the boxes and scores drawn.
+
+    python demo.py --model weights/sfd_face.pth IMAGE_OR_DIR [--out runs/demo] [--thresh 0.6]
+        [--mode single|multiscale] [--max_size N] [--device cpu|gpu|npu] [--device_id N]
+        [--variant reference|caffe]
+
+IMAGE_OR_DIR is one image or a directory (its images, not its subdirectories: .jpg, .jpeg,
+.png, .bmp, .webp, .tif, .tiff). Each result is written to ``OUT/<file name>`` in the input's
+format; one line per image gives the number of faces at ``--thresh`` and the detection time
+(preprocessing, network and post-processing on the device; decoding and drawing excluded; the
+first image also pays the warm-up). Unreadable images are skipped and reported; the exit
+status is 1 when no image could be processed.
+"""
+import argparse
+import os
+import sys
+import time
+
+import cv2
+import torch
+
+from data.config import cfg
+from utils.checkpoint import CheckpointError, load_model
+from utils.device import DeviceUnavailable, setup_device
+from utils.image_io import ImageReadError, load_rgb
+from utils.inference import Detector, draw_detections
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
+
+
+class DemoError(RuntimeError):
+    """Bad input of demo.py; the message is one line."""
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description='S3FD face detection demo: draw the detected faces.')
+    parser.add_argument('path', metavar='IMAGE_OR_DIR', help='an image or a directory of images')
+    parser.add_argument('--model', default='weights/sfd_face.pth',
+                        help='weights: a state_dict or a training checkpoint (default weights/sfd_face.pth)')
+    parser.add_argument('--out', default=os.path.join('runs', 'demo'), help='output directory (default runs/demo)')
+    parser.add_argument('--thresh', type=float, default=0.6, help='draw and count faces scoring >= this (0.6)')
+    parser.add_argument('--mode', default='single', choices=('single', 'multiscale'),
+                        help='single pass (default) or the S3FD multi-scale + flip test')
+    parser.add_argument('--max_size', type=int, default=None,
+                        help='cap the longer input side at N px (default: H*W <= 1700*1200)')
+    parser.add_argument('--device', default='gpu' if torch.cuda.is_available() else 'cpu',
+                        choices=('cpu', 'gpu', 'npu'))
+    parser.add_argument('--device_id', type=int, default=0)
+    parser.add_argument('--variant', default=None, choices=('reference', 'caffe'),
+                        help='network variant (default: from the checkpoint, else cfg.MODEL_VARIANT)')
+    return parser.parse_args(argv)
+
+
+def list_inputs(path):
+    """Image files of ``path`` (a file, or a directory's image files sorted by name)."""
+    if os.path.isfile(path):
+        return [path]
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, f) for f in os.listdir(path)
+                       if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(path, f)))
+        if not files:
+            raise DemoError(f'{path}: no image files ({", ".join(IMAGE_EXTENSIONS)}) in this directory')
+        return files
+    raise DemoError(f'{path}: no such file or directory')
+
+
+def save_image(path, rgb):
+    """Write ``rgb`` (uint8 [H, W, 3]) to ``path`` atomically, in the format of its extension."""
+    ext = os.path.splitext(path)[1].lower() or '.jpg'
+    ok, data = cv2.imencode(ext, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise DemoError(f'{path}: OpenCV cannot encode {ext} images')
+    tmp = f'{path}.tmp{os.getpid()}'
+    with open(tmp, 'wb') as f:
+        f.write(data.tobytes())
+    os.replace(tmp, path)
+
+
+def main(args):
+    """Process every image; returns a list of (input path, output path, faces, seconds).
+
+    Raises DemoError, CheckpointError or DeviceUnavailable (one-line messages) for bad input.
+    """
+    files = list_inputs(args.path)
+    out_dir = os.path.abspath(args.out)
+    if any(os.path.dirname(os.path.abspath(f)) == out_dir for f in files):
+        raise DemoError(f'--out {args.out} is the input directory: the results would replace the images')
+    ctx = setup_device(args.device, args.device_id, amp='off')
+    if ctx.type == 'cuda':
+        torch.backends.cudnn.benchmark = False  # image sizes differ
+    net = load_model(args.model, 'test', ctx.device, args.variant)
+    # Each pass keeps the protocol's candidates; --thresh selects what is drawn and counted.
+    detector = Detector(net, ctx.device, thresh=min(args.thresh, cfg.CONF_THRESH), max_size=args.max_size)
+    os.makedirs(out_dir, exist_ok=True)
+    results, skipped = [], []
+    for path in files:
+        try:
+            rgb = load_rgb(path)
+        except ImageReadError as exc:
+            skipped.append(str(exc))
+            print(f'skipped: {exc}', file=sys.stderr)
+            continue
+        ctx.synchronize()
+        start = time.perf_counter()
+        dets = detector.detect(rgb, args.mode)
+        ctx.synchronize()
+        seconds = time.perf_counter() - start
+        drawn, faces = draw_detections(rgb, dets, args.thresh)
+        out_path = os.path.join(out_dir, os.path.basename(path))
+        save_image(out_path, drawn)
+        print(f'{path}: {faces} face(s) at score >= {args.thresh:g}, {seconds * 1000:.1f} ms '
+              f'({rgb.shape[1]}x{rgb.shape[0]}) -> {out_path}', flush=True)
+        results.append((path, out_path, faces, seconds))
+    if skipped:
+        print(f'warning: skipped {len(skipped)} unreadable image(s)', file=sys.stderr)
+    if not results:
+        raise DemoError(f'none of the {len(files)} image(s) could be read')
+    if len(results) > 1:
+        mean = sum(r[3] for r in results[1:]) / (len(results) - 1)
+        print(f'{len(results)} image(s), {sum(r[2] for r in results)} face(s); '
+              f'{mean * 1000:.1f} ms per image after the first')
+    return results
+
+
+def cli(argv=None):
+    """Command-line entry: one-line errors and exit status 1 instead of tracebacks."""
+    args = parse_args(argv)
+    try:
+        main(args)
+    except (DemoError, CheckpointError, DeviceUnavailable) as exc:
+        print(f'error: {exc}', file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(cli())

@@ -1,0 +1,377 @@
+"""Face detection with a test-phase S3FD: preprocessing, scales, box conversion, the S3FD
+multi-scale test with box voting, WIDER rows and drawing. Used by wider_test.py, demo.py
+and tools/bench_infer.py.
+
+Coordinates
+    Every box here is ``(x1, y1, x2, y2)`` in continuous pixel coordinates of the *original*
+    image: pixel ``i`` covers ``[i, i + 1)``, so a box spanning the whole image is
+    ``(0, 0, W, H)`` and its width is ``x2 - x1``. This is the frame the network is trained
+    in (data/widerface.py turns an annotation ``x y w h`` into ``x1 = x, x2 = x + w``).
+    Detection arrays are float32 ``[n, 5]`` rows ``(x1, y1, x2, y2, score)``, sorted by score,
+    descending.
+
+Input
+    RGB uint8 ``[H, W, 3]`` (``utils.image_io.load_rgb``), resized with bilinear interpolation
+    (OpenCV ``INTER_LINEAR``, as the reference test), minus ``cfg.img_mean`` per channel,
+    CHW float32, no scaling. An input smaller than ``MIN_INPUT_SIDE`` is padded at the
+    bottom/right with the mean colour (0 after mean subtraction) so that every pooling
+    stage of the network keeps at least one cell; padding never moves a box.
+
+Scales (WIDER FACE test of S3FD)
+    ``max_shrink(h, w) = sqrt(1700 * 1200 / (h * w))`` is the largest scale whose input has at
+    most 1700x1200 pixels; single-scale detection runs at ``min(1, max_shrink)``. ``max_size``
+    (optional, a quick-run deviation) additionally caps the longer side of every pass.
+
+Multi-scale test (``multi_scale_detect``), the S3FD / S3FD.pytorch WIDER protocol
+    with ``m = max_shrink`` and ``s = min(1, m)``:
+    1. the image at scale ``s`` and its horizontal mirror (one batch of two);
+    2. a shrunk pass at ``0.5`` (``0.5 * m`` when ``m < 0.75``), keeping boxes whose longer
+       side (pixel-inclusive, ``x2 - x1 + 1``) is over 30 px;
+    3. an enlarged pass at ``min(2, m)`` when ``m > 1`` (else at the midpoint of the shrunk
+       scale and ``m``), and when ``m > 2`` further passes at 4, 8, ... below ``m`` and one at
+       ``m``; if the last of these scales is above 1 their boxes are kept when the shorter
+       side is under 100 px, otherwise (all passes below 1) when the longer side is over 30 px;
+    4. every pass keeps scores >= ``thresh``; all boxes are merged by ``bbox_vote``.
+
+Box voting (``bbox_vote``)
+    Boxes in descending score order; the best remaining box and every remaining box with
+    IoU >= 0.3 to it (pixel-inclusive ``+1`` IoU, as the reference and the WIDER tools) form
+    a cluster and are removed; a cluster of two or more boxes yields one box whose
+    coordinates are the score-weighted mean of the cluster and whose score is the best
+    score; a cluster of a single box is dropped (the reference's consensus rule: a face
+    must be found by at least two passes); at most 750 boxes are kept.
+"""
+import math
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.ops import box_iou
+
+from data.config import cfg
+
+OFFICIAL_MAX_PIXELS = 1700 * 1200
+# Smallest input side for which the five pooling stages of VGG keep at least one cell.
+MIN_INPUT_SIDE = 32
+VOTE_IOU = 0.3
+VOTE_TOP_K = 750
+SHRUNK_MIN_SIDE = 30     # px, pixel-inclusive: shrunk passes keep boxes whose longer side is above
+ENLARGED_MAX_SIDE = 100  # px, pixel-inclusive: enlarged passes keep boxes whose shorter side is below
+
+__all__ = ['OFFICIAL_MAX_PIXELS', 'MIN_INPUT_SIDE', 'max_shrink', 'single_scale', 'resize_rgb',
+           'images_to_input', 'to_pixel_boxes', 'Detector', 'bbox_vote', 'multi_scale_plan',
+           'to_wider_rows', 'clip_boxes', 'draw_detections']
+
+
+# ----------------------------------------------------------------------------- scales
+
+def max_shrink(height, width, max_pixels=OFFICIAL_MAX_PIXELS, max_size=None):
+    """Largest scale for an image of ``height x width``: ``sqrt(max_pixels / (h * w))``,
+    further capped so that the longer side is at most ``max_size`` when given."""
+    scale = math.sqrt(max_pixels / float(height * width))
+    if max_size:
+        scale = min(scale, max_size / float(max(height, width)))
+    return scale
+
+
+def single_scale(height, width, max_size=None):
+    """Scale of the single-scale test: never enlarges, shrinks to the 1700x1200 budget
+    (and to ``max_size`` on the longer side when given)."""
+    return min(1.0, max_shrink(height, width, max_size=max_size))
+
+
+def scaled_size(height, width, scale):
+    """``(h', w')`` of the resized image: ``round(h * scale)``, ``round(w * scale)``, at least 1."""
+    return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
+
+
+def resize_rgb(rgb, scale):
+    """Resize ``rgb`` uint8 ``[H, W, 3]`` by ``scale`` (bilinear); returns the new array
+    (the input itself when the size does not change)."""
+    h, w = rgb.shape[:2]
+    nh, nw = scaled_size(h, w, scale)
+    if (nh, nw) == (h, w):
+        return rgb
+    return cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_LINEAR)
+
+
+# ----------------------------------------------------------------------------- network I/O
+
+def images_to_input(images, device='cpu', channels_last=False, flip=False):
+    """Stack same-size RGB uint8 images into the network input.
+
+    Args:
+        images: list of uint8 ``[h, w, 3]`` arrays (or one array), all of the same size.
+        device: where the tensor goes (the uint8 data is moved first: 4x less to copy).
+        channels_last: return the tensor in channels-last memory format.
+        flip: append the horizontal mirror of every image after the originals.
+    Returns:
+        float32 ``[B, 3, H, W]`` (``B = len(images)``, doubled with ``flip``): RGB minus
+        ``cfg.img_mean``, with ``H, W >= MIN_INPUT_SIDE`` (mean-colour padding at the
+        bottom/right where the images are smaller).
+    """
+    if isinstance(images, np.ndarray):
+        images = [images]
+    if len({im.shape for im in images}) != 1:
+        raise ValueError(f'images_to_input needs images of one size, got {sorted({im.shape for im in images})}')
+    batch = torch.from_numpy(np.stack([np.ascontiguousarray(im) for im in images]))
+    batch = batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+    batch -= torch.tensor(cfg.img_mean, dtype=torch.float32, device=batch.device).view(1, 3, 1, 1)
+    if flip:
+        batch = torch.cat((batch, batch.flip(-1)))
+    h, w = batch.shape[-2:]
+    if h < MIN_INPUT_SIDE or w < MIN_INPUT_SIDE:
+        batch = F.pad(batch, (0, max(0, MIN_INPUT_SIDE - w), 0, max(0, MIN_INPUT_SIDE - h)))
+    if channels_last:
+        batch = batch.contiguous(memory_format=torch.channels_last)
+    return batch
+
+
+def to_pixel_boxes(output, input_hw, content_hw, original_hw, thresh=0.0, flipped=None):
+    """Convert test-phase network output to pixel boxes of the original images.
+
+    Args:
+        output: ``[B, num_classes, K, 5]`` from ``build_s3fd('test')``: rows
+            ``(score, x1, y1, x2, y2)`` normalised to the input tensor, zero-padded.
+        input_hw: ``(H, W)`` of the input tensor (padding included).
+        content_hw: ``(h', w')`` of the resized images inside it (top-left aligned).
+        original_hw: ``(h, w)`` of the original image (one size for the whole batch, or a
+            list with one size per image).
+        thresh: keep scores >= thresh (padding rows, score 0, are always dropped).
+        flipped: optional list of B bools; a flipped image's boxes are mirrored back.
+    Returns:
+        list of B float32 ``[n, 5]`` arrays ``(x1, y1, x2, y2, score)`` in original pixels,
+        sorted by score (descending). Boxes are not clipped.
+    """
+    faces = output[:, 1].float().cpu().numpy()           # [B, K, 5]
+    batch = faces.shape[0]
+    if isinstance(original_hw[0], (int, np.integer)):
+        original_hw = [tuple(original_hw)] * batch
+    in_h, in_w = input_hw
+    ch, cw = content_hw
+    result = []
+    for b in range(batch):
+        rows = faces[b]
+        keep = (rows[:, 0] > 0) & (rows[:, 0] >= thresh)
+        rows = rows[keep]
+        oh, ow = original_hw[b]
+        # normalised -> input pixels (x in_w) -> original pixels (x ow / cw).
+        fx, fy = in_w * ow / cw, in_h * oh / ch
+        boxes = np.empty((len(rows), 5), dtype=np.float32)
+        boxes[:, 0] = rows[:, 1] * fx
+        boxes[:, 1] = rows[:, 2] * fy
+        boxes[:, 2] = rows[:, 3] * fx
+        boxes[:, 3] = rows[:, 4] * fy
+        boxes[:, 4] = rows[:, 0]
+        if flipped is not None and flipped[b]:
+            x1 = ow - boxes[:, 2]
+            boxes[:, 2] = ow - boxes[:, 0]
+            boxes[:, 0] = x1
+        order = np.argsort(-boxes[:, 4], kind='stable')
+        result.append(boxes[order])
+    return result
+
+
+class Detector:
+    """A test-phase S3FD on a device, with the preprocessing and the post-processing.
+
+    Args:
+        net: ``build_s3fd('test')`` network (eval mode, on ``device``).
+        device: torch.device or string.
+        thresh: per-pass score threshold (rows below are dropped).
+        max_size: optional cap of the longer input side of every pass (a speed deviation).
+        autocast: optional context-manager factory (``DeviceContext.autocast``).
+        channels_last: feed channels-last tensors.
+    """
+
+    def __init__(self, net, device='cpu', thresh=0.05, max_size=None, autocast=None, channels_last=False):
+        self.net = net
+        self.device = torch.device(device)
+        self.thresh = thresh
+        self.max_size = max_size
+        self.autocast = autocast
+        self.channels_last = channels_last
+
+    @torch.inference_mode()
+    def forward(self, batch):
+        """Network output ``[B, 2, K, 5]`` for an input batch (see ``images_to_input``)."""
+        if self.autocast is None:
+            return self.net(batch)
+        with self.autocast():
+            return self.net(batch)
+
+    def detect_resized(self, images, original_hw, flip=False):
+        """Detections for same-size, already resized images.
+
+        Args:
+            images: list of uint8 ``[h', w', 3]`` arrays of one size.
+            original_hw: ``(h, w)`` of the original images, one per image (or one for all).
+            flip: also run the mirrored images; their boxes follow the originals' in the result.
+        Returns:
+            list of float32 ``[n, 5]`` arrays (``(x1, y1, x2, y2, score)``, original pixels):
+            one per image, then (with ``flip``) one per mirrored image.
+        """
+        content_hw = images[0].shape[:2]
+        batch = images_to_input(images, self.device, self.channels_last, flip=flip)
+        out = self.forward(batch)
+        n = len(images)
+        if not isinstance(original_hw[0], (int, np.integer)):
+            original_hw = list(original_hw) * (2 if flip else 1)
+        flipped = [False] * n + [True] * n if flip else None
+        return to_pixel_boxes(out, tuple(batch.shape[-2:]), content_hw, original_hw, self.thresh, flipped)
+
+    def detect_at_scale(self, rgb, scale, flip=False):
+        """Detections for one image at ``scale``; with ``flip`` returns (normal, mirrored)."""
+        dets = self.detect_resized([resize_rgb(rgb, scale)], rgb.shape[:2], flip=flip)
+        return tuple(dets) if flip else dets[0]
+
+    def single_scale_detect(self, rgb):
+        """Single-scale test: float32 ``[n, 5]`` ``(x1, y1, x2, y2, score)``, <= cfg.TOP_K rows."""
+        return self.detect_at_scale(rgb, single_scale(*rgb.shape[:2], max_size=self.max_size))
+
+    def multi_scale_detect(self, rgb):
+        """The S3FD multi-scale + flip test merged by box voting (module docstring)."""
+        plan = multi_scale_plan(*rgb.shape[:2], max_size=self.max_size)
+        det0, det1 = self.detect_at_scale(rgb, plan['base'], flip=True)
+        det_s = self.detect_at_scale(rgb, plan['shrink'])
+        det_s = det_s[pixel_sides(det_s).max(axis=1) > SHRUNK_MIN_SIDE]
+        det_b = np.concatenate([self.detect_at_scale(rgb, s) for s in plan['enlarge']])
+        if plan['enlarge_keeps_small']:
+            det_b = det_b[pixel_sides(det_b).min(axis=1) < ENLARGED_MAX_SIDE]
+        else:
+            det_b = det_b[pixel_sides(det_b).max(axis=1) > SHRUNK_MIN_SIDE]
+        return bbox_vote(np.concatenate([det0, det1, det_s, det_b]))
+
+    def detect(self, rgb, mode='single'):
+        """``single_scale_detect`` or ``multi_scale_detect`` by ``mode`` ('single', 'multiscale')."""
+        if mode == 'single':
+            return self.single_scale_detect(rgb)
+        if mode == 'multiscale':
+            return self.multi_scale_detect(rgb)
+        raise ValueError(f"mode must be 'single' or 'multiscale', not {mode!r}")
+
+
+def multi_scale_plan(height, width, max_size=None):
+    """Scales of the S3FD multi-scale test for an image of ``height x width``.
+
+    Returns a dict: ``base`` (scale of the normal and mirrored passes), ``shrink`` (the
+    shrunk pass), ``enlarge`` (list of scales of the enlarged passes) and
+    ``enlarge_keeps_small`` (True: the enlarged passes keep small boxes, False: big ones).
+    """
+    m = max_shrink(height, width, max_size=max_size)
+    shrink = 0.5 if m >= 0.75 else 0.5 * m
+    big = min(2.0, m) if m > 1 else (shrink + m) / 2
+    enlarge = [big]
+    if m > 2:
+        big *= 2
+        while big < m:
+            enlarge.append(big)
+            big *= 2
+        enlarge.append(m)
+    return dict(base=min(1.0, m), shrink=shrink, enlarge=enlarge, enlarge_keeps_small=big > 1)
+
+
+def pixel_sides(dets):
+    """``[n, 2]`` pixel-inclusive widths and heights (``x2 - x1 + 1``, ``y2 - y1 + 1``)."""
+    return np.stack((dets[:, 2] - dets[:, 0] + 1, dets[:, 3] - dets[:, 1] + 1), axis=1)
+
+
+# ----------------------------------------------------------------------------- box voting
+
+def _overlap_rows(boxes, start, stop, thresh):
+    """Bool ``[stop - start, n]``: pixel-inclusive IoU of boxes[start:stop] with all boxes >= thresh."""
+    inclusive = boxes.clone()
+    inclusive[:, 2:] += 1  # x2 + 1, y2 + 1: box_iou then computes the (x2 - x1 + 1) convention
+    return box_iou(inclusive[start:stop], inclusive) >= thresh
+
+
+def bbox_vote(dets, iou_thresh=VOTE_IOU, top_k=VOTE_TOP_K, keep_single=False):
+    """Merge overlapping detections by score-weighted box voting (module docstring).
+
+    Args:
+        dets: float ``[n, 5]`` rows ``(x1, y1, x2, y2, score)`` in any order.
+        iou_thresh: boxes with pixel-inclusive IoU >= this to a cluster's best box join it.
+        top_k: keep at most this many merged boxes (the best ones).
+        keep_single: keep clusters of one box unchanged (the reference drops them).
+    Returns:
+        float32 ``[m, 5]``: merged boxes, sorted by score (descending).
+    """
+    dets = np.asarray(dets, dtype=np.float32).reshape(-1, 5)
+    dets = dets[np.argsort(-dets[:, 4], kind='stable')]
+    n = len(dets)
+    boxes = torch.from_numpy(dets[:, :4].astype(np.float64))
+    remaining = np.ones(n, dtype=bool)
+    merged = []
+    chunk = max(1, min(n, 2 ** 24 // max(n, 1)))  # rows of the IoU matrix held at once (<= 16 MB)
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        overlap = _overlap_rows(boxes, start, stop, iou_thresh).numpy()
+        for i in range(start, stop):
+            if not remaining[i]:
+                continue
+            members = remaining & overlap[i - start]
+            members[i] = True
+            remaining &= ~members
+            if members.sum() < 2 and not keep_single:
+                continue
+            cluster = dets[members].astype(np.float64)
+            weights = cluster[:, 4:5]
+            box = (cluster[:, :4] * weights).sum(axis=0) / weights.sum()
+            merged.append(np.append(box, dets[i, 4]))
+            if len(merged) >= top_k:
+                break
+        if len(merged) >= top_k:
+            break
+    return np.asarray(merged, dtype=np.float32).reshape(-1, 5)
+
+
+# ----------------------------------------------------------------------------- output
+
+def clip_boxes(dets, height, width):
+    """Copy of ``dets`` ``[n, 5]`` with x clipped to ``[0, width]`` and y to ``[0, height]``."""
+    out = np.array(dets, dtype=np.float32, copy=True).reshape(-1, 5)
+    out[:, 0:4:2] = np.clip(out[:, 0:4:2], 0, width)
+    out[:, 1:4:2] = np.clip(out[:, 1:4:2], 0, height)
+    return out
+
+
+def to_wider_rows(dets, height, width):
+    """WIDER prediction rows for one image.
+
+    Args:
+        dets: float ``[n, 5]`` ``(x1, y1, x2, y2, score)`` in original pixels.
+        height, width: the image size.
+    Returns:
+        float64 ``[m, 5]`` rows ``(x, y, w, h, score)`` sorted by score: boxes clipped to the
+        image, ``w = x2 - x1`` and ``h = y2 - y1`` (the annotation convention the network is
+        trained on; the evaluator adds the pixel-inclusive +1 to predictions and faces
+        alike); boxes with no area inside the image are dropped.
+    """
+    clipped = clip_boxes(dets, height, width).astype(np.float64)
+    rows = np.column_stack((clipped[:, 0], clipped[:, 1], clipped[:, 2] - clipped[:, 0],
+                            clipped[:, 3] - clipped[:, 1], clipped[:, 4]))
+    rows = rows[(rows[:, 2] > 0) & (rows[:, 3] > 0)]
+    return rows[np.argsort(-rows[:, 4], kind='stable')]
+
+
+def draw_detections(rgb, dets, thresh=0.0, color=(0, 255, 0)):
+    """Copy of ``rgb`` (uint8 ``[H, W, 3]``) with every box of score >= ``thresh`` drawn and
+    labelled with its score. Returns ``(image, number of boxes drawn)``."""
+    image = np.ascontiguousarray(rgb).copy()
+    h, w = image.shape[:2]
+    dets = clip_boxes(dets, h, w)
+    dets = dets[dets[:, 4] >= thresh]
+    thickness = max(1, int(round(max(h, w) / 400)))
+    font_scale = max(0.35, max(h, w) / 1600)
+    for x1, y1, x2, y2, score in dets.tolist():
+        p1 = (int(round(x1)), int(round(y1)))
+        p2 = (max(p1[0], int(round(x2)) - 1), max(p1[1], int(round(y2)) - 1))
+        cv2.rectangle(image, p1, p2, color, thickness)
+        label = f'{score:.2f}'
+        (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, font_scale, 1)
+        top = p1[1] - th - base - 2 if p1[1] - th - base - 2 >= 0 else p1[1]
+        cv2.rectangle(image, (p1[0], top), (p1[0] + tw + 2, top + th + base + 2), color, -1)
+        cv2.putText(image, label, (p1[0] + 1, top + th + 1), cv2.FONT_HERSHEY_SIMPLEX, font_scale,
+                    (0, 0, 0), 1, cv2.LINE_AA)
+    return image, len(dets)

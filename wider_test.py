@@ -1,0 +1,333 @@
+"""Run S3FD over a WIDER FACE split and write the predictions in the official layout.
+
+    python wider_test.py --model weights/sfd_face.pth --dataset_dir DIR [--split val]
+        [--out eval_output/s3fd_val_single] [--mode single|multiscale] [--device cpu|gpu|npu]
+        [--device_id N] [--batch_size N] [--workers N] [--max_size N] [--thresh 0.05]
+        [--variant reference|caffe] [--amp off|bf16|fp16] [--num_images N] [--eval GT_DIR]
+
+Images
+    ``DIR/WIDER_<split>/images/<event>/<name>.jpg``, listed by the first of these that exists:
+    ``DIR/wider_face_split/wider_face_<split>_bbx_gt.txt`` (the official annotation file),
+    ``DIR/wider_face_split/wider_face_<split>_filelist.txt`` (one path per line, the test split),
+    ``DIR/wider_face_split/wider_face_<split>.mat``, ``DIR/eval_tools/ground_truth/wider_face_<split>.mat``.
+
+Output
+    ``OUT/<event>/<name>.txt``: line 1 the image file name, line 2 the number of boxes, then one
+    ``x y w h score`` line per box (pixels, sorted by score). Boxes are clipped to the image;
+    ``w = x2 - x1``: the network is trained on boxes ``[x, x + w]`` built from the annotations,
+    so its ``x2 - x1`` estimates the annotated ``w`` itself, and the official tools then add the
+    same ``+1`` to predictions and faces. (The reference port wrote ``x2 - x1 + 1``, which makes
+    every prediction one pixel wider and taller than the face it found: a 10 px face detected
+    exactly then scores IoU 0.84 instead of 1.)
+
+Modes
+    ``single``: one pass at ``min(1, sqrt(1700 * 1200 / (h * w)))``; same-size images are
+    batched (``--batch_size``), which gives the same boxes as one image at a time.
+    ``multiscale``: the S3FD test (original + mirror, a shrunk and enlarged passes, box
+    voting; see utils/inference.py), one image at a time.
+    ``--max_size N`` caps the longer side of every pass (a deviation for quick runs; the
+    official rule alone is the default).
+
+An image that cannot be decoded is skipped, reported at the end, and gets no prediction
+file (a stale one from an earlier run is removed), so its faces count as missed.
+``--eval GT_DIR`` scores the predictions with the official protocol (wider_eval.py); with
+``--num_images`` only the images run are scored.
+"""
+import argparse
+import os
+import sys
+import time
+from collections import OrderedDict
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from data.config import cfg
+from data.widerface import AnnotationError, read_wider_annotations
+from utils.checkpoint import CheckpointError, load_model
+from utils.device import DeviceUnavailable, setup_device
+from utils.image_io import ImageReadError, load_rgb
+from utils.inference import Detector, single_scale, resize_rgb, to_wider_rows
+from utils.widerface_eval import (GroundTruth, WiderEvalError, evaluate, list_split_images,
+                                  load_ground_truth, write_prediction_file)
+
+SPLITS = ('train', 'val', 'test')
+
+
+class WiderTestError(RuntimeError):
+    """Bad input of wider_test.py (dataset layout, arguments); the message is one line."""
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description='S3FD detections on a WIDER FACE split, in the official '
+                                                 'prediction layout.')
+    parser.add_argument('--model', default='weights/sfd_face.pth',
+                        help='weights: a state_dict or a training checkpoint (default weights/sfd_face.pth)')
+    parser.add_argument('--dataset_dir', default=cfg.FACE.WIDER_DIR,
+                        help=f'WIDER FACE root holding WIDER_<split>/images and wider_face_split '
+                             f'(default cfg.FACE.WIDER_DIR = {cfg.FACE.WIDER_DIR})')
+    parser.add_argument('--split', default='val', choices=SPLITS)
+    parser.add_argument('--out', default=None,
+                        help='prediction directory (default eval_output/s3fd_<split>_<mode>)')
+    parser.add_argument('--mode', default='single', choices=('single', 'multiscale'),
+                        help='single: one pass (1700x1200 budget); multiscale: the S3FD test with flip, '
+                             'shrunk/enlarged passes and box voting')
+    parser.add_argument('--device', default='gpu' if torch.cuda.is_available() else 'cpu',
+                        choices=('cpu', 'gpu', 'npu'))
+    parser.add_argument('--device_id', type=int, default=0)
+    parser.add_argument('--amp', default='off', choices=('off', 'bf16', 'fp16'),
+                        help='autocast the network in this precision (default off: float32)')
+    parser.add_argument('--batch_size', type=int, default=1,
+                        help='single mode: images of the same input size run together (default 1)')
+    parser.add_argument('--workers', type=int, default=2, help='image decoding processes (0: in the main one)')
+    parser.add_argument('--max_size', type=int, default=None,
+                        help='cap the longer input side of every pass at N px (quick runs; default: '
+                             'only the official H*W <= 1700*1200 rule)')
+    parser.add_argument('--thresh', type=float, default=cfg.CONF_THRESH,
+                        help=f'keep detections with score >= this (default {cfg.CONF_THRESH})')
+    parser.add_argument('--variant', default=None, choices=('reference', 'caffe'),
+                        help='network variant (default: from the checkpoint, else cfg.MODEL_VARIANT)')
+    parser.add_argument('--num_images', type=int, default=None,
+                        help='only the first N images of the list (a quick subset)')
+    parser.add_argument('--eval', metavar='GT_DIR', default=None,
+                        help='then score the predictions against the official ground truth in GT_DIR')
+    args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = os.path.join('eval_output', f's3fd_{args.split}_{args.mode}')
+    return args
+
+
+# ----------------------------------------------------------------------------- image list
+
+def _list_from_annotations(path):
+    try:
+        return [r.name for r in read_wider_annotations(path)]
+    except AnnotationError as exc:
+        raise WiderTestError(str(exc)) from None
+
+
+def _list_from_filelist(path):
+    with open(path, 'r', encoding='utf-8') as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def _list_from_mat(path):
+    try:
+        return [f'{event}/{name}.jpg' for event, name in list_split_images(path)]
+    except WiderEvalError as exc:
+        raise WiderTestError(str(exc)) from None
+
+
+def image_list(dataset_dir, split):
+    """The images of a split.
+
+    Returns ``(items, source)``: items a list of ``(event, name, path)`` with ``name`` the file
+    name without extension (the evaluation key is ``(event, name)``) and ``path`` the image
+    file; ``source`` the list file used. Raises WiderTestError when the split is absent.
+    """
+    if not os.path.isdir(dataset_dir):
+        raise WiderTestError(f'dataset directory {dataset_dir} does not exist')
+    split_dir = os.path.join(dataset_dir, 'wider_face_split')
+    candidates = [
+        (os.path.join(split_dir, f'wider_face_{split}_bbx_gt.txt'), _list_from_annotations),
+        (os.path.join(split_dir, f'wider_face_{split}_filelist.txt'), _list_from_filelist),
+        (os.path.join(split_dir, f'wider_face_{split}.mat'), _list_from_mat),
+        (os.path.join(dataset_dir, 'eval_tools', 'ground_truth', f'wider_face_{split}.mat'), _list_from_mat),
+    ]
+    for path, reader in candidates:
+        if os.path.isfile(path):
+            names = reader(path)
+            break
+    else:
+        raise WiderTestError(f'{dataset_dir}: no image list for split {split!r} (looked for '
+                             f'{", ".join(os.path.relpath(p, dataset_dir) for p, _ in candidates)})')
+    images_dir = os.path.join(dataset_dir, f'WIDER_{split}', 'images')
+    if not os.path.isdir(images_dir):
+        raise WiderTestError(f'{images_dir}: no such directory (the images of split {split!r}; '
+                             f'list read from {path})')
+    if not names:
+        raise WiderTestError(f'{path}: lists no image')
+    items = []
+    for rel in names:
+        rel = rel.replace('\\', '/').strip('/')
+        event = rel.split('/', 1)[0] if '/' in rel else ''
+        name = os.path.splitext(os.path.basename(rel))[0]
+        items.append((event, name, os.path.join(images_dir, *rel.split('/'))))
+    return items, path
+
+
+# ----------------------------------------------------------------------------- loading
+
+class _Images(Dataset):
+    """Decodes (and in single mode resizes) the images; errors come back as messages."""
+
+    def __init__(self, items, resize, max_size):
+        self.items = items
+        self.resize = resize
+        self.max_size = max_size
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        path = self.items[index][2]
+        try:
+            rgb = load_rgb(path)
+        except ImageReadError as exc:
+            return index, None, None, str(exc)
+        hw = rgb.shape[:2]
+        if self.resize:
+            rgb = resize_rgb(rgb, single_scale(*hw, max_size=self.max_size))
+        return index, rgb, hw, None
+
+
+def _as_is(sample):
+    return sample
+
+
+def restrict_ground_truth(gt, keys):
+    """The GroundTruth of the images ``keys`` ((event, name) pairs) only, in .mat order."""
+    wanted = set(keys)
+    keep = [i for i, key in enumerate(gt.images) if key in wanted]
+    boxes = [gt.boxes[i] for i in keep]
+    offsets = np.concatenate([[0], np.cumsum([len(b) for b in boxes], dtype=np.int64)]).astype(np.int64)
+    faces = [f for i in keep for f in range(gt.face_offsets[i], gt.face_offsets[i + 1])]
+    return GroundTruth(events=[e for e in gt.events if any(gt.images[i][0] == e for i in keep)],
+                       images=[gt.images[i] for i in keep], boxes=boxes, face_offsets=offsets,
+                       counted={s: m[faces] for s, m in gt.counted.items()},
+                       listed={s: v[keep] for s, v in gt.listed.items()})
+
+
+# ----------------------------------------------------------------------------- main
+
+def _progress(total, desc):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm is in requirements.txt; run without a bar if it is missing
+        return None
+    return tqdm(total=total, unit='img', desc=desc, file=sys.stderr, dynamic_ncols=True)
+
+
+def run(detector, items, args):
+    """Detect every image and write its prediction file; returns (done, [skip messages])."""
+    single = args.mode == 'single'
+    loader = DataLoader(_Images(items, single, args.max_size), batch_size=None, shuffle=False,
+                        num_workers=args.workers, collate_fn=_as_is)
+    bar = _progress(len(items), f'{args.split} ({args.mode})')
+    done, skipped = 0, []
+    pending = OrderedDict()  # input size -> [(index, resized image, original hw)]
+    max_pending = 4 * args.batch_size
+
+    def write(index, dets, hw):
+        nonlocal done
+        event, name, path = items[index]
+        write_prediction_file(os.path.join(args.out, event, name + '.txt'), os.path.basename(path),
+                              to_wider_rows(dets, *hw))
+        done += 1
+        if bar is not None:
+            bar.update(1)
+
+    def flush(key):
+        group = pending.pop(key)
+        dets = detector.detect_resized([g[1] for g in group], [g[2] for g in group])
+        for (index, _, hw), d in zip(group, dets):
+            write(index, d, hw)
+
+    for index, rgb, hw, error in loader:
+        if error is not None:
+            event, name, _ = items[index]
+            stale = os.path.join(args.out, event, name + '.txt')
+            if os.path.exists(stale):
+                os.remove(stale)
+            skipped.append(error)
+            if bar is not None:
+                bar.write(f'skipped: {error}', file=sys.stderr)
+                bar.update(1)
+            else:
+                print(f'skipped: {error}', file=sys.stderr)
+            continue
+        if not single:
+            write(index, detector.multi_scale_detect(rgb), hw)
+            continue
+        key = rgb.shape
+        pending.setdefault(key, []).append((index, rgb, hw))
+        if len(pending[key]) >= args.batch_size:
+            flush(key)
+        elif sum(len(g) for g in pending.values()) >= max_pending:
+            flush(next(iter(pending)))
+    while pending:
+        flush(next(iter(pending)))
+    if bar is not None:
+        bar.close()
+    return done, skipped
+
+
+def main(args):
+    """Run the test; returns ``{'easy', 'medium', 'hard'}`` APs with --eval, else None.
+
+    Raises WiderTestError, CheckpointError, DeviceUnavailable or WiderEvalError (one-line
+    messages) for bad input.
+    """
+    if args.batch_size < 1:
+        raise WiderTestError(f'--batch_size must be at least 1, not {args.batch_size}')
+    if args.max_size is not None and args.max_size < 1:
+        raise WiderTestError(f'--max_size must be a positive number of pixels, not {args.max_size}')
+    items, source = image_list(args.dataset_dir, args.split)
+    if args.num_images is not None:
+        items = items[:max(0, args.num_images)]
+        if not items:
+            raise WiderTestError('--num_images selects no image')
+    gt = load_ground_truth(args.eval) if args.eval else None   # fail before the long run
+    ctx = setup_device(args.device, args.device_id, amp='off' if args.amp == 'off' else 'native',
+                       amp_dtype='fp16' if args.amp == 'fp16' else 'bf16')
+    if ctx.type == 'cuda':
+        torch.backends.cudnn.benchmark = False  # input sizes change from image to image
+    net = load_model(args.model, 'test', ctx.device, args.variant)
+    detector = Detector(net, ctx.device, thresh=args.thresh, max_size=args.max_size,
+                        autocast=ctx.autocast if ctx.amp == 'native' else None)
+    print(f'wider_test: {len(items)} {args.split} images from {source}; model {args.model}; '
+          f'{ctx.describe()}; mode {args.mode}'
+          + (f'; longer side capped at {args.max_size}' if args.max_size else ''), flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    start = time.perf_counter()
+    done, skipped = run(detector, items, args)
+    elapsed = time.perf_counter() - start
+    print(f'{done} images in {elapsed:.1f} s ({done / max(elapsed, 1e-9):.2f} images/s); '
+          f'predictions in {args.out}')
+    if skipped:
+        print(f'warning: skipped {len(skipped)} unreadable image(s) (no prediction file: their faces '
+              f'count as missed):', file=sys.stderr)
+        for message in skipped[:10]:
+            print(f'  {message}', file=sys.stderr)
+        if len(skipped) > 10:
+            print(f'  ... and {len(skipped) - 10} more', file=sys.stderr)
+    if done == 0:
+        raise WiderTestError(f'none of the {len(items)} images could be read')
+    if gt is None:
+        default_gt = os.path.join(args.dataset_dir, 'eval_tools', 'ground_truth')
+        gt_hint = default_gt if os.path.isdir(default_gt) else 'GT_DIR'
+        print(f'Evaluate with: python wider_eval.py -p {args.out} -g {gt_hint}')
+        return None
+    from wider_eval import format_results
+    if args.num_images is not None:
+        gt = restrict_ground_truth(gt, [(event, name) for event, name, _ in items])
+        print(f'scoring the {len(gt.images)} images run (--num_images), not the whole split')
+    aps = evaluate(args.out, gt, warn=lambda m: print(f'warning: {m}', file=sys.stderr))
+    print(format_results(aps))
+    return aps
+
+
+def cli(argv=None):
+    """Command-line entry: one-line errors and exit status 1 instead of tracebacks."""
+    args = parse_args(argv)
+    try:
+        main(args)
+    except (WiderTestError, CheckpointError, DeviceUnavailable, WiderEvalError) as exc:
+        print(f'error: {exc}', file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(cli())
