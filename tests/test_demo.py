@@ -1,0 +1,88 @@
+"""demo.py: boxes drawn on saved copies, face counts and times printed, bad input."""
+import os
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import demo
+from s3fd import build_s3fd
+
+
+@pytest.fixture(scope='module')
+def model(tmp_path_factory):
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp('model') / 'random.pth')
+    torch.save(build_s3fd('test').state_dict(), path)
+    return path
+
+
+@pytest.fixture
+def images(tmp_path):
+    folder = tmp_path / 'in'
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for k, (h, w) in enumerate([(90, 120), (100, 80)]):
+        rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        cv2.imwrite(str(folder / f'im{k}.png'), rgb)
+    return folder
+
+
+def run(*argv):
+    return demo.main(demo.parse_args([str(a) for a in argv]))
+
+
+def test_saves_each_image_with_boxes_and_prints_counts_and_times(model, images, tmp_path, capsys):
+    results = run('--model', model, images, '--out', tmp_path / 'out', '--thresh', '0.05', '--device', 'cpu')
+    out = capsys.readouterr().out
+    assert len(results) == 2
+    for src, dst, faces, seconds in results:
+        original = cv2.imread(src)
+        drawn = cv2.imread(dst)
+        assert os.path.dirname(dst) == str(tmp_path / 'out') and os.path.basename(dst) == os.path.basename(src)
+        assert drawn.shape == original.shape
+        assert faces > 0 and seconds > 0        # random weights score ~0.5 everywhere
+        assert (np.abs(drawn.astype(int) - original.astype(int)).sum(axis=2) > 0).any()
+        assert f'{src}: {faces} face(s) at score >= 0.05' in out
+    assert 'ms per image after the first' in out
+
+
+def test_high_threshold_draws_nothing(model, images, tmp_path, capsys):
+    results = run('--model', model, images / 'im0.png', '--out', tmp_path / 'out', '--thresh', '1.01',
+                  '--device', 'cpu')
+    (src, dst, faces, _), = results
+    assert faces == 0
+    assert (cv2.imread(dst) == cv2.imread(src)).all()   # png: lossless
+    assert '0 face(s)' in capsys.readouterr().out
+
+
+def test_unreadable_images_are_skipped_and_reported(model, images, tmp_path, capsys):
+    (images / 'broken.jpg').write_bytes(b'\xff\xd8 truncated')
+    results = run('--model', model, images, '--out', tmp_path / 'out', '--device', 'cpu', '--max_size', '64')
+    err = capsys.readouterr().err
+    assert len(results) == 2 and 'broken.jpg' in err and 'skipped 1 unreadable image(s)' in err
+    assert not (tmp_path / 'out' / 'broken.jpg').exists()
+
+
+def cli_error(capsys, *argv):
+    status = demo.cli([str(a) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 1 and err[-1].startswith('error: ') and not any('Traceback' in line for line in err)
+    return err[-1]
+
+
+def test_bad_input_is_a_one_line_error(model, images, tmp_path, capsys):
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    (empty / 'notes.txt').write_text('not an image')
+    assert 'no image files' in cli_error(capsys, '--model', model, empty, '--device', 'cpu')
+    assert 'no such file or directory' in cli_error(capsys, '--model', model, tmp_path / 'nope', '--device', 'cpu')
+    assert 'no such file' in cli_error(capsys, '--model', tmp_path / 'absent.pth', images, '--device', 'cpu')
+    assert 'would replace the images' in cli_error(capsys, '--model', model, images, '--out', images,
+                                                   '--device', 'cpu')
+    broken = tmp_path / 'broken'
+    broken.mkdir()
+    (broken / 'a.jpg').write_bytes(b'nothing')
+    assert 'none of the 1 image(s) could be read' in cli_error(capsys, '--model', model, broken,
+                                                               '--out', tmp_path / 'o', '--device', 'cpu')

@@ -1,0 +1,212 @@
+"""wider_test.py on a tiny synthetic WIDER FACE: prediction files, modes, evaluation, bad input."""
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import wider_test
+from conftest import REPO_ROOT
+from data.config import cfg
+from data.synthetic import generate
+from data.widerface import read_wider_annotations
+from layers.modules.multibox_loss import MultiBoxLoss
+from s3fd import build_s3fd, init_weights_from_scratch
+from utils.image_io import load_rgb
+from utils.inference import images_to_input, resize_rgb, single_scale
+from utils.widerface_eval import read_prediction_file, read_predictions, load_ground_truth
+
+MAX_SIZE = 128
+
+
+@pytest.fixture(scope='module')
+def wider(tmp_path_factory):
+    root = tmp_path_factory.mktemp('wider_test')
+    generate(str(root / 'WIDER'), 0, 6, seed=0)
+    return str(root / 'WIDER')
+
+
+@pytest.fixture(scope='module')
+def random_model(tmp_path_factory):
+    torch.manual_seed(0)
+    net = build_s3fd('train')
+    init_weights_from_scratch(net)
+    path = str(tmp_path_factory.mktemp('model') / 'random.pth')
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def gt_dir(wider):
+    return os.path.join(wider, 'eval_tools', 'ground_truth')
+
+
+def run(model, wider, out, *extra):
+    args = ['--model', model, '--dataset_dir', wider, '--out', str(out), '--device', 'cpu',
+            '--max_size', str(MAX_SIZE), '--workers', '0', *extra]
+    return wider_test.main(wider_test.parse_args(args))
+
+
+def annotations(wider):
+    return read_wider_annotations(os.path.join(wider, 'wider_face_split', 'wider_face_val_bbx_gt.txt'))
+
+
+def test_writes_one_official_file_per_image(wider, random_model, tmp_path, capsys):
+    assert run(random_model, wider, tmp_path / 'pred') is None
+    printed = capsys.readouterr().out
+    assert f'python wider_eval.py -p {tmp_path / "pred"} -g {gt_dir(wider)}' in printed
+    for record in annotations(wider):
+        event, file_name = record.name.split('/')
+        path = tmp_path / 'pred' / event / (file_name[:-4] + '.txt')
+        lines = path.read_text().splitlines()
+        assert lines[0] == file_name and int(lines[1]) == len(lines) - 2 > 0
+        rows = read_prediction_file(str(path), expected_name=file_name[:-4])
+        h, w = load_rgb(os.path.join(wider, 'WIDER_val', 'images', record.name)).shape[:2]
+        assert (rows[:, :2] >= 0).all() and (rows[:, 2:4] > 0).all()
+        assert (rows[:, 0] + rows[:, 2] <= w + 0.051).all() and (rows[:, 1] + rows[:, 3] <= h + 0.051).all()
+        assert (np.diff(rows[:, 4]) <= 0).all() and (rows[:, 4] >= cfg.CONF_THRESH).all()
+        assert len(rows) <= cfg.TOP_K
+    _, stats = read_predictions(str(tmp_path / 'pred'), load_ground_truth(gt_dir(wider)))
+    assert stats['matched'] == 6 and stats['missing'] == 0
+
+
+def test_batching_same_size_images_gives_the_same_files(wider, random_model, tmp_path):
+    run(random_model, wider, tmp_path / 'one', '--batch_size', '1')
+    run(random_model, wider, tmp_path / 'four', '--batch_size', '4')
+    images = [load_rgb(os.path.join(wider, 'WIDER_val', 'images', r.name)) for r in annotations(wider)]
+    sizes = {resize_rgb(im, single_scale(*im.shape[:2], max_size=MAX_SIZE)).shape for im in images}
+    assert len(sizes) < 6   # some images share an input size, so batches of several ran
+    for record in annotations(wider):
+        rel = record.name[:-4] + '.txt'
+        one = read_prediction_file(str(tmp_path / 'one' / rel))
+        four = read_prediction_file(str(tmp_path / 'four' / rel))
+        assert one.shape == four.shape
+        np.testing.assert_allclose(one, four, atol=0.11)
+
+
+def test_eval_returns_the_aps_and_prints_the_table(wider, random_model, tmp_path, capsys):
+    aps = run(random_model, wider, tmp_path / 'pred', '--eval', gt_dir(wider))
+    assert set(aps) == {'easy', 'medium', 'hard'} and all(0 <= v <= 1 for v in aps.values())
+    out = capsys.readouterr().out
+    assert '==================== Results ====================' in out
+    assert f'Hard   Val AP: {aps["hard"]:.4f}' in out
+
+
+def test_multiscale_mode_on_a_subset(wider, random_model, tmp_path, capsys):
+    aps = run(random_model, wider, tmp_path / 'ms', '--mode', 'multiscale', '--num_images', '2',
+              '--max_size', '96', '--eval', gt_dir(wider))
+    assert 'scoring the 2 images run' in capsys.readouterr().out
+    files = sorted(p for p in (tmp_path / 'ms').rglob('*.txt'))
+    assert len(files) == 2
+    for path in files:
+        rows = read_prediction_file(str(path))
+        assert len(rows) <= 750 and (np.diff(rows[:, 4]) <= 0).all()
+    assert set(aps) == {'easy', 'medium', 'hard'}
+
+
+def train_briefly(wider, steps=50, max_size=160, seed=0):
+    """From-scratch S3FD trained for a few Adam steps on the (val) images at test geometry."""
+    torch.manual_seed(seed)
+    samples = []
+    for record in annotations(wider):
+        rgb = load_rgb(os.path.join(wider, 'WIDER_val', 'images', record.name))
+        h, w = rgb.shape[:2]
+        b = record.boxes.astype(np.float32)
+        target = np.column_stack([b[:, 0] / w, b[:, 1] / h, (b[:, 0] + b[:, 2]) / w, (b[:, 1] + b[:, 3]) / h,
+                                  np.ones(len(b))])
+        samples.append((images_to_input(resize_rgb(rgb, single_scale(h, w, max_size=max_size))),
+                        torch.from_numpy(target).float()))
+    net = build_s3fd('train')
+    init_weights_from_scratch(net)
+    random_state = {k: v.clone() for k, v in net.state_dict().items()}
+    criterion = MultiBoxLoss(cfg)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-4)
+    for step in range(steps):
+        x, target = samples[step % len(samples)]
+        loss_l, loss_c = criterion(net(x), [target])
+        optimizer.zero_grad()
+        (loss_l + loss_c).backward()
+        optimizer.step()
+    return random_state, net.state_dict()
+
+
+def test_briefly_trained_model_scores_above_random_weights(wider, tmp_path):
+    random_state, trained_state = train_briefly(wider)
+    torch.save(random_state, tmp_path / 'random.pth')
+    # A training checkpoint layout with a DDP prefix: load_model must unwrap it.
+    torch.save({'weight': {'module.' + k: v for k, v in trained_state.items()}, 'iteration': 50},
+               tmp_path / 'trained.pth')
+    common = ['--max_size', '160', '--eval', gt_dir(wider)]
+    random_aps = run(str(tmp_path / 'random.pth'), wider, tmp_path / 'p_random', *common)
+    trained_aps = run(str(tmp_path / 'trained.pth'), wider, tmp_path / 'p_trained', *common)
+    for setting in ('easy', 'medium', 'hard'):
+        assert trained_aps[setting] > random_aps[setting]
+    assert min(trained_aps.values()) > 0.03 > max(random_aps.values())
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_unreadable_image_is_skipped_reported_and_counted_as_missed(wider, random_model, tmp_path, capsys):
+    copy = tmp_path / 'WIDER'
+    shutil.copytree(wider, copy)
+    broken = annotations(wider)[1].name
+    (copy / 'WIDER_val' / 'images' / broken).write_bytes(b'not a jpeg')
+    stale = tmp_path / 'pred' / (broken[:-4] + '.txt')
+    stale.parent.mkdir(parents=True)
+    stale.write_text(f'{os.path.basename(broken)}\n1\n1 1 10 10 0.9\n')
+    aps = run(random_model, str(copy), tmp_path / 'pred', '--eval', gt_dir(str(copy)))
+    err = capsys.readouterr().err
+    assert 'skipped 1 unreadable image(s)' in err and broken.split('/')[1] in err
+    assert not stale.exists()   # an old prediction must not score for the unreadable image
+    assert len(list((tmp_path / 'pred').rglob('*.txt'))) == 5
+    assert set(aps) == {'easy', 'medium', 'hard'}
+
+
+def test_image_list_falls_back_to_the_mat_file(wider, random_model, tmp_path):
+    copy = tmp_path / 'WIDER'
+    shutil.copytree(wider, copy)
+    os.remove(copy / 'wider_face_split' / 'wider_face_val_bbx_gt.txt')
+    items, source = wider_test.image_list(str(copy), 'val')
+    assert source.endswith(os.path.join('ground_truth', 'wider_face_val.mat'))
+    assert sorted(f'{e}/{n}.jpg' for e, n, _ in items) == sorted(r.name for r in annotations(wider))
+    assert all(os.path.isfile(p) for _, _, p in items)
+
+
+def cli_error(capsys, *argv):
+    status = wider_test.cli(list(argv))
+    err = capsys.readouterr().err.strip()
+    assert status == 1 and err.startswith('error: ') and '\n' not in err and 'Traceback' not in err
+    return err
+
+
+def test_missing_split_and_missing_dataset_are_one_line_errors(wider, random_model, tmp_path, capsys):
+    err = cli_error(capsys, '--model', random_model, '--dataset_dir', wider, '--split', 'train', '--device', 'cpu')
+    assert "no image list for split 'train'" in err and 'wider_face_train_bbx_gt.txt' in err
+    err = cli_error(capsys, '--model', random_model, '--dataset_dir', str(tmp_path / 'nowhere'), '--device', 'cpu')
+    assert 'does not exist' in err
+    copy = tmp_path / 'WIDER'
+    shutil.copytree(wider, copy)
+    shutil.rmtree(copy / 'WIDER_val')
+    err = cli_error(capsys, '--model', random_model, '--dataset_dir', str(copy), '--device', 'cpu')
+    assert os.path.join('WIDER_val', 'images') in err
+
+
+def test_bad_model_files_are_one_line_errors(wider, tmp_path, capsys):
+    err = cli_error(capsys, '--model', str(tmp_path / 'absent.pth'), '--dataset_dir', wider, '--device', 'cpu')
+    assert 'absent.pth' in err and 'no such file' in err
+    torch.save({'conv.weight': torch.zeros(3)}, tmp_path / 'other.pth')
+    err = cli_error(capsys, '--model', str(tmp_path / 'other.pth'), '--dataset_dir', wider, '--device', 'cpu')
+    assert 'other.pth' in err and 'missing keys' in err
+    err = cli_error(capsys, '--model', str(tmp_path / 'absent.pth'), '--dataset_dir', wider, '--device', 'cpu',
+                    '--eval', str(tmp_path))
+    assert 'lacks wider_face_val.mat' in err   # a bad GT directory fails before the run
+
+
+def test_command_line_failure_has_no_traceback(wider, tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'wider_test.py'), '--model',
+                           str(tmp_path / 'absent.pth'), '--dataset_dir', wider, '--device', 'cpu'],
+                          capture_output=True, text=True, cwd=str(tmp_path))
+    assert proc.returncode == 1
+    assert proc.stderr.strip().startswith('error: ') and 'Traceback' not in proc.stderr
