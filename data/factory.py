@@ -2,16 +2,19 @@
 
     train_set, val_set = dataset_factory('face')
     loader = DataLoader(train_set, batch_size=16, sampler=EpochSampler(len(train_set), seed=0),
-                        collate_fn=detection_collate, num_workers=4, persistent_workers=True,
-                        worker_init_fn=worker_init_fn)
+                        collate_fn=detection_collate, num_workers=4, persistent_workers=True)
 
 `EpochSampler` yields `(epoch, index)` pairs so that persistent workers see the epoch and a
 training sample stays a pure function of (seed, epoch, index).
+
+With worker processes, limit OpenCV's own threads in the main process before the loader
+starts them (`cv2.setNumThreads(0)` or 1): the workers already run in parallel. Do not call
+`cv2.setNumThreads` inside a forked worker: after the parent has used OpenCV's thread pool
+that call can deadlock.
 """
 import os
 import sys
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import Sampler
@@ -19,7 +22,7 @@ from torch.utils.data import Sampler
 from data.config import cfg
 from data.widerface import WIDERDetection
 
-__all__ = ['dataset_factory', 'detection_collate', 'EpochSampler', 'worker_init_fn']
+__all__ = ['dataset_factory', 'detection_collate', 'EpochSampler']
 
 
 def dataset_factory(dataset='face', input_size=None, seed=0, train_file=None, val_file=None):
@@ -95,8 +98,3 @@ class EpochSampler(Sampler):
 
     def __len__(self):
         return max(0, self.num_samples - self.start)
-
-
-def worker_init_fn(worker_id):
-    """DataLoader worker setup: one OpenCV thread per worker (workers already parallelise)."""
-    cv2.setNumThreads(1)
