@@ -161,3 +161,15 @@ def test_draw_detections_marks_boxes_above_the_threshold():
     assert count == 1 and image.shape == rgb.shape and not rgb.any()
     assert (image[60, 20] == (0, 255, 0)).all() and (image[79, 40] == (0, 255, 0)).all()
     assert not image[20:28, 75:88].any()        # the low-scoring box is not drawn
+
+
+def test_bench_infer_prints_one_json_object(capsys):
+    import json
+    from tools import bench_infer
+    report = bench_infer.main(bench_infer.parse_args(['--width', '64', '--height', '48', '--batch_sizes', '1,2',
+                                                      '--iters', '1', '--warmup', '0', '--threads', '2']))
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads(json.dumps(report))
+    assert set(printed['results']) == {'1', '2'} and printed['input'] == '64x48'
+    for batch in printed['results'].values():
+        assert batch['images_per_s'] > 0 and 0 < batch['boxes_per_image'] <= cfg.TOP_K

@@ -303,7 +303,7 @@ def bbox_vote(dets, iou_thresh=VOTE_IOU, top_k=VOTE_TOP_K, keep_single=False):
     boxes = torch.from_numpy(dets[:, :4].astype(np.float64))
     remaining = np.ones(n, dtype=bool)
     merged = []
-    chunk = max(1, min(n, 2 ** 24 // max(n, 1)))  # rows of the IoU matrix held at once (<= 16 MB)
+    chunk = max(1, min(n, 2 ** 20 // max(n, 1)))  # IoU rows computed at once (~2^20 pairs, tens of MB)
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
         overlap = _overlap_rows(boxes, start, stop, iou_thresh).numpy()
