@@ -39,6 +39,7 @@ import sys
 import time
 from collections import OrderedDict
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -212,6 +213,10 @@ def _progress(total, desc):
 def run(detector, items, args):
     """Detect every image and write its prediction file; returns (done, [skip messages])."""
     single = args.mode == 'single'
+    if args.workers > 0:
+        # The worker processes decode in parallel already; a forked worker whose parent used
+        # OpenCV's thread pool can deadlock inside OpenCV, so the parent runs it single-threaded.
+        cv2.setNumThreads(1)
     loader = DataLoader(_Images(items, single, args.max_size), batch_size=None, shuffle=False,
                         num_workers=args.workers, collate_fn=_as_is)
     bar = _progress(len(items), f'{args.split} ({args.mode})')

@@ -74,7 +74,7 @@ def test_writes_one_official_file_per_image(wider, random_model, tmp_path, capsy
 
 def test_batching_same_size_images_gives_the_same_files(wider, random_model, tmp_path):
     run(random_model, wider, tmp_path / 'one', '--batch_size', '1')
-    run(random_model, wider, tmp_path / 'four', '--batch_size', '4')
+    run(random_model, wider, tmp_path / 'four', '--batch_size', '4', '--workers', '1')   # decoding process
     images = [load_rgb(os.path.join(wider, 'WIDER_val', 'images', r.name)) for r in annotations(wider)]
     sizes = {resize_rgb(im, single_scale(*im.shape[:2], max_size=MAX_SIZE)).shape for im in images}
     assert len(sizes) < 6   # some images share an input size, so batches of several ran
