@@ -21,8 +21,7 @@ import torch
 import torch.distributed as dist
 
 from data.config import cfg
-from data.factory import dataset_factory, detection_collate
-from data.sampler import EpochBatchSampler
+from data.factory import EpochBatchSampler, dataset_factory, make_loader
 from layers.modules.multibox_loss import MultiBoxLoss
 from s3fd import build_s3fd, init_weights_from_scratch, init_weights_xavier
 from utils import device as devices
@@ -202,20 +201,17 @@ def build_loaders(args, ctx, rank, world):
                                              train_file=args.train_file, val_file=args.val_file)
     except (OSError, ValueError) as e:
         fail(str(e).splitlines()[0] if str(e) else repr(e))
-    common = dict(collate_fn=detection_collate, num_workers=args.num_workers,
-                  pin_memory=ctx.type == 'cuda', persistent_workers=args.num_workers > 0)
-    if args.num_workers > 0:
-        common['prefetch_factor'] = 4
+    pin = ctx.type == 'cuda'
     train_sampler = EpochBatchSampler(len(train_set), args.batch_size, args.seed, rank, world)
     if train_sampler.batches_per_epoch == 0:
         fail(f'{args.train_file}: {len(train_set)} training images are fewer than one batch of '
              f'{args.batch_size} per process')
-    train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=train_sampler, **common)
+    train_loader = make_loader(train_set, train_sampler, args.num_workers, pin)
     val_loader = None
     if val_set is not None and len(val_set):
         val_sampler = EpochBatchSampler(len(val_set), args.batch_size, args.seed, rank, world,
                                         shuffle=False, drop_last=False)
-        val_loader = torch.utils.data.DataLoader(val_set, batch_sampler=val_sampler, **common)
+        val_loader = make_loader(val_set, val_sampler, args.num_workers, pin)
     return train_loader, val_loader
 
 
@@ -482,6 +478,7 @@ def main(args):
     except devices.DeviceUnavailable as e:
         fail(str(e))
     devices.init_distributed(ctx.type)
+    ctx.share_cpu(args.num_workers, world)
     torch.manual_seed(args.seed)
     if devices.is_main_process():
         os.makedirs(args.save_folder, exist_ok=True)

@@ -1,28 +1,30 @@
 """Dataset construction and batching for training.
 
     train_set, val_set = dataset_factory('face')
-    loader = DataLoader(train_set, batch_size=16, sampler=EpochSampler(len(train_set), seed=0),
-                        collate_fn=detection_collate, num_workers=4, persistent_workers=True)
+    sampler = EpochBatchSampler(len(train_set), batch_size=16, seed=0, rank=0, world_size=1)
+    loader = make_loader(train_set, sampler, num_workers=4)
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        for images, targets in loader: ...
 
-`EpochSampler` yields `(epoch, index)` pairs so that persistent workers see the epoch and a
-training sample stays a pure function of (seed, epoch, index).
-
-With worker processes, limit OpenCV's own threads in the main process before the loader
-starts them (`cv2.setNumThreads(0)` or 1): the workers already run in parallel. Do not call
+`EpochBatchSampler` yields batches of `(epoch, index)` pairs so that persistent workers see
+the epoch and a training sample stays a pure function of (seed, epoch, index). `make_loader`
+switches OpenCV's own threads off in the main process before the workers start (never call
 `cv2.setNumThreads` inside a forked worker: after the parent has used OpenCV's thread pool
-that call can deadlock.
+that call can deadlock).
 """
 import os
 import sys
 
+import cv2
 import numpy as np
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
 from data.config import cfg
 from data.widerface import WIDERDetection
 
-__all__ = ['dataset_factory', 'detection_collate', 'EpochSampler']
+__all__ = ['dataset_factory', 'detection_collate', 'EpochBatchSampler', 'make_loader']
 
 
 def dataset_factory(dataset='face', input_size=None, seed=0, train_file=None, val_file=None):
@@ -67,34 +69,75 @@ def detection_collate(batch):
     return images, targets
 
 
-class EpochSampler(Sampler):
-    """Yields `(epoch, index)` for every sample once per epoch.
+class EpochBatchSampler(Sampler):
+    """Batches of (epoch, dataset index) for one process of a (possibly distributed) run.
 
-    The order is a permutation drawn from (seed, epoch) when `shuffle`, else 0..n-1.
-    Call `set_epoch(e)` before each epoch; `start` skips the first samples of the epoch
-    (resuming mid-epoch with the same order).
+    Args:
+        num_samples: dataset length.
+        batch_size: images per batch and process.
+        seed: run seed; the permutation of epoch e is seeded by (seed, e).
+        rank, world_size: this process's shard of every epoch.
+        shuffle: False keeps dataset order (validation).
+        drop_last: drop the incomplete last batch (training); else keep it.
+
+    `set_epoch(epoch, start_batch)` selects the epoch and skips the batches already done,
+    which is how a run resumed mid-epoch continues with exactly the remaining samples.
     """
 
-    def __init__(self, num_samples, seed=0, shuffle=True, epoch=0):
-        self.num_samples = int(num_samples)
-        self.seed = int(seed)
-        self.shuffle = bool(shuffle)
-        self.epoch = int(epoch)
-        self.start = 0
+    def __init__(self, num_samples, batch_size, seed=0, rank=0, world_size=1, shuffle=True,
+                 drop_last=True):
+        if num_samples <= 0:
+            raise ValueError('cannot sample batches from an empty dataset')
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.epoch = 0
+        self.start_batch = 0
 
-    def set_epoch(self, epoch, start=0):
-        self.epoch = int(epoch)
-        self.start = int(start)
+    @property
+    def batches_per_epoch(self):
+        per_process = self.num_samples // self.world_size if self.drop_last else \
+            -(-self.num_samples // self.world_size)
+        if self.drop_last:
+            return per_process // self.batch_size
+        return -(-per_process // self.batch_size)
 
-    def order(self):
-        """The index order of the current epoch, int64 [num_samples]."""
-        if not self.shuffle:
-            return np.arange(self.num_samples)
-        return np.random.default_rng([self.seed, self.epoch, 0x5A3]).permutation(self.num_samples)
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def _indices(self):
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.num_samples, generator=gen).tolist()
+        else:
+            order = list(range(self.num_samples))
+        return order[self.rank::self.world_size]
 
     def __iter__(self):
-        for index in self.order()[self.start:]:
-            yield self.epoch, int(index)
+        shard = self._indices()
+        for b in range(self.start_batch, self.batches_per_epoch):
+            batch = shard[b * self.batch_size:(b + 1) * self.batch_size]
+            if batch:
+                yield [(self.epoch, i) for i in batch]
 
     def __len__(self):
-        return max(0, self.num_samples - self.start)
+        return max(0, self.batches_per_epoch - self.start_batch)
+
+
+def make_loader(dataset, batch_sampler, num_workers, pin_memory=False):
+    """DataLoader over `batch_sampler` with persistent, prefetching workers.
+
+    OpenCV's own thread pool is switched off first when workers are used: the workers already
+    run in parallel, and a pool created before the fork can deadlock inside them.
+    """
+    extra = {}
+    if num_workers > 0:
+        cv2.setNumThreads(0)
+        extra = dict(persistent_workers=True, prefetch_factor=4)
+    return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=detection_collate,
+                      num_workers=num_workers, pin_memory=pin_memory, **extra)

@@ -1,11 +1,12 @@
 """train.py end to end on a tiny synthetic WIDER FACE, on the CPU."""
+import contextlib
+import io
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
-import types
 
 import pytest
 import torch
@@ -44,10 +45,19 @@ LOG_PATTERNS = [r'Timer: \d+\.\d{4}', r'epoch:\d+ \|\| iter:\d+ \|\| Loss:\d+\.\
                 r'->> conf loss:\d+\.\d{4} \|\| loc loss:\d+\.\d{4}', r'->>lr:\d+\.\d{6}']
 
 
-def test_end_to_end_logs_and_files(lists, tmp_path, capsys):
-    state = run_main(lists, tmp_path, '--epochs', '2')
-    out = capsys.readouterr().out.splitlines()
-    # The original four lines, in order, at iteration 0.
+@pytest.fixture(scope='module')
+def uninterrupted(lists, tmp_path_factory):
+    """One plain run of 2 epochs (8 iterations): its log lines and its folder."""
+    folder = tmp_path_factory.mktemp('full')
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        state = run_main(lists, folder, '--epochs', '2')
+    return out.getvalue().splitlines(), folder, state
+
+
+def test_end_to_end_logs_and_files(uninterrupted):
+    out, folder, state = uninterrupted
+    # The original four lines, in order, at iteration 0, then the added speed line.
     start = next(i for i, line in enumerate(out) if line.startswith('epoch:0 || iter:0 ')) - 1
     for pattern, line in zip(LOG_PATTERNS, out[start:start + 4]):
         assert re.fullmatch(pattern, line), (pattern, line)
@@ -56,37 +66,33 @@ def test_end_to_end_logs_and_files(lists, tmp_path, capsys):
     assert any(re.fullmatch(r'test epoch:1 \|\| Loss:\d+\.\d{4}', line) for line in out)
     assert 'Saving best state,epoch 0' in out
     assert state['epoch'] == 2 and state['iteration'] == 8  # 9 images with faces -> 4 batches of 2
-    best = tmp_path / 'sfd_face.pth'
-    ckpt = load_file(str(tmp_path / 'sfd_face_checkpoint.pth'))
+    ckpt = load_file(str(folder / 'sfd_face_checkpoint.pth'))
     assert ckpt['epoch'] == 2 and set(ckpt['weight']) == set(build_s3fd('train').state_dict())
     net = build_s3fd('test')
-    net.load_state_dict(torch.load(best, weights_only=True), strict=True)
+    net.load_state_dict(torch.load(folder / 'sfd_face.pth', weights_only=True), strict=True)
     assert ckpt['state']['iteration'] == 8 and ckpt['step_index'] == 0
     assert ckpt['args']['batch_size'] == 2 and ckpt['cfg']['ANCHOR_SIZES'] == [16, 32, 64, 128, 256, 512]
-    assert not [f for f in os.listdir(tmp_path) if f.endswith('.tmp')]
+    assert not [f for f in os.listdir(folder) if f.endswith('.tmp')]
 
 
-@pytest.fixture(scope='module')
-def uninterrupted(lists, tmp_path_factory):
-    folder = tmp_path_factory.mktemp('full')
-    run_main(lists, folder, '--epochs', '2')
-    return load_file(str(folder / 'sfd_face_checkpoint.pth'))
-
-
-@pytest.mark.parametrize('stop_at', [3, 4], ids=['mid-epoch', 'epoch-end'])
-def test_resume_is_exact(lists, uninterrupted, tmp_path, stop_at):
-    run_main(lists, tmp_path, '--epochs', '2', '--max_iter', str(stop_at))
-    stopped = load_file(str(tmp_path / 'sfd_face_checkpoint.pth'))
-    assert stopped['state']['iteration'] == stop_at
-    assert stopped['state']['batch_in_epoch'] == stop_at % 4
-    run_main(lists, tmp_path, '--epochs', '2', '--resume', str(tmp_path / 'sfd_face_checkpoint.pth'))
-    resumed = load_file(str(tmp_path / 'sfd_face_checkpoint.pth'))
-    assert uninterrupted['state']['iteration'] == resumed['state']['iteration'] == 8
-    for key, value in uninterrupted['weight'].items():
-        assert torch.equal(value, resumed['weight'][key]), key
-    assert uninterrupted['state']['best_loss'] == pytest.approx(resumed['state']['best_loss'], rel=1e-6)
-    for key, value in uninterrupted['optimizer']['state'].items():
-        assert torch.equal(value['momentum_buffer'], resumed['optimizer']['state'][key]['momentum_buffer'])
+def test_resume_is_exact_mid_epoch_and_at_epoch_end(lists, uninterrupted, tmp_path):
+    _, full, _ = uninterrupted
+    checkpoint = str(tmp_path / 'sfd_face_checkpoint.pth')
+    run_main(lists, tmp_path, '--epochs', '2', '--max_iter', '3')  # stops inside epoch 0
+    stopped = load_file(checkpoint)
+    assert stopped['state']['iteration'] == 3 and stopped['state']['batch_in_epoch'] == 3
+    run_main(lists, tmp_path, '--epochs', '2', '--max_iter', '4', '--resume', checkpoint)  # epoch end
+    stopped = load_file(checkpoint)
+    assert stopped['state']['iteration'] == 4 and stopped['epoch'] == 1 and stopped['state']['batch_in_epoch'] == 0
+    run_main(lists, tmp_path, '--epochs', '2', '--resume', checkpoint)
+    a, b = load_file(str(full / 'sfd_face_checkpoint.pth')), load_file(checkpoint)
+    assert a['state']['iteration'] == b['state']['iteration'] == 8
+    for key, value in a['weight'].items():
+        assert torch.equal(value, b['weight'][key]), key
+    for key, value in a['optimizer']['state'].items():
+        assert torch.equal(value['momentum_buffer'], b['optimizer']['state'][key]['momentum_buffer'])
+    assert a['state']['best_loss'] == pytest.approx(b['state']['best_loss'], rel=1e-6)
+    assert a['state']['loss_sum'] == pytest.approx(b['state']['loss_sum'], rel=1e-6)
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(lists, tmp_path):
@@ -209,67 +215,72 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(lists, tmp_path, capsys,
         assert torch.equal(value, ckpt['weight'][key]), key
 
 
-def _fake_npu(monkeypatch):
-    """Stand-in torch_npu: like the real one, it makes 'npu' a torch device type."""
-    calls = {}
-    if torch._C._get_privateuse1_backend_name() != 'npu':
-        torch.utils.rename_privateuse1_backend('npu')
-
-    class FakeScaler:
-        def __init__(self, **kwargs):
-            calls['scaler'] = kwargs
-
-    class NpuFusedSGD(torch.optim.SGD):
-        pass
-
-    torch_npu = types.ModuleType('torch_npu')
-    torch_npu.npu = types.SimpleNamespace(amp=types.SimpleNamespace(GradScaler=FakeScaler),
-                                          is_bf16_supported=lambda: False)
-    torch_npu.optim = types.SimpleNamespace(NpuFusedSGD=NpuFusedSGD)
-    monkeypatch.setitem(sys.modules, 'torch_npu', torch_npu)
-    monkeypatch.setattr(torch, 'npu', types.SimpleNamespace(is_available=lambda: True,
-                                                            set_device=lambda d: calls.setdefault('device', d)),
-                        raising=False)
-    return calls, NpuFusedSGD
-
-
-def test_npu_with_apex_uses_o2_loss_scale_and_fused_sgd(monkeypatch):
-    calls, _ = _fake_npu(monkeypatch)
-
-    class ApexSGD(torch.optim.SGD):
-        pass
-
-    def initialize(model, optimizer, **kwargs):
-        calls['initialize'] = kwargs
-        return model, optimizer
-
+# The stand-in torch_npu registers 'npu' as a torch device type, which cannot be undone in a
+# process, so these checks run in a child interpreter.
+FAKE_NPU = """
+import json, sys, types, torch
+calls = {}
+class FakeScaler:
+    def __init__(self, **kwargs):
+        calls['scaler'] = kwargs
+    def state_dict(self):
+        return {'scale': 32.0}
+class NpuFusedSGD(torch.optim.SGD):
+    pass
+class ApexSGD(torch.optim.SGD):
+    pass
+torch.utils.rename_privateuse1_backend('npu')
+torch_npu = types.ModuleType('torch_npu')
+torch_npu.npu = types.SimpleNamespace(amp=types.SimpleNamespace(GradScaler=FakeScaler),
+                                      is_bf16_supported=lambda: False)
+torch_npu.optim = types.SimpleNamespace(NpuFusedSGD=NpuFusedSGD)
+sys.modules['torch_npu'] = torch_npu
+torch.npu = types.SimpleNamespace(is_available=lambda: True,
+                                  set_device=lambda d: calls.setdefault('device', str(d)))
+def initialize(model, optimizer, **kwargs):
+    calls['initialize'] = kwargs
+    return model, optimizer
+if WITH_APEX:
     apex = types.ModuleType('apex')
     apex.amp = types.SimpleNamespace(initialize=initialize, state_dict=lambda: {'loss_scaler0': 32.0})
-    optimizers = types.ModuleType('apex.optimizers')
-    optimizers.NpuFusedSGD = ApexSGD
-    apex.optimizers = optimizers
-    monkeypatch.setitem(sys.modules, 'apex', apex)
-    monkeypatch.setitem(sys.modules, 'apex.optimizers', optimizers)
+    apex.optimizers = types.ModuleType('apex.optimizers')
+    apex.optimizers.NpuFusedSGD = ApexSGD
+    sys.modules['apex'] = apex
+    sys.modules['apex.optimizers'] = apex.optimizers
+else:
+    sys.modules['apex'] = None
+import train
+from utils import device as devices
+args = train.parse_args(ARGV)
+ctx = devices.setup_device(args.device, args.device_id, args.amp, args.amp_dtype, args.loss_scale)
+net = torch.nn.Linear(2, 2)
+opt = ctx.make_optimizer(net.parameters(), args.lr, args.momentum, args.weight_decay)
+ctx.initialize(net, opt)
+calls.update(device_str=str(ctx.device), amp=ctx.amp, dtype=str(ctx.amp_dtype),
+             optimizer=type(opt).__name__, groups=len(opt.param_groups), state=str(ctx.state_dict()))
+print(json.dumps(calls))
+"""
 
-    ctx = devices.setup_device('npu', 3, amp='apex', loss_scale=32.0)
-    assert ctx.device == torch.device('npu', 3) and calls['device'] == torch.device('npu', 3)
-    assert ctx.amp == 'apex' and ctx.autocast().__class__.__name__ == 'nullcontext'
-    net = torch.nn.Linear(2, 2)
-    opt = ctx.make_optimizer(net.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
-    assert isinstance(opt, ApexSGD) and len(opt.param_groups) == 1
-    ctx.initialize(net, opt)
+
+def _run_fake_npu(with_apex, argv):
+    code = FAKE_NPU.replace('WITH_APEX', repr(with_apex)).replace('ARGV', repr(argv))
+    proc = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    import json
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_npu_with_apex_uses_o2_loss_scale_and_fused_sgd():
+    calls = _run_fake_npu(True, ['--device', 'npu', '--device_id', '3', '--amp', 'apex'])
+    assert calls['device'] == calls['device_str'] == 'npu:3'
+    assert calls['amp'] == 'apex'
     assert calls['initialize'] == {'opt_level': 'O2', 'loss_scale': 32.0, 'combine_grad': True}
-    assert ctx.state_dict() == {'apex': {'loss_scaler0': 32.0}}
-    assert train.parse_args(['--device', 'npu']).loss_scale == 32.0
+    assert calls['optimizer'] == 'ApexSGD' and calls['groups'] == 1  # apex.optimizers.NpuFusedSGD
+    assert calls['state'] == str({'apex': {'loss_scaler0': 32.0}})
 
 
-def test_npu_without_apex_falls_back_to_native_autocast(monkeypatch):
-    calls, npu_sgd = _fake_npu(monkeypatch)
-    monkeypatch.setitem(sys.modules, 'apex', None)
-    ctx = devices.setup_device('npu', 0, amp='auto', loss_scale=32.0)
-    assert ctx.amp == 'native' and ctx.amp_dtype == torch.float16
+def test_npu_without_apex_falls_back_to_native_autocast():
+    calls = _run_fake_npu(False, ['--device', 'npu'])
+    assert calls['amp'] == 'native' and calls['dtype'] == 'torch.float16'
     assert calls['scaler'] == {'init_scale': 32.0, 'dynamic': False}
-    opt = ctx.make_optimizer(torch.nn.Linear(2, 2).parameters(), 1e-3, 0.9, 5e-4)
-    assert isinstance(opt, npu_sgd)
-    with pytest.raises(devices.DeviceUnavailable, match='Apex'):
-        devices.setup_device('npu', 0, amp='apex')
+    assert calls['optimizer'] == 'NpuFusedSGD' and 'initialize' not in calls

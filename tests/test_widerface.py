@@ -10,7 +10,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from data.config import cfg
-from data.factory import EpochSampler, dataset_factory, detection_collate
+from data.factory import EpochBatchSampler, dataset_factory, detection_collate, make_loader
 from data.widerface import (AnnotationError, WIDERDetection, read_face_list,
                             read_wider_annotations)
 
@@ -275,23 +275,41 @@ def test_dataset_factory_defaults_and_missing_files(small_list, tmp_path, monkey
 
 def test_loader_with_epoch_sampler_and_persistent_workers(small_list):
     ds = WIDERDetection(small_list, 'train', input_size=SIZE, seed=2)
-    sampler = EpochSampler(len(ds), seed=2)
-    loader = DataLoader(ds, batch_size=2, sampler=sampler, collate_fn=detection_collate,
-                        num_workers=1, persistent_workers=True)
+    sampler = EpochBatchSampler(len(ds), batch_size=2, seed=2, drop_last=False)
+    loader = make_loader(ds, sampler, num_workers=1)
     for epoch in (0, 1):
         sampler.set_epoch(epoch)
-        order = sampler.order()
-        assert sorted(order.tolist()) == list(range(len(ds)))
+        order = [i for batch in sampler for _, i in batch]
+        assert sorted(order) == list(range(len(ds)))
         seen = 0
         for images, targets in loader:
             assert images.shape == (len(targets), 3, SIZE, SIZE) and isinstance(targets, list)
             for k, target in enumerate(targets):
-                expected = ds[(epoch, int(order[seen + k]))]
+                expected = ds[(epoch, order[seen + k])]
                 assert torch.equal(images[k], expected[0]) and torch.equal(target, expected[1])
             seen += len(targets)
         assert seen == len(ds)
-    sampler.set_epoch(1, start=2)
-    assert [i for _, i in sampler] == order[2:].tolist() and len(sampler) == len(ds) - 2
+    sampler.set_epoch(1, start_batch=1)
+    assert [i for batch in sampler for _, i in batch] == order[2:]
+
+
+def test_epoch_batch_sampler_shards_and_resumes():
+    full = EpochBatchSampler(10, batch_size=2, seed=5)
+    full.set_epoch(3)
+    batches = list(full)
+    assert len(batches) == 5 and all(e == 3 for b in batches for e, _ in b)
+    shards = [EpochBatchSampler(10, batch_size=2, seed=5, rank=r, world_size=2) for r in (0, 1)]
+    seen = []
+    for s in shards:
+        s.set_epoch(3)
+        assert len(s) == 2
+        seen += [i for b in s for _, i in b]
+    assert len(set(seen)) == 8  # disjoint shards, incomplete last batch dropped
+    full.set_epoch(3, start_batch=3)
+    assert list(full) == batches[3:] and len(full) == 2
+    other = EpochBatchSampler(10, batch_size=2, seed=5)
+    other.set_epoch(4)
+    assert list(other) != batches
 
 
 def test_synthetic_wider_end_to_end(tmp_path):

@@ -101,8 +101,7 @@ def synthetic_batches(args, count, gen):
 
 
 def loader_batches(args, ctx):
-    from data.factory import detection_collate
-    from data.sampler import EpochBatchSampler
+    from data.factory import EpochBatchSampler, make_loader
     from data.synthetic import generate
     from data.widerface import WIDERDetection
     import prepare_wider_data
@@ -113,10 +112,7 @@ def loader_batches(args, ctx):
                                                            '--out_dir', root]))
     dataset = WIDERDetection(os.path.join(root, 'face_train.txt'), 'train', input_size=args.input_size)
     sampler = EpochBatchSampler(len(dataset), args.batch_size, seed=0)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=detection_collate, num_workers=args.num_workers,
-        pin_memory=ctx.type == 'cuda', persistent_workers=args.num_workers > 0,
-        prefetch_factor=4 if args.num_workers > 0 else None)
+    loader = make_loader(dataset, sampler, args.num_workers, pin_memory=ctx.type == 'cuda')
 
     def forever():
         epoch = 0
@@ -132,6 +128,8 @@ def main(args):
         ctx = devices.setup_device(args.device, args.device_id, args.amp, args.amp_dtype, args.loss_scale)
     except devices.DeviceUnavailable as e:
         sys.exit(f'bench_train.py: error: {e}')
+    if args.data == 'loader':
+        ctx.share_cpu(args.num_workers)
     torch.manual_seed(0)
     net = build_s3fd('train')
     init_weights_from_scratch(net)

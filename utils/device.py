@@ -118,6 +118,16 @@ class DeviceContext:
         elif self.scaler is not None and 'scaler' in state:
             self.scaler.load_state_dict(state['scaler'])
 
+    def share_cpu(self, num_workers, processes=1):
+        """On the CPU device, leave a core to each data-loading worker: OpenMP threads that
+        compete with busy workers for the same cores slow training down many times over."""
+        if self.type != 'cpu':
+            return None
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+        threads = max(1, cores // max(1, processes) - num_workers)
+        torch.set_num_threads(threads)
+        return threads
+
     def synchronize(self):
         if self.type == 'cuda':
             torch.cuda.synchronize(self.device)
