@@ -86,10 +86,14 @@ def device_peak(ctx, precision):
 
 
 def synthetic_batches(args, count, gen):
-    """Random images (on the device) with 1-40 faces of 8-300 px each (targets on the host)."""
+    """Smooth random images (pixel-like scale, mean subtracted) with 1-40 faces of 8-300 px
+    each; targets stay on the host as the loader delivers them."""
     batches = []
     for _ in range(count):
-        images = torch.randn(args.batch_size, 3, args.input_size, args.input_size, generator=gen) * 60
+        coarse = torch.randn(args.batch_size, 3, max(1, args.input_size // 16), max(1, args.input_size // 16),
+                             generator=gen)
+        images = torch.nn.functional.interpolate(coarse, size=(args.input_size, args.input_size),
+                                                 mode='bilinear', align_corners=False) * 60
         targets = []
         for n in torch.randint(1, 41, (args.batch_size,), generator=gen).tolist():
             side = (torch.rand(n, 1, generator=gen) ** 2 * 292 + 8) / args.input_size

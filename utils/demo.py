@@ -10,8 +10,8 @@ DEMO_ROOT = os.path.join('data', 'demo')
 DEMO_WIDER = os.path.join(DEMO_ROOT, 'WIDER')
 DEMO_TRAIN_IMAGES = 240
 DEMO_VAL_IMAGES = 40
-DEMO_RECIPE = dict(device='cpu', basenet='none', input_size=256, batch_size=8, epochs=8,
-                   lr=1e-3, num_workers=2, amp='off')
+DEMO_RECIPE = dict(device='cpu', basenet='none', input_size=160, batch_size=8, epochs=5,
+                   lr=1e-3, num_workers=0, amp='off')
 
 
 def prepare_demo(args):
