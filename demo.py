@@ -22,6 +22,7 @@ import torch
 from data.config import cfg
 from utils.checkpoint import CheckpointError, load_model
 from utils.device import DeviceUnavailable, setup_device
+from utils.fileio import atomic_write_bytes
 from utils.image_io import ImageReadError, load_rgb
 from utils.inference import Detector, draw_detections
 
@@ -70,10 +71,7 @@ def save_image(path, rgb):
     ok, data = cv2.imencode(ext, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     if not ok:
         raise DemoError(f'{path}: OpenCV cannot encode {ext} images')
-    tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'wb') as f:
-        f.write(data.tobytes())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, data.tobytes())
 
 
 def main(args):

@@ -13,11 +13,11 @@ The defaults come from data/config.py (cfg.FACE.WIDER_DIR, the folder of cfg.FAC
 """
 import argparse
 import os
-import tempfile
 
 
 from data.config import cfg
 from data.widerface import ATTRIBUTE_NAMES, AnnotationError, read_wider_annotations
+from utils.fileio import atomic_write_text
 
 SPLITS = ('train', 'val')
 INVALID = ATTRIBUTE_NAMES.index('invalid')
@@ -77,24 +77,8 @@ def convert_split(annotation_file, images_dir, drop_invalid=False):
 
 
 def write_atomic(path, lines):
-    """Write text lines to `path` through a temporary file in the same folder + os.replace."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
-        with os.fdopen(fd, 'w', encoding='utf-8') as handle:
-            for line in lines:
-                handle.write(line + '\n')
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Write text lines to `path` atomically (temporary file in the same folder, then rename)."""
+    atomic_write_text(path, ''.join(line + '\n' for line in lines), sync=True)
 
 
 def main(args):

@@ -17,7 +17,6 @@ import os
 import sys
 
 import cv2
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 

@@ -48,12 +48,13 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 
 import cv2
 import numpy as np
 import scipy.io
+
+from utils.fileio import atomic_write_bytes
 
 GENERATOR_VERSION = 1
 MANIFEST_NAME = 'synthetic_wider.json'
@@ -103,24 +104,6 @@ _ATTRS = ('blur', 'expression', 'illumination', 'invalid', 'occlusion', 'pose')
 
 
 # ----------------------------------------------------------------------------- small helpers
-def _atomic_write(path, data, sync=False):
-    """Write bytes to a temporary file beside `path`, then rename it over `path`."""
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            f.write(data)
-            if sync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _bgr(rgb):
     return (float(rgb[2]), float(rgb[1]), float(rgb[0]))
 
@@ -705,7 +688,7 @@ def generate(out_dir, num_train, num_val, seed=0, overwrite=False, progress=Fals
 
     start = time.perf_counter()
     os.makedirs(out_dir, exist_ok=True)
-    _atomic_write(os.path.join(out_dir, MANIFEST_NAME), _manifest_bytes(params, False), sync=True)
+    atomic_write_bytes(os.path.join(out_dir, MANIFEST_NAME), _manifest_bytes(params, False), sync=True)
     summary = {'seed': int(seed)}
     for split, count in zip(SPLITS, (num_train, num_val)):
         if count == 0:
@@ -719,25 +702,25 @@ def generate(out_dir, num_train, num_val, seed=0, overwrite=False, progress=Fals
             if not ok:
                 raise RuntimeError(f'cv2.imencode failed for image {index} of {split}')
             name = image_name(event, index)
-            _atomic_write(os.path.join(image_root, event[0], name + '.jpg'), buf.tobytes())
+            atomic_write_bytes(os.path.join(image_root, event[0], name + '.jpg'), buf.tobytes())
             records.append({'event': event[0], 'name': name, 'faces': faces})
             if progress and (index + 1) % 500 == 0:
                 print(f'{split}: {index + 1}/{count} images', file=sys.stderr, flush=True)
-        _atomic_write(os.path.join(out_dir, ANNOTATION_FILES[split]), _annotation_text(records), sync=True)
+        atomic_write_bytes(os.path.join(out_dir, ANNOTATION_FILES[split]), _annotation_text(records), sync=True)
         all_faces = [f for r in records for f in r['faces']]
         stats = {'images': count, 'faces': len(all_faces),
                  'images_without_faces': sum(1 for r in records if not r['faces']),
                  'max_faces_per_image': max(len(r['faces']) for r in records)}
         if split == 'val':
             for name, data in _eval_mats(records).items():
-                _atomic_write(os.path.join(out_dir, GT_DIR, name), data, sync=True)
+                atomic_write_bytes(os.path.join(out_dir, GT_DIR, name), data, sync=True)
             if all_faces:
                 for s, m in zip(('easy', 'medium', 'hard'), difficulty_masks(all_faces)):
                     stats[s] = int(m.sum())
             else:
                 stats.update(easy=0, medium=0, hard=0)
         summary[split] = stats
-    _atomic_write(os.path.join(out_dir, MANIFEST_NAME), _manifest_bytes(params, True, summary), sync=True)
+    atomic_write_bytes(os.path.join(out_dir, MANIFEST_NAME), _manifest_bytes(params, True, summary), sync=True)
     summary.update(out_dir=out_dir, reused=False, seconds=round(time.perf_counter() - start, 3))
     return summary
 

@@ -240,7 +240,6 @@ def test_photometric_distortions_act_as_named():
 
 def test_a_face_too_small_for_one_draw_survives_another():
     """A lone 3x3 face is dropped by full-image square crops; some draws keep it, enlarged."""
-    image = np.full((700, 1000, 3), 90, dtype=np.uint8)
     boxes = np.array([[500, 300, 503, 303]], dtype=np.float32)
     aug = TrainAugmentation(S)
     kept = [len(aug.plan(boxes, 1000, 700, np.random.default_rng(s)).boxes) for s in range(40)]

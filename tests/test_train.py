@@ -15,7 +15,6 @@ import prepare_wider_data
 import train
 from data.synthetic import generate
 from s3fd import build_s3fd
-from utils import device as devices
 from utils.checkpoint import atomic_save, load_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
 
 from data.config import cfg
 from data.factory import EpochBatchSampler, dataset_factory, detection_collate, make_loader

@@ -30,7 +30,6 @@ the largest output value. The differences are printed.
 import argparse
 import os
 import sys
-import tempfile
 import warnings
 
 import torch
@@ -43,6 +42,7 @@ from data.config import cfg  # noqa: E402
 from s3fd import VARIANTS  # noqa: E402
 from tools._common import ToolError, run_cli  # noqa: E402
 from utils.checkpoint import load_model  # noqa: E402
+from utils.fileio import atomic_path  # noqa: E402
 
 INPUT_NAME = 'image'
 OUTPUT_NAMES = ('loc', 'conf', 'priors')
@@ -177,12 +177,6 @@ def compare(session, wrapper, image, atol, rtol):
     return diffs
 
 
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def default_check_size(height, width):
     """A second input size for --dynamic: about 3/4 of the first, not a multiple of 32."""
     return max(48, height * 3 // 4 + 4), max(48, width * 3 // 4 - 4)
@@ -237,11 +231,7 @@ def main(args):
             fixed_priors = net(checks[0][:1])[2]
     wrapper = S3FDForExport(net, fixed_priors).eval()
 
-    folder = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(args.out) + '.', suffix='.tmp', dir=folder)
-    os.close(fd)
-    try:
+    with atomic_path(args.out) as tmp:
         try:
             export(wrapper, example, tmp, args.dynamic, args.opset, args.exporter)
         except Exception as e:
@@ -256,11 +246,6 @@ def main(args):
             results[key] = compare(session, wrapper, image, args.atol, args.rtol)
             shown = ', '.join(f'{k} {v:.2e}' for k, v in results[key].items())
             print(f'onnxruntime vs PyTorch, batch {key[0]} at {key[1]}x{key[2]}: max abs difference {shown}')
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual mode
-        os.replace(tmp, args.out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     shape = '[B, 3, H, W]' if args.dynamic else f'[B, 3, {height}, {width}]'
     print(f'wrote {args.out} ({args.exporter} exporter, opset {args.opset}, variant {net.variant}): '
           f'input {INPUT_NAME} {shape} RGB minus {tuple(cfg.img_mean)}; outputs loc, conf (softmax), priors')

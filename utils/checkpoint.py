@@ -5,9 +5,10 @@ so a pickle that would execute code is refused. Errors are `CheckpointError` wit
 one-line message that names the file.
 """
 import os
-import tempfile
 
 import torch
+
+from utils.fileio import atomic_path
 
 
 class CheckpointError(RuntimeError):
@@ -15,30 +16,12 @@ class CheckpointError(RuntimeError):
 
 
 def atomic_save(obj, path):
-    """torch.save to a temporary file in the same folder, then rename over `path`.
+    """torch.save through a temporary file renamed over `path`, synced to disk first.
 
     A crash or kill during the write leaves the previous file intact.
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    with atomic_path(path, sync=True) as tmp:
+        torch.save(obj, tmp)
 
 
 def load_file(path, map_location='cpu'):

@@ -80,6 +80,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from utils.fileio import atomic_path, atomic_write_text
+
 SETTINGS = ('easy', 'medium', 'hard')
 FACE_MAT = 'wider_face_val.mat'
 SETTING_MATS = {s: f'wider_{s}_val.mat' for s in SETTINGS}
@@ -369,12 +371,7 @@ def write_prediction_file(path, image_name, dets):
 
     ``image_name`` is written on line 1 as given (e.g. ``'0_Parade_marchingband_1_465.jpg'``).
     """
-    text = format_prediction_file(image_name, dets)
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'w', encoding='utf-8') as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, format_prediction_file(image_name, dets))
 
 
 def _warn(warn, message):
@@ -610,10 +607,5 @@ def plot_pr_curves(curves, aps, path, label=None):
         ax.legend(loc='lower left')
     fig.tight_layout()
     ext = os.path.splitext(path)[1].lstrip('.').lower() or 'png'
-    tmp = f'{path}.tmp{os.getpid()}'
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format=ext, dpi=110)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

@@ -1,0 +1,29 @@
+import os
+import stat
+
+import pytest
+
+from utils.fileio import atomic_path, atomic_write_bytes, atomic_write_text
+
+
+def test_atomic_write_replaces_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / 'sub' / 'out.txt'
+    atomic_write_text(str(target), 'one\n')
+    atomic_write_bytes(str(target), b'two\n', sync=True)
+    assert target.read_bytes() == b'two\n'
+    assert os.listdir(target.parent) == ['out.txt']
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask
+
+
+def test_failure_keeps_the_previous_file(tmp_path):
+    target = tmp_path / 'out.txt'
+    target.write_text('previous')
+    with pytest.raises(RuntimeError):
+        with atomic_path(str(target)) as tmp:
+            with open(tmp, 'w') as f:
+                f.write('half')
+            raise RuntimeError('killed mid-write')
+    assert target.read_text() == 'previous'
+    assert os.listdir(tmp_path) == ['out.txt']
