@@ -52,13 +52,18 @@ class MultiBoxLoss(nn.Module):
         device = priors.device
         counts = [int(t.shape[0]) for t in targets]
         if sum(counts):
-            flat = torch.cat([t.reshape(-1, 5) for t in targets]).float()
+            flat_cpu = torch.cat([t.detach().reshape(-1, 5).cpu() for t in targets]).float()
         else:
-            flat = torch.zeros((0, 5))
-        flat_cpu = flat.detach().cpu() if flat.device.type != 'cpu' else flat
-        flat = flat.to(device, non_blocking=True)
+            flat_cpu = torch.zeros((0, 5))
         segment = torch.repeat_interleave(torch.arange(num_images), torch.tensor(counts, dtype=torch.long))
-        return match_batch(flat[:, :4], flat[:, 4], segment.to(device, non_blocking=True), num_images,
+        if device.type == 'cuda':
+            # A copy from pageable memory would wait for the GPU's queue; pinned memory does not.
+            flat, segment = flat_cpu.pin_memory(), segment.pin_memory()
+        else:
+            flat = flat_cpu
+        flat = flat.to(device, non_blocking=True)
+        segment = segment.to(device, non_blocking=True)
+        return match_batch(flat[:, :4], flat[:, 4], segment, num_images,
                            priors, self.variance, self.thresholds, self.match_mode,
                            grid=self.prior_grid(priors), truths_cpu=flat_cpu[:, :4],
                            max_faces=max(counts) if counts else 0)
