@@ -216,11 +216,14 @@ def build_loaders(args, ctx, rank, world):
 
 
 def save_checkpoint(path, model, optimizer, ctx, args, state):
-    """The resumable checkpoint: 'weight' and 'epoch' keep the original repository's meaning."""
+    """The resumable checkpoint. 'weight' and 'epoch' keep the original repository's meaning
+    (the weights, and the epoch being trained or just validated); 'state' holds the exact
+    position, from which a resume continues."""
+    finished_epoch = state['batch_in_epoch'] == 0 and state['epoch'] > 0
     atomic_save({
         'version': CHECKPOINT_VERSION,
         'weight': model.state_dict(),
-        'epoch': state['epoch'],
+        'epoch': state['epoch'] - 1 if finished_epoch else state['epoch'],
         'optimizer': optimizer.state_dict(),
         'amp': ctx.state_dict(),
         'state': dict(state),

@@ -66,7 +66,7 @@ def test_end_to_end_logs_and_files(uninterrupted):
     assert 'Saving best state,epoch 0' in out
     assert state['epoch'] == 2 and state['iteration'] == 8  # 9 images with faces -> 4 batches of 2
     ckpt = load_file(str(folder / 'sfd_face_checkpoint.pth'))
-    assert ckpt['epoch'] == 2 and set(ckpt['weight']) == set(build_s3fd('train').state_dict())
+    assert ckpt['epoch'] == 1 and set(ckpt['weight']) == set(build_s3fd('train').state_dict())
     net = build_s3fd('test')
     net.load_state_dict(torch.load(folder / 'sfd_face.pth', weights_only=True), strict=True)
     assert ckpt['state']['iteration'] == 8 and ckpt['step_index'] == 0
@@ -82,7 +82,8 @@ def test_resume_is_exact_mid_epoch_and_at_epoch_end(lists, uninterrupted, tmp_pa
     assert stopped['state']['iteration'] == 3 and stopped['state']['batch_in_epoch'] == 3
     run_main(lists, tmp_path, '--epochs', '2', '--max_iter', '4', '--resume', checkpoint)  # epoch end
     stopped = load_file(checkpoint)
-    assert stopped['state']['iteration'] == 4 and stopped['epoch'] == 1 and stopped['state']['batch_in_epoch'] == 0
+    assert stopped['state']['iteration'] == 4 and stopped['epoch'] == 0
+    assert stopped['state']['epoch'] == 1 and stopped['state']['batch_in_epoch'] == 0
     run_main(lists, tmp_path, '--epochs', '2', '--resume', checkpoint)
     a, b = load_file(str(full / 'sfd_face_checkpoint.pth')), load_file(checkpoint)
     assert a['state']['iteration'] == b['state']['iteration'] == 8
@@ -283,3 +284,12 @@ def test_npu_without_apex_falls_back_to_native_autocast():
     assert calls['amp'] == 'native' and calls['dtype'] == 'torch.float16'
     assert calls['scaler'] == {'init_scale': 32.0, 'dynamic': False}
     assert calls['optimizer'] == 'NpuFusedSGD' and 'initialize' not in calls
+
+
+def test_resume_from_an_original_repository_checkpoint(lists, tmp_path, capsys):
+    """{'epoch', 'weight'} as the original train.py wrote it: weights loaded, next epoch."""
+    old = {'epoch': 0, 'weight': {f'module.{k}': v for k, v in build_s3fd('train').state_dict().items()}}
+    atomic_save(old, str(tmp_path / 'old.pth'))
+    state = run_main(lists, tmp_path, '--epochs', '2', '--resume', str(tmp_path / 'old.pth'))
+    assert 'holds weights only' in capsys.readouterr().out
+    assert state['epoch'] == 2 and state['iteration'] == 8  # epoch 1 only: iterations 4..7
