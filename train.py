@@ -329,7 +329,8 @@ class Trainer:
         self.main = devices.is_main_process()
         self.checkpoint_path = os.path.join(args.save_folder, f'sfd_{args.dataset}_checkpoint.pth')
         self.finite = FiniteCheck(ctx.device)
-        self.stop = None
+        self.stop = None  # StopRequest while run() is active
+        self.window = [time.time(), 0.0, 0]  # start, data wait, iterations since the last log
 
     def run(self):
         self.stop = StopRequest()

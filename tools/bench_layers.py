@@ -36,9 +36,9 @@ def parse_args():
     return parser.parse_args()
 
 
-def random_faces(gen, n):
-    """n face boxes (x1, y1, x2, y2, 1), normalised, 8 to 300 px at 640."""
-    size = (torch.rand(n, 1, generator=gen) ** 2 * 292 + 8) / 640
+def random_faces(gen, n, input_size=640):
+    """n face boxes (x1, y1, x2, y2, 1), normalised, 8 to 300 px tall at `input_size`."""
+    size = (torch.rand(n, 1, generator=gen) ** 2 * 292 + 8) / input_size
     aspect = torch.rand(n, 1, generator=gen) * 0.5 + 1.0  # taller than wide
     wh = torch.cat((size, size * aspect), 1).clamp(max=0.9)
     xy = torch.rand(n, 2, generator=gen) * (1 - wh)

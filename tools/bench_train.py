@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.config import cfg  # noqa: E402
 from layers.modules.multibox_loss import MultiBoxLoss  # noqa: E402
 from s3fd import build_s3fd, init_weights_from_scratch  # noqa: E402
+from tools.bench_layers import random_faces  # noqa: E402
 from train import FiniteCheck, training_step  # noqa: E402
 from utils import device as devices  # noqa: E402
 
@@ -94,12 +95,8 @@ def synthetic_batches(args, count, gen):
                              generator=gen)
         images = torch.nn.functional.interpolate(coarse, size=(args.input_size, args.input_size),
                                                  mode='bilinear', align_corners=False) * 60
-        targets = []
-        for n in torch.randint(1, 41, (args.batch_size,), generator=gen).tolist():
-            side = (torch.rand(n, 1, generator=gen) ** 2 * 292 + 8) / args.input_size
-            wh = torch.cat((side, side * 1.25), 1).clamp(max=0.9)
-            xy = torch.rand(n, 2, generator=gen) * (1 - wh)
-            targets.append(torch.cat((xy, xy + wh, torch.ones(n, 1)), 1))
+        targets = [random_faces(gen, n, args.input_size)
+                   for n in torch.randint(1, 41, (args.batch_size,), generator=gen).tolist()]
         batches.append((images, targets))
     return batches
 

@@ -222,7 +222,7 @@ def all_reduce_sum(values, device):
     """Sum a list of floats over all processes (identity when not distributed)."""
     if not dist.is_initialized():
         return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+    t = torch.tensor(values, dtype=torch.float32, device=device)  # float64 is not on every backend
     dist.all_reduce(t)
     return t.tolist()
 
