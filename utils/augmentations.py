@@ -161,7 +161,7 @@ class TrainAugmentation:
     def __init__(self, input_size=None, params=None):
         p = default_cfg if params is None else params
         self.size = int(input_size if input_size is not None else p.INPUT_SIZE)
-        self.mean = tuple(float(m) for m in p.img_mean)
+        self.fill = tuple(int(round(float(m))) for m in p.img_mean)  # uint8 padding colour
         self.anchors = np.asarray(p.ANCHOR_SIZES, dtype=np.float64)
         self.apply_distort = bool(p.apply_distort)
         self.distort_probs = (p.brightness_prob, p.contrast_prob, p.saturation_prob, p.hue_prob)
@@ -175,7 +175,6 @@ class TrainAugmentation:
         self.min_face = float(p.min_face_size) if p.filter_min_face else 0.0
         self.mirror_prob = float(p.mirror_prob)
         self.interpolations = _interpolation_flags(p)
-        self._mean_canvas = None
 
     # -- planning (boxes and sizes only, no pixels) ---------------------------------------
 
@@ -317,22 +316,17 @@ class TrainAugmentation:
                             interpolation=plan.interpolation)
         if plan.distort is not None:
             region = distort_image(region, plan.distort)
-        if (dx0, dy0, dx1, dy1) == (0, 0, s, s):
-            canvas = region
-        else:
-            canvas = self._mean_image(s).copy()
-            canvas[dy0:dy1, dx0:dx1] = region
+        left, top, right, bottom = dx0, dy0, s - dx1, s - dy1
         boxes = plan.boxes
         if plan.mirror:
-            canvas = cv2.flip(canvas, 1)
+            # Flipping before padding is the same as flipping the padded output.
+            region = cv2.flip(region, 1)
+            left, right = right, left
             boxes = mirror_boxes(boxes, s)
-        return canvas, boxes
-
-    def _mean_image(self, size):
-        if self._mean_canvas is None or self._mean_canvas.shape[0] != size:
-            fill = np.array([int(round(m)) for m in self.mean], dtype=np.uint8)
-            self._mean_canvas = np.ascontiguousarray(np.broadcast_to(fill, (size, size, 3)))
-        return self._mean_canvas
+        if left or top or right or bottom:
+            region = cv2.copyMakeBorder(region, top, bottom, left, right, cv2.BORDER_CONSTANT,
+                                        value=self.fill)
+        return region, boxes
 
     def __call__(self, image, boxes, rng):
         """Plan and render one sample; may return zero boxes (the dataset then redraws)."""
