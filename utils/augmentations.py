@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import torch
+from torchvision.ops import box_iou
 
 from data.config import cfg as default_cfg
 
@@ -127,19 +128,6 @@ def _interpolation_flags(params):
                          f'choose from {sorted(INTERPOLATIONS)}') from None
 
 
-def _window_iou(boxes, windows):
-    """IoU of every window [T, 3] (x0, y0, side) with every box [n, 4] -> [T, n]."""
-    wx1 = windows[:, 0:1]
-    wy1 = windows[:, 1:2]
-    wx2 = wx1 + windows[:, 2:3]
-    wy2 = wy1 + windows[:, 2:3]
-    iw = np.clip(np.minimum(wx2, boxes[:, 2]) - np.maximum(wx1, boxes[:, 0]), 0, None)
-    ih = np.clip(np.minimum(wy2, boxes[:, 3]) - np.maximum(wy1, boxes[:, 1]), 0, None)
-    inter = iw * ih
-    area_b = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    return inter / (windows[:, 2:3] ** 2 + area_b - inter)
-
-
 def _inside(boxes, windows):
     """[T, n] True where box n lies entirely in window t (x0, y0, side)."""
     x0 = windows[:, 0:1]
@@ -223,7 +211,9 @@ class TrainAugmentation:
         windows = np.stack([x0, y0, np.full_like(x0, win)], axis=1)
         ok = _inside(boxes, windows).any(axis=1)
         if not ok.all():
-            ok |= (_window_iou(boxes, windows) > self.das_accept_iou).any(axis=1)
+            corners = np.concatenate([windows[:, :2], windows[:, :2] + windows[:, 2:]], axis=1)
+            iou = box_iou(torch.from_numpy(corners), torch.from_numpy(boxes).double()).numpy()
+            ok |= (iou > self.das_accept_iou).any(axis=1)
         hits = np.flatnonzero(ok)
         if len(hits) == 0:
             return None
