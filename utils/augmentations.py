@@ -58,6 +58,7 @@ INTERPOLATIONS = {
 
 # RGB -> luma weights (ITU-R 601, the ones PIL and OpenCV use for grayscale).
 _LUMA = np.array([0.299, 0.587, 0.114])
+_RAMP = np.arange(256, dtype=np.float64)  # identity lookup table
 
 
 @dataclass(frozen=True, eq=False)
@@ -342,8 +343,9 @@ def fallback_plan(aug, boxes, width, height):
     return aug._finish(boxes, width, height, 'fallback', window, cv2.INTER_LINEAR, None, False)
 
 
-def _contrast_lut(lut, factor, pivot):
-    return pivot + factor * (lut - pivot)
+def _lut(values):
+    """Float table [256] -> uint8 lookup table (rounded, saturated)."""
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
 
 
 def distort_image(image, distort):
@@ -351,29 +353,23 @@ def distort_image(image, distort):
     array; brightness and contrast are 256-entry lookup tables, saturation and hue one
     HSV round trip (only when either fires)."""
     order, bright, contrast, sat, hue = distort
-    lut = np.arange(256, dtype=np.float64)
-    pivot = 0.0
     if contrast is not None:
-        means = np.asarray(cv2.mean(image)[:3])
-        pivot = float(_LUMA @ means) * (bright if bright is not None else 1.0)
-    if bright is not None:
-        lut = lut * bright
+        # Pivot: the mean luminance after the brightness change.
+        pivot = float(_LUMA @ np.asarray(cv2.mean(image)[:3])) * (bright if bright is not None else 1.0)
+    table = _RAMP if bright is None else _RAMP * bright
     if contrast is not None and order == 0:
-        lut = _contrast_lut(lut, contrast, pivot)
+        table = pivot + contrast * (table - pivot)
     out = image
-    if bright is not None or (contrast is not None and order == 0):
-        out = cv2.LUT(out, np.clip(np.rint(lut), 0, 255).astype(np.uint8))
+    if table is not _RAMP:
+        out = cv2.LUT(out, _lut(table))
     if sat is not None or hue is not None:
         hsv = cv2.cvtColor(out, cv2.COLOR_RGB2HSV_FULL)
-        ramp = np.arange(256, dtype=np.float64)
-        h_lut = np.mod(ramp + (np.rint(hue) if hue is not None else 0.0), 256)
-        s_lut = np.clip(np.rint(ramp * sat), 0, 255) if sat is not None else ramp
-        table = np.stack([h_lut, s_lut, ramp], axis=-1).astype(np.uint8).reshape(256, 1, 3)
-        hsv = cv2.LUT(hsv, table)
+        h_table = _RAMP if hue is None else np.mod(_RAMP + np.rint(hue), 256)
+        s_table = _RAMP if sat is None else _RAMP * sat
+        hsv = cv2.LUT(hsv, np.stack([_lut(h_table), _lut(s_table), _lut(_RAMP)], axis=-1).reshape(256, 1, 3))
         out = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL)
     if contrast is not None and order == 1:
-        c_lut = _contrast_lut(np.arange(256, dtype=np.float64), contrast, pivot)
-        out = cv2.LUT(out, np.clip(np.rint(c_lut), 0, 255).astype(np.uint8))
+        out = cv2.LUT(out, _lut(pivot + contrast * (_RAMP - pivot)))
     if out is image:
         out = image.copy()
     return out
