@@ -231,8 +231,7 @@ class WIDERDetection(Dataset):
         self.paths = paths
         counts = np.array([len(t) for t in boxes], dtype=np.int64)
         self._offsets = np.concatenate([[0], np.cumsum(counts)])
-        self._boxes = (np.concatenate(boxes, axis=0) if counts.sum() else
-                       np.zeros((0, 5), dtype=np.float32))
+        self._boxes = np.concatenate(boxes, axis=0)
 
     def __len__(self):
         return len(self.paths)
@@ -249,12 +248,16 @@ class WIDERDetection(Dataset):
 
     def pull_anno(self, index):
         """float32 [n, 5] (x1, y1, x2, y2, label) in pixels of the original image, as listed."""
-        return self._boxes[self._offsets[index]:self._offsets[index + 1]].copy()
+        return self._anno(index).copy()
 
     def image_path(self, index):
         return self.paths[index]
 
     # -- samples -----------------------------------------------------------------------------
+
+    def _anno(self, index):
+        """View (never written to) of the listed boxes of sample `index` (see pull_anno)."""
+        return self._boxes[self._offsets[index]:self._offsets[index + 1]]
 
     def _rng(self, *key):
         return np.random.default_rng([self.seed, *key])
@@ -264,8 +267,8 @@ class WIDERDetection(Dataset):
         path = self.paths[index]
         image = load_rgb(path)
         height, width = image.shape[:2]
-        table = self.pull_anno(index)
-        boxes, keep = clip_boxes(table[:, :4], width, height)
+        table = self._anno(index)
+        boxes, keep = clip_boxes(table[:, :4], width, height)  # new arrays: the view stays intact
         if self.mode == 'train' and len(boxes) == 0:
             raise ImageReadError(path, f'none of its {len(table)} faces lies inside the '
                                        f'{width}x{height} image')
