@@ -129,10 +129,6 @@ class GroundTruth:
         """Per setting the total length of ``gt_list``: the recall denominator."""
         return {s: int(v.sum()) for s, v in self.listed.items()}
 
-    def index(self):
-        """Dict ``(event, name) -> image index``."""
-        return {key: i for i, key in enumerate(self.images)}
-
     def subset(self, events):
         """A GroundTruth restricted to the images of ``events`` (names, kept in .mat order)."""
         wanted = set(events)
@@ -178,9 +174,9 @@ def _cell_string(value, path):
     return str(arr[0])
 
 
-def _read_image_list(path):
-    """``(event names, [(event, name), ...], per-event image counts)`` from a WIDER .mat file."""
-    mat = _loadmat(path, ('event_list', 'file_list'))
+def _image_list(mat, path):
+    """``(event names, [(event, name), ...], per-event image counts)`` from the ``event_list``
+    and ``file_list`` of a loaded WIDER .mat file (``path`` names it in errors)."""
     events = [_cell_string(e, path) for e in _cells(mat['event_list'])]
     per_event = _cells(mat['file_list'])
     if len(per_event) != len(events):
@@ -208,7 +204,7 @@ def list_split_images(path):
         path = os.path.join(path, FACE_MAT)
     if not os.path.isfile(path):
         raise WiderEvalError(f'{path}: no such .mat file')
-    return _read_image_list(path)[1]
+    return _image_list(_loadmat(path, ('event_list', 'file_list')), path)[1]
 
 
 def load_ground_truth(gt_dir):
@@ -229,8 +225,8 @@ def load_ground_truth(gt_dir):
                              f'eval_tools/ground_truth holds wider_face_val.mat and '
                              f'wider_{{easy,medium,hard}}_val.mat)')
     face_path = os.path.join(gt_dir, FACE_MAT)
-    events, images, counts = _read_image_list(face_path)
-    mat = _loadmat(face_path, ('face_bbx_list',))
+    mat = _loadmat(face_path, ('event_list', 'file_list', 'face_bbx_list'))
+    events, images, counts = _image_list(mat, face_path)
     per_event = _cells(mat['face_bbx_list'])
     if [len(_cells(b)) for b in per_event] != counts:
         raise WiderEvalError(f'{face_path}: face_bbx_list does not have one entry per image of file_list')
@@ -548,7 +544,7 @@ def evaluate_detections(dets, gt, warn=None):
     aps, curves = {}, {}
     face_totals = gt.num_faces
     for setting in SETTINGS:
-        counted = gt.counted[setting][best_face] if len(raw) else np.zeros(0, dtype=bool)
+        counted = gt.counted[setting][best_face]
         proposal = ~(hit & ~counted)
         tp = first_hit & counted
         proposals = np.cumsum(np.bincount(start[proposal], minlength=THRESH_NUM + 1)[:THRESH_NUM])
