@@ -55,6 +55,7 @@ import numpy as np
 import scipy.io
 
 from utils.fileio import atomic_write_bytes
+from utils.widerface_eval import FACE_MAT, SETTING_MATS, SETTINGS
 
 GENERATOR_VERSION = 1
 MANIFEST_NAME = 'synthetic_wider.json'
@@ -94,7 +95,7 @@ IRIS_COLOURS = ((30, 20, 15), (60, 40, 20), (40, 70, 110), (50, 90, 60))
 
 ANNOTATION_FILES = {s: os.path.join('wider_face_split', f'wider_face_{s}_bbx_gt.txt') for s in SPLITS}
 GT_DIR = os.path.join('eval_tools', 'ground_truth')
-MAT_FILES = ('wider_face_val.mat', 'wider_easy_val.mat', 'wider_medium_val.mat', 'wider_hard_val.mat')
+MAT_FILES = (FACE_MAT,) + tuple(SETTING_MATS[s] for s in SETTINGS)
 # Top-level entries of DIR that this generator owns (removed by overwrite=True).
 _OWNED = ('WIDER_train', 'WIDER_val', 'wider_face_split', 'eval_tools')
 
@@ -560,10 +561,10 @@ def _eval_mats(records):
         if not events or events[-1] != rec['event']:
             events.append(rec['event'])
     per_event = {e: [r for r in records if r['event'] == e] for e in events}
-    common = {'event_list': _cell([e for e in events])}
+    common = {'event_list': _cell(events)}
     file_lists, bbx_lists = [], []
     label_lists = {k: [] for k in _ATTRS}
-    gt_lists = {'easy': [], 'medium': [], 'hard': []}
+    gt_lists = {s: [] for s in SETTINGS}
     for e in events:
         files, bbxs = [], []
         labels = {k: [] for k in _ATTRS}
@@ -581,8 +582,7 @@ def _eval_mats(records):
                 if faces:
                     lab[:, 0] = [f[k] for f in faces]
                 labels[k].append(lab)
-            masks = difficulty_masks(faces) if faces else (np.zeros(1, bool),) * 3
-            for s, m in zip(('easy', 'medium', 'hard'), masks):
+            for s, m in zip(SETTINGS, difficulty_masks(faces)):
                 gts[s].append(_gt_indices(m, rows))
         file_lists.append(_cell(files))
         bbx_lists.append(_cell(bbxs))
@@ -594,9 +594,9 @@ def _eval_mats(records):
     common['face_bbx_list'] = _cell(bbx_lists)
     for k in _ATTRS:
         common[f'{k}_label_list'] = _cell(label_lists[k])
-    out = {'wider_face_val.mat': _mat_bytes(common)}
-    for s in ('easy', 'medium', 'hard'):
-        out[f'wider_{s}_val.mat'] = _mat_bytes({**common, 'gt_list': _cell(gt_lists[s])})
+    out = {FACE_MAT: _mat_bytes(common)}
+    for s in SETTINGS:
+        out[SETTING_MATS[s]] = _mat_bytes({**common, 'gt_list': _cell(gt_lists[s])})
     return out
 
 
@@ -714,11 +714,8 @@ def generate(out_dir, num_train, num_val, seed=0, overwrite=False, progress=Fals
         if split == 'val':
             for name, data in _eval_mats(records).items():
                 atomic_write_bytes(os.path.join(out_dir, GT_DIR, name), data, sync=True)
-            if all_faces:
-                for s, m in zip(('easy', 'medium', 'hard'), difficulty_masks(all_faces)):
-                    stats[s] = int(m.sum())
-            else:
-                stats.update(easy=0, medium=0, hard=0)
+            for s, m in zip(SETTINGS, difficulty_masks(all_faces)):
+                stats[s] = int(m.sum())
         summary[split] = stats
     atomic_write_bytes(os.path.join(out_dir, MANIFEST_NAME), _manifest_bytes(params, True, summary), sync=True)
     summary.update(out_dir=out_dir, reused=False, seconds=round(time.perf_counter() - start, 3))
