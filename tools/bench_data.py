@@ -21,7 +21,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-from data.widerface import WIDERDetection, read_wider_annotations  # noqa: E402
+from data.widerface import WIDERDetection  # noqa: E402
+from prepare_wider_data import annotation_path, convert_split, image_root, write_atomic  # noqa: E402
 from utils.image_io import load_rgb  # noqa: E402
 
 REAL_NAME = '0--Parade/0_Parade_marchingband_1_465.jpg'
@@ -55,19 +56,19 @@ def _time_samples(dataset, indices):
 
 
 def bench_real(args, tmp):
-    ann_file = os.path.join(args.wider_dir, 'wider_face_split', 'wider_face_val_bbx_gt.txt')
-    image = os.path.join(args.wider_dir, 'WIDER_val', 'images', REAL_NAME)
+    ann_file = annotation_path(args.wider_dir, 'val')
+    images_dir = image_root(os.path.abspath(args.wider_dir), 'val')
+    image = os.path.join(images_dir, REAL_NAME)
     if not (os.path.isfile(ann_file) and os.path.isfile(image)):
         return {'skipped': f'real WIDER files not found under {args.wider_dir}'}
-    record = next(r for r in read_wider_annotations(ann_file) if r.name == REAL_NAME)
-    boxes = [b for b in record.boxes.tolist() if b[2] > 0 and b[3] > 0]
-    line = f'{image} {len(boxes)} ' + ' '.join(f'{x:g} {y:g} {w:g} {h:g} 1' for x, y, w, h in boxes)
+    # The image's line exactly as prepare_wider_data.py writes it, listed --num times.
+    lines, _ = convert_split(ann_file, images_dir)
+    line = next(text for text in lines if text.startswith(image + ' '))
     list_file = os.path.join(tmp, 'real.txt')
-    with open(list_file, 'w') as handle:
-        handle.write((line + '\n') * args.num)
+    write_atomic(list_file, [line] * args.num)
     train = WIDERDetection(list_file, 'train', input_size=args.input_size, seed=args.seed)
     val = WIDERDetection(list_file, 'val', input_size=args.input_size)
-    result = {'image': image, 'size': list(load_rgb(image).shape[1::-1]), 'faces': len(boxes)}
+    result = {'image': image, 'size': list(load_rgb(image).shape[1::-1]), 'faces': len(train.pull_anno(0))}
     result['train'] = _time_samples(train, [(0, i) for i in range(args.num)])
     result['val'] = _time_samples(val, list(range(min(args.num, 100))))
     start = time.perf_counter()
@@ -84,7 +85,6 @@ def bench_synthetic(args, tmp):
         from data.synthetic import generate
     except ImportError as exc:
         return {'skipped': f'data/synthetic.py not available ({exc})'}
-    from prepare_wider_data import annotation_path, convert_split, image_root, write_atomic
     root = os.path.join(tmp, 'synthetic')
     generate(root, args.synthetic, 0, seed=args.seed)
     lines, stats = convert_split(annotation_path(root, 'train'), image_root(root, 'train'))
