@@ -99,11 +99,12 @@ class EpochBatchSampler(Sampler):
 
     @property
     def batches_per_epoch(self):
-        per_process = self.num_samples // self.world_size if self.drop_last else \
-            -(-self.num_samples // self.world_size)
+        """Batches of this process per epoch: the same on every process with `drop_last`,
+        else enough to cover this process's shard (the last one may be smaller)."""
         if self.drop_last:
-            return per_process // self.batch_size
-        return -(-per_process // self.batch_size)
+            return self.num_samples // self.world_size // self.batch_size
+        shard = len(range(self.rank, self.num_samples, self.world_size))
+        return -(-shard // self.batch_size)
 
     def set_epoch(self, epoch, start_batch=0):
         self.epoch = epoch
@@ -120,9 +121,7 @@ class EpochBatchSampler(Sampler):
     def __iter__(self):
         shard = self._indices()
         for b in range(self.start_batch, self.batches_per_epoch):
-            batch = shard[b * self.batch_size:(b + 1) * self.batch_size]
-            if batch:
-                yield [(self.epoch, i) for i in batch]
+            yield [(self.epoch, i) for i in shard[b * self.batch_size:(b + 1) * self.batch_size]]
 
     def __len__(self):
         return max(0, self.batches_per_epoch - self.start_batch)
