@@ -311,6 +311,18 @@ def test_epoch_batch_sampler_shards_and_resumes():
     assert list(other) != batches
 
 
+def test_sampler_length_matches_its_batches_on_every_rank():
+    # 10 samples on 4 processes: shards of 3, 3, 2, 2. Without drop_last ranks 0 and 1 get two
+    # batches and ranks 2 and 3 one; len() (what len(loader) reports) must say the same.
+    for drop_last in (True, False):
+        for rank in range(4):
+            sampler = EpochBatchSampler(10, batch_size=2, rank=rank, world_size=4, shuffle=False,
+                                        drop_last=drop_last)
+            batches = list(sampler)
+            assert len(sampler) == len(batches) == (1 if drop_last else 2 - rank // 2)
+            assert [i for b in batches for _, i in b] == list(range(rank, 10, 4))[:2 * len(batches)]
+
+
 def test_synthetic_wider_end_to_end(tmp_path):
     synthetic = pytest.importorskip('data.synthetic', reason='data/synthetic.py is not available')
     from prepare_wider_data import main, parse_args
