@@ -200,8 +200,8 @@ class WIDERDetection(Dataset):
         self.input_size = int(input_size if input_size is not None else self.params.INPUT_SIZE)
         self.seed = int(seed)
         self.epoch = 0
-        self.max_attempts = int(self.params.get('resample_attempts', 10))
-        self.max_replacements = int(self.params.get('replacement_tries', 100))
+        self.max_attempts = int(self.params.resample_attempts)
+        self.max_replacements = int(self.params.replacement_tries)
         self.mean = tuple(self.params.img_mean)
         self.augment = TrainAugmentation(self.input_size, self.params) if mode == 'train' else None
         self.bad_images = {}

@@ -121,9 +121,8 @@ def mirror_boxes(boxes, width):
 
 
 def _interpolation_flags(params):
-    names = params.get('resize_interpolations', ('linear', 'cubic', 'area', 'nearest'))
     try:
-        return [INTERPOLATIONS[name] for name in names]
+        return [INTERPOLATIONS[name] for name in params.resize_interpolations]
     except KeyError as exc:
         raise ValueError(f'unknown interpolation {exc} in cfg.resize_interpolations; '
                          f'choose from {sorted(INTERPOLATIONS)}') from None
@@ -157,10 +156,9 @@ class TrainAugmentation:
         self.distort_deltas = (p.brightness_delta, p.contrast_delta, p.saturation_delta, p.hue_delta)
         self.anchor_sampling = bool(p.anchor_sampling)
         self.das_prob = float(p.data_anchor_sampling_prob)
-        self.das_accept_iou = float(p.get('das_accept_iou', 0.7))
+        self.das_accept_iou = float(p.das_accept_iou)
         self.trials = int(p.sampling_trials)
-        self.sampler_scales = np.asarray(p.get('ssd_sampler_scales', [(1.0, 1.0)] + [(0.3, 1.0)] * 5),
-                                         dtype=np.float64).reshape(-1, 2)
+        self.sampler_scales = np.asarray(p.ssd_sampler_scales, dtype=np.float64).reshape(-1, 2)
         self.min_face = float(p.min_face_size) if p.filter_min_face else 0.0
         self.mirror_prob = float(p.mirror_prob)
         self.interpolations = _interpolation_flags(p)
