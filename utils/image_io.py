@@ -6,6 +6,7 @@ are all converted. OpenCV decodes first (fast); Pillow is the fallback for what 
 cannot read. A missing, empty, truncated or otherwise undecodable file raises
 `ImageReadError`, whose message is one line naming the file.
 """
+import io
 import os
 
 import cv2
@@ -38,14 +39,14 @@ def _decode_opencv(data):
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
-def _decode_pillow(path):
-    """Decode with Pillow; returns (RGB uint8 array or None, reason of the failure)."""
+def _decode_pillow(data):
+    """Decode encoded bytes with Pillow; returns (RGB uint8 array or None, reason of the failure)."""
     try:
         from PIL import Image
     except ImportError:
         return None, 'OpenCV cannot decode it and Pillow is not installed'
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data)) as im:
             im.load()
             rgb = np.asarray(im.convert('RGB'))
     except Exception as exc:  # Pillow raises many types for corrupt data
@@ -77,7 +78,7 @@ def load_rgb(path):
     rgb = _decode_opencv(data)
     if rgb is not None:
         return rgb
-    rgb, reason = _decode_pillow(path)
+    rgb, reason = _decode_pillow(data)
     if rgb is None:
         raise ImageReadError(path, reason)
     if rgb.ndim != 3 or rgb.shape[2] != 3 or min(rgb.shape[:2]) == 0:
