@@ -289,8 +289,7 @@ def main(args):
     if ctx.type == 'cuda':
         torch.backends.cudnn.benchmark = False  # input sizes change from image to image
     net = load_model(args.model, 'test', ctx.device, args.variant)
-    detector = Detector(net, ctx.device, thresh=args.thresh, max_size=args.max_size,
-                        autocast=ctx.autocast if ctx.amp == 'native' else None)
+    detector = Detector(net, ctx.device, thresh=args.thresh, max_size=args.max_size, autocast=ctx.autocast)
     print(f'wider_test: {len(items)} {args.split} images from {source}; model {args.model}; '
           f'{ctx.describe()}; mode {args.mode}'
           + (f'; longer side capped at {args.max_size}' if args.max_size else ''), flush=True)

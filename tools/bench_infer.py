@@ -4,11 +4,10 @@
         [--width 640 --height 480] [--batch_sizes 1,16] [--iters N] [--warmup N]
         [--amp off|bf16|fp16] [--channels_last] [--compile] [--threads N] [--image PATH]
 
-Each timed step is what wider_test.py does per batch once the images are decoded and resized:
-uint8 images -> device, mean subtraction (utils.inference.images_to_input), the test-phase
-network with Detect (softmax, threshold 0.05, top 5000, NMS 0.3, top 750), and the conversion
-to pixel boxes on the host (utils.inference.to_pixel_boxes), with a device synchronisation
-at the end. The image is the real WIDER val image of ../shared resized to WIDTHxHEIGHT (a
+Each timed step is what wider_test.py does per batch once the images are decoded and resized,
+``utils.inference.Detector.detect_resized``: uint8 images -> device, mean subtraction, the
+test-phase network with Detect (softmax, threshold 0.05, top 5000, NMS 0.3, top 750), and the
+conversion to pixel boxes on the host (whose copy to the host waits for the device). The image is the real WIDER val image of ../shared resized to WIDTHxHEIGHT (a
 synthetic scene when it is absent) repeated across the batch. Without --model the weights
 are random (from-scratch initialisation): every prior then scores near 0.5, so Detect runs
 NMS on the full 5,000 candidates - the worst case of the post-processing.
@@ -35,7 +34,7 @@ from data.config import cfg  # noqa: E402
 from utils.checkpoint import CheckpointError, load_model  # noqa: E402
 from utils.device import DeviceUnavailable, setup_device  # noqa: E402
 from utils.image_io import ImageReadError, load_rgb  # noqa: E402
-from utils.inference import images_to_input, to_pixel_boxes  # noqa: E402
+from utils.inference import Detector  # noqa: E402
 
 REAL_IMAGE = os.path.join(os.path.dirname(REPO), 'shared', 'widerface', 'WIDER_val', 'images', '0--Parade',
                           '0_Parade_marchingband_1_465.jpg')
@@ -115,26 +114,19 @@ def main(args):
     warmup = args.warmup if args.warmup is not None else (1 if on_cpu else 5) + (3 if args.compile else 0)
     rgb, source = bench_image(args.image, args.width, args.height)
     net, weights = build_network(args, ctx.device)
-
-    def step(images):
-        batch = images_to_input(images, ctx.device, channels_last=args.channels_last)
-        with torch.inference_mode(), ctx.autocast():
-            out = net(batch)
-        dets = to_pixel_boxes(out, tuple(batch.shape[-2:]), images[0].shape[:2], images[0].shape[:2],
-                              thresh=cfg.CONF_THRESH)
-        ctx.synchronize()
-        return dets
+    detector = Detector(net, ctx.device, thresh=cfg.CONF_THRESH, autocast=ctx.autocast,
+                        channels_last=args.channels_last)
 
     results = {}
     for batch_size in args.batch_sizes:
         images = [rgb] * batch_size
         for _ in range(warmup):
-            step(images)
+            detector.detect_resized(images, rgb.shape[:2])
         times, boxes = [], 0
         for _ in range(iters):
             ctx.synchronize()
             start = time.perf_counter()
-            dets = step(images)
+            dets = detector.detect_resized(images, rgb.shape[:2])
             times.append(time.perf_counter() - start)
             boxes = sum(len(d) for d in dets) / batch_size
         median = statistics.median(times)

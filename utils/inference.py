@@ -41,6 +41,7 @@ Box voting (``bbox_vote``)
     score; a cluster of a single box is dropped (the reference's consensus rule: a face
     must be found by at least two passes); at most 750 boxes are kept.
 """
+import contextlib
 import math
 
 import cv2
@@ -181,11 +182,13 @@ class Detector:
         device: torch.device or string.
         thresh: per-pass score threshold (rows below are dropped).
         max_size: optional cap of the longer input side of every pass (a speed deviation).
-        autocast: optional context-manager factory (``DeviceContext.autocast``).
+        autocast: context-manager factory wrapped around the network (``DeviceContext.autocast``;
+            default: none).
         channels_last: feed channels-last tensors.
     """
 
-    def __init__(self, net, device='cpu', thresh=0.05, max_size=None, autocast=None, channels_last=False):
+    def __init__(self, net, device='cpu', thresh=0.05, max_size=None, autocast=contextlib.nullcontext,
+                 channels_last=False):
         self.net = net
         self.device = torch.device(device)
         self.thresh = thresh
@@ -196,8 +199,6 @@ class Detector:
     @torch.inference_mode()
     def forward(self, batch):
         """Network output ``[B, 2, K, 5]`` for an input batch (see ``images_to_input``)."""
-        if self.autocast is None:
-            return self.net(batch)
         with self.autocast():
             return self.net(batch)
 
