@@ -31,6 +31,7 @@ def test_images_to_input_is_rgb_minus_mean_chw_float():
     rgb[3, 4] = (200, 0, 255)
     x = images_to_input([rgb, rgb])
     assert x.shape == (2, 3, 40, 50) and x.dtype == torch.float32
+    assert x.is_contiguous(memory_format=torch.channels_last)   # the HWC data as it is, no reordering copy
     assert x[:, :, 3, 4].tolist() == [[77.0, -117.0, 151.0]] * 2   # R, G, B order, no scaling
     x[:, :, 3, 4] = 0
     assert not x.any()

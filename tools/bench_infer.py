@@ -56,7 +56,7 @@ def parse_args(argv=None):
     parser.add_argument('--warmup', type=int, default=None, help='untimed steps first (default: 1 on cpu, 5 '
                         'on an accelerator; 3 more with --compile)')
     parser.add_argument('--amp', default='off', choices=('off', 'bf16', 'fp16'), help='autocast precision')
-    parser.add_argument('--channels_last', action='store_true', help='channels-last model and input')
+    parser.add_argument('--channels_last', action='store_true', help='channels-last model (the input always is)')
     parser.add_argument('--compile', action='store_true', help='torch.compile the network')
     parser.add_argument('--threads', type=int, default=None, help='torch intra-op threads on cpu')
     args = parser.parse_args(argv)
@@ -114,8 +114,7 @@ def main(args):
     warmup = args.warmup if args.warmup is not None else (1 if on_cpu else 5) + (3 if args.compile else 0)
     rgb, source = bench_image(args.image, args.width, args.height)
     net, weights = build_network(args, ctx.device)
-    detector = Detector(net, ctx.device, thresh=cfg.CONF_THRESH, autocast=ctx.autocast,
-                        channels_last=args.channels_last)
+    detector = Detector(net, ctx.device, thresh=cfg.CONF_THRESH, autocast=ctx.autocast)
 
     results = {}
     for batch_size in args.batch_sizes:
