@@ -277,13 +277,6 @@ def pixel_sides(dets):
 
 # ----------------------------------------------------------------------------- box voting
 
-def _overlap_rows(boxes, start, stop, thresh):
-    """Bool ``[stop - start, n]``: pixel-inclusive IoU of boxes[start:stop] with all boxes >= thresh."""
-    inclusive = boxes.clone()
-    inclusive[:, 2:] += 1  # x2 + 1, y2 + 1: box_iou then computes the (x2 - x1 + 1) convention
-    return box_iou(inclusive[start:stop], inclusive) >= thresh
-
-
 def bbox_vote(dets, iou_thresh=VOTE_IOU, top_k=VOTE_TOP_K, keep_single=False):
     """Merge overlapping detections by score-weighted box voting (module docstring).
 
@@ -299,12 +292,13 @@ def bbox_vote(dets, iou_thresh=VOTE_IOU, top_k=VOTE_TOP_K, keep_single=False):
     dets = dets[np.argsort(-dets[:, 4], kind='stable')]
     n = len(dets)
     boxes = torch.from_numpy(dets[:, :4].astype(np.float64))
+    boxes[:, 2:] += 1  # x2 + 1, y2 + 1: box_iou then computes the (x2 - x1 + 1) convention
     remaining = np.ones(n, dtype=bool)
     merged = []
     chunk = max(1, min(n, 2 ** 20 // max(n, 1)))  # IoU rows computed at once (~2^20 pairs, tens of MB)
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
-        overlap = _overlap_rows(boxes, start, stop, iou_thresh).numpy()
+        overlap = (box_iou(boxes[start:stop], boxes) >= iou_thresh).numpy()
         for i in range(start, stop):
             if not remaining[i]:
                 continue
@@ -318,9 +312,7 @@ def bbox_vote(dets, iou_thresh=VOTE_IOU, top_k=VOTE_TOP_K, keep_single=False):
             box = (cluster[:, :4] * weights).sum(axis=0) / weights.sum()
             merged.append(np.append(box, dets[i, 4]))
             if len(merged) >= top_k:
-                break
-        if len(merged) >= top_k:
-            break
+                return np.asarray(merged, dtype=np.float32)
     return np.asarray(merged, dtype=np.float32).reshape(-1, 5)
 
 
