@@ -314,12 +314,14 @@ class Trainer:
     """The training loop: one object holds what every step needs.
 
     net is what runs the forward (possibly compiled / DDP-wrapped), model the bare S3FD whose
-    state_dict is saved with the plain key names.
+    state_dict is saved with the plain key names. Validation runs the network without the DDP
+    wrapper: processes validate different numbers of batches and must not meet in a collective.
     """
 
     def __init__(self, args, ctx, net, model, criterion, optimizer, train_loader, val_loader, state, writer):
         self.args, self.ctx = args, ctx
         self.net, self.model = net, model
+        self.eval_net = net.module if isinstance(net, torch.nn.parallel.DistributedDataParallel) else net
         self.criterion, self.optimizer = criterion, optimizer
         self.train_loader, self.val_loader = train_loader, val_loader
         self.state, self.writer = state, writer
@@ -432,7 +434,7 @@ class Trainer:
     def validate(self, epoch):
         """Validation loss over the val list (sharded over processes), best-checkpoint saving."""
         args, ctx, state = self.args, self.ctx, self.state
-        self.net.eval()
+        self.eval_net.eval()
         start = time.time()
         total, batches = 0.0, 0
         for images, targets in self.val_loader:
@@ -440,7 +442,7 @@ class Trainer:
             if args.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with ctx.autocast():
-                out = self.net(images)
+                out = self.eval_net(images)
             loss_l, loss_c = self.criterion(out, targets)
             total += float(loss_l + loss_c)
             batches += 1
