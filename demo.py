@@ -21,10 +21,10 @@ import torch
 
 from data.config import cfg
 from utils.checkpoint import CheckpointError, load_model
-from utils.device import DeviceUnavailable, setup_device
+from utils.device import DeviceUnavailable
 from utils.fileio import atomic_write_bytes
 from utils.image_io import ImageReadError, load_rgb
-from utils.inference import Detector, draw_detections
+from utils.inference import Detector, draw_detections, inference_device
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
 
@@ -83,9 +83,7 @@ def main(args):
     out_dir = os.path.abspath(args.out)
     if any(os.path.dirname(os.path.abspath(f)) == out_dir for f in files):
         raise DemoError(f'--out {args.out} is the input directory: the results would replace the images')
-    ctx = setup_device(args.device, args.device_id, amp='off')
-    if ctx.type == 'cuda':
-        torch.backends.cudnn.benchmark = False  # image sizes differ
+    ctx = inference_device(args.device, args.device_id)
     net = load_model(args.model, 'test', ctx.device, args.variant)
     # Each pass keeps the protocol's candidates; --thresh selects what is drawn and counted.
     detector = Detector(net, ctx.device, thresh=min(args.thresh, cfg.CONF_THRESH), max_size=args.max_size)

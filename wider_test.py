@@ -47,9 +47,9 @@ from torch.utils.data import DataLoader, Dataset
 from data.config import cfg
 from data.widerface import AnnotationError, read_wider_annotations
 from utils.checkpoint import CheckpointError, load_model
-from utils.device import DeviceUnavailable, setup_device
+from utils.device import DeviceUnavailable
 from utils.image_io import ImageReadError, load_rgb
-from utils.inference import Detector, single_scale, resize_rgb, to_wider_rows
+from utils.inference import Detector, inference_device, resize_rgb, single_scale, to_wider_rows
 from utils.widerface_eval import (GroundTruth, WiderEvalError, evaluate, list_split_images,
                                   load_ground_truth, write_prediction_file)
 
@@ -284,10 +284,7 @@ def main(args):
         if not items:
             raise WiderTestError('--num_images selects no image')
     gt = load_ground_truth(args.eval) if args.eval else None   # fail before the long run
-    ctx = setup_device(args.device, args.device_id, amp='off' if args.amp == 'off' else 'native',
-                       amp_dtype='fp16' if args.amp == 'fp16' else 'bf16')
-    if ctx.type == 'cuda':
-        torch.backends.cudnn.benchmark = False  # input sizes change from image to image
+    ctx = inference_device(args.device, args.device_id, args.amp)
     net = load_model(args.model, 'test', ctx.device, args.variant)
     detector = Detector(net, ctx.device, thresh=args.thresh, max_size=args.max_size, autocast=ctx.autocast)
     print(f'wider_test: {len(items)} {args.split} images from {source}; model {args.model}; '

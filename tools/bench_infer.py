@@ -32,9 +32,9 @@ import torch  # noqa: E402
 
 from data.config import cfg  # noqa: E402
 from utils.checkpoint import CheckpointError, load_model  # noqa: E402
-from utils.device import DeviceUnavailable, setup_device  # noqa: E402
+from utils.device import DeviceUnavailable  # noqa: E402
 from utils.image_io import ImageReadError, load_rgb  # noqa: E402
-from utils.inference import Detector  # noqa: E402
+from utils.inference import Detector, inference_device  # noqa: E402
 
 REAL_IMAGE = os.path.join(os.path.dirname(REPO), 'shared', 'widerface', 'WIDER_val', 'images', '0--Parade',
                           '0_Parade_marchingband_1_465.jpg')
@@ -107,8 +107,7 @@ def build_network(args, device):
 def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
-    ctx = setup_device(args.device, args.device_id, amp='off' if args.amp == 'off' else 'native',
-                       amp_dtype='fp16' if args.amp == 'fp16' else 'bf16')
+    ctx = inference_device(args.device, args.device_id, args.amp, fixed_size=True)
     on_cpu = ctx.type == 'cpu'
     iters = args.iters or (3 if on_cpu else 30)
     warmup = args.warmup if args.warmup is not None else (1 if on_cpu else 5) + (3 if args.compile else 0)

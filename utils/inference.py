@@ -1,5 +1,5 @@
-"""Face detection with a test-phase S3FD: preprocessing, scales, box conversion, the S3FD
-multi-scale test with box voting, WIDER rows and drawing. Used by wider_test.py, demo.py
+"""Face detection with a test-phase S3FD: device set-up, preprocessing, scales, box conversion,
+the S3FD multi-scale test with box voting, WIDER rows and drawing. Used by wider_test.py, demo.py
 and tools/bench_infer.py.
 
 Coordinates
@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torchvision.ops import box_iou
 
 from data.config import cfg
+from utils.device import setup_device
 
 OFFICIAL_MAX_PIXELS = 1700 * 1200
 # Smallest input side for which the five pooling stages of VGG keep at least one cell.
@@ -60,9 +61,28 @@ VOTE_TOP_K = 750
 SHRUNK_MIN_SIDE = 30     # px, pixel-inclusive: shrunk passes keep boxes whose longer side is above
 ENLARGED_MAX_SIDE = 100  # px, pixel-inclusive: enlarged passes keep boxes whose shorter side is below
 
-__all__ = ['OFFICIAL_MAX_PIXELS', 'MIN_INPUT_SIDE', 'max_shrink', 'single_scale', 'resize_rgb',
-           'images_to_input', 'to_pixel_boxes', 'Detector', 'bbox_vote', 'multi_scale_plan',
+__all__ = ['OFFICIAL_MAX_PIXELS', 'MIN_INPUT_SIDE', 'inference_device', 'max_shrink', 'single_scale',
+           'resize_rgb', 'images_to_input', 'to_pixel_boxes', 'Detector', 'bbox_vote', 'multi_scale_plan',
            'to_wider_rows', 'clip_boxes', 'draw_detections']
+
+
+# ----------------------------------------------------------------------------- device
+
+def inference_device(name, device_id=0, amp='off', fixed_size=False):
+    """The DeviceContext of an inference script (``utils.device.setup_device``, which raises
+    DeviceUnavailable with a one-line message).
+
+    Args:
+        name, device_id: ``--device`` ('gpu', 'npu', 'cpu') and ``--device_id``.
+        amp: 'off' (float32), 'bf16' or 'fp16' (the network autocast in that precision).
+        fixed_size: every input has the same size. Otherwise cuDNN autotuning is turned
+            off: it would tune again for every new image size.
+    """
+    ctx = setup_device(name, device_id, amp='off' if amp == 'off' else 'native',
+                       amp_dtype='fp16' if amp == 'fp16' else 'bf16')
+    if ctx.type == 'cuda' and not fixed_size:
+        torch.backends.cudnn.benchmark = False
+    return ctx
 
 
 # ----------------------------------------------------------------------------- scales
