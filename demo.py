@@ -20,8 +20,8 @@ import cv2
 import torch
 
 from data.config import cfg
-from utils.checkpoint import CheckpointError, load_model
-from utils.device import DeviceUnavailable
+from tools._common import run_cli
+from utils.checkpoint import load_model
 from utils.fileio import atomic_write_bytes
 from utils.image_io import ImageReadError, load_rgb
 from utils.inference import Detector, draw_detections, inference_device
@@ -120,13 +120,7 @@ def main(args):
 
 def cli(argv=None):
     """Command-line entry: one-line errors and exit status 1 instead of tracebacks."""
-    args = parse_args(argv)
-    try:
-        main(args)
-    except (DemoError, CheckpointError, DeviceUnavailable) as exc:
-        print(f'error: {exc}', file=sys.stderr)
-        return 1
-    return 0
+    return run_cli(main, parse_args, argv, errors=(DemoError,))
 
 
 if __name__ == '__main__':

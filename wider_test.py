@@ -46,8 +46,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from data.config import cfg
 from data.widerface import AnnotationError, read_wider_annotations
-from utils.checkpoint import CheckpointError, load_model
-from utils.device import DeviceUnavailable
+from tools._common import run_cli
+from utils.checkpoint import load_model
 from utils.image_io import ImageReadError, load_rgb
 from utils.inference import Detector, inference_device, resize_rgb, single_scale, to_wider_rows
 from utils.widerface_eval import (GroundTruth, WiderEvalError, evaluate, list_split_images,
@@ -321,13 +321,7 @@ def main(args):
 
 def cli(argv=None):
     """Command-line entry: one-line errors and exit status 1 instead of tracebacks."""
-    args = parse_args(argv)
-    try:
-        main(args)
-    except (WiderTestError, CheckpointError, DeviceUnavailable, WiderEvalError) as exc:
-        print(f'error: {exc}', file=sys.stderr)
-        return 1
-    return 0
+    return run_cli(main, parse_args, argv, errors=(WiderTestError, WiderEvalError))
 
 
 if __name__ == '__main__':

@@ -1,7 +1,10 @@
-"""Small helpers shared by the weight tools (make_basenet, convert_official, export_onnx)."""
+"""Small helpers shared by the scripts: the command-line error handling of wider_test.py,
+demo.py and the tools, and the layout checks of the weight tools (make_basenet,
+convert_official, export_onnx)."""
 import sys
 
 from utils.checkpoint import CheckpointError
+from utils.device import DeviceUnavailable
 
 
 class ToolError(RuntimeError):
@@ -37,11 +40,14 @@ def check_layout(state, expected, path, layout_name, hint=None):
     raise CheckpointError(message)
 
 
-def run_cli(main, parse_args):
-    """Run `main(parse_args())`; a CheckpointError or ToolError becomes one line on stderr
-    and exit status 1 instead of a traceback."""
+def run_cli(main, parse_args, argv=None, errors=()):
+    """Run `main(parse_args(argv))` and return the exit status: 0, or 1 when it raised a
+    CheckpointError, DeviceUnavailable, ToolError or one of `errors` (the script's own bad-input
+    exceptions), printed as one line `error: ...` on stderr instead of a traceback."""
+    args = parse_args(argv)
     try:
-        main(parse_args())
-    except (CheckpointError, ToolError) as e:
+        main(args)
+    except (CheckpointError, DeviceUnavailable, ToolError, *errors) as e:
         print(f'error: {e}', file=sys.stderr)
-        sys.exit(1)
+        return 1
+    return 0

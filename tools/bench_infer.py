@@ -31,8 +31,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from data.config import cfg  # noqa: E402
-from utils.checkpoint import CheckpointError, load_model  # noqa: E402
-from utils.device import DeviceUnavailable  # noqa: E402
+from tools._common import run_cli  # noqa: E402
+from utils.checkpoint import load_model  # noqa: E402
 from utils.image_io import ImageReadError, load_rgb  # noqa: E402
 from utils.inference import Detector, inference_device  # noqa: E402
 
@@ -153,8 +153,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    try:
-        main(parse_args())
-    except (CheckpointError, DeviceUnavailable, ImageReadError) as exc:
-        print(f'error: {exc}', file=sys.stderr)
-        sys.exit(1)
+    sys.exit(run_cli(main, parse_args, errors=(ImageReadError,)))

@@ -178,4 +178,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    run_cli(main, parse_args)
+    sys.exit(run_cli(main, parse_args))
