@@ -37,12 +37,12 @@ import argparse
 import os
 import sys
 import time
-from collections import OrderedDict
 
 import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from data.config import cfg
 from data.widerface import AnnotationError, read_wider_annotations
@@ -202,16 +202,8 @@ def restrict_ground_truth(gt, keys):
 
 # ----------------------------------------------------------------------------- main
 
-def _progress(total, desc):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # tqdm is in requirements.txt; run without a bar if it is missing
-        return None
-    return tqdm(total=total, unit='img', desc=desc, file=sys.stderr, dynamic_ncols=True)
-
-
 def run(detector, items, args):
-    """Detect every image and write its prediction file; returns (done, [skip messages])."""
+    """Detect every image and write its prediction file; returns the skip messages."""
     single = args.mode == 'single'
     if args.workers > 0:
         # The worker processes decode in parallel already; a forked worker whose parent used
@@ -219,19 +211,17 @@ def run(detector, items, args):
         cv2.setNumThreads(1)
     loader = DataLoader(_Images(items, single, args.max_size), batch_size=None, shuffle=False,
                         num_workers=args.workers, collate_fn=_as_is)
-    bar = _progress(len(items), f'{args.split} ({args.mode})')
-    done, skipped = 0, []
-    pending = OrderedDict()  # input size -> [(index, resized image, original hw)]
+    skipped = []
+    pending = {}  # input size -> [(index, resized image, original hw)], oldest size first
     max_pending = 4 * args.batch_size
+    bar = tqdm(total=len(items), unit='img', desc=f'{args.split} ({args.mode})', file=sys.stderr,
+               dynamic_ncols=True)
 
     def write(index, dets, hw):
-        nonlocal done
         event, name, path = items[index]
         write_prediction_file(os.path.join(args.out, event, name + '.txt'), os.path.basename(path),
                               to_wider_rows(dets, *hw))
-        done += 1
-        if bar is not None:
-            bar.update(1)
+        bar.update(1)
 
     def flush(key):
         group = pending.pop(key)
@@ -246,11 +236,8 @@ def run(detector, items, args):
             if os.path.exists(stale):
                 os.remove(stale)
             skipped.append(error)
-            if bar is not None:
-                bar.write(f'skipped: {error}', file=sys.stderr)
-                bar.update(1)
-            else:
-                print(f'skipped: {error}', file=sys.stderr)
+            bar.write(f'skipped: {error}', file=sys.stderr)
+            bar.update(1)
             continue
         if not single:
             write(index, detector.multi_scale_detect(rgb), hw)
@@ -263,9 +250,8 @@ def run(detector, items, args):
             flush(next(iter(pending)))
     while pending:
         flush(next(iter(pending)))
-    if bar is not None:
-        bar.close()
-    return done, skipped
+    bar.close()
+    return skipped
 
 
 def main(args):
@@ -292,8 +278,9 @@ def main(args):
           + (f'; longer side capped at {args.max_size}' if args.max_size else ''), flush=True)
     os.makedirs(args.out, exist_ok=True)
     start = time.perf_counter()
-    done, skipped = run(detector, items, args)
+    skipped = run(detector, items, args)
     elapsed = time.perf_counter() - start
+    done = len(items) - len(skipped)
     print(f'{done} images in {elapsed:.1f} s ({done / max(elapsed, 1e-9):.2f} images/s); '
           f'predictions in {args.out}')
     if skipped:
