@@ -20,6 +20,7 @@ import cv2
 import torch
 
 from data.config import cfg
+from s3fd import VARIANTS
 from tools._common import run_cli
 from utils.checkpoint import load_model
 from utils.fileio import atomic_write_bytes
@@ -47,7 +48,7 @@ def parse_args(argv=None):
     parser.add_argument('--device', default='gpu' if torch.cuda.is_available() else 'cpu',
                         choices=('cpu', 'gpu', 'npu'))
     parser.add_argument('--device_id', type=int, default=0)
-    parser.add_argument('--variant', default=None, choices=('reference', 'caffe'),
+    parser.add_argument('--variant', default=None, choices=VARIANTS,
                         help='network variant (default: from the checkpoint, else cfg.MODEL_VARIANT)')
     return parser.parse_args(argv)
 

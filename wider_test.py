@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 from data.config import cfg
 from data.widerface import AnnotationError, read_wider_annotations
+from s3fd import VARIANTS
 from tools._common import run_cli
 from utils.checkpoint import load_model
 from utils.image_io import ImageReadError, load_rgb
@@ -87,7 +88,7 @@ def parse_args(argv=None):
                              'only the official H*W <= 1700*1200 rule)')
     parser.add_argument('--thresh', type=float, default=cfg.CONF_THRESH,
                         help=f'keep detections with score >= this (default {cfg.CONF_THRESH})')
-    parser.add_argument('--variant', default=None, choices=('reference', 'caffe'),
+    parser.add_argument('--variant', default=None, choices=VARIANTS,
                         help='network variant (default: from the checkpoint, else cfg.MODEL_VARIANT)')
     parser.add_argument('--num_images', type=int, default=None,
                         help='only the first N images of the list (a quick subset)')

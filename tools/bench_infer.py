@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from data.config import cfg  # noqa: E402
+from s3fd import VARIANTS, build_s3fd, init_weights_from_scratch  # noqa: E402
 from tools._common import run_cli  # noqa: E402
 from utils.checkpoint import load_model  # noqa: E402
 from utils.image_io import ImageReadError, load_rgb  # noqa: E402
@@ -45,7 +46,7 @@ def parse_args(argv=None):
     parser.add_argument('--device', default='cpu', choices=('cpu', 'gpu', 'npu'))
     parser.add_argument('--device_id', type=int, default=0)
     parser.add_argument('--model', default=None, help='weights to load (default: random initialisation)')
-    parser.add_argument('--variant', default=None, choices=('reference', 'caffe'))
+    parser.add_argument('--variant', default=None, choices=VARIANTS)
     parser.add_argument('--image', default=None,
                         help=f'image to resize and repeat (default {REAL_IMAGE}, else a synthetic scene)')
     parser.add_argument('--width', type=int, default=640)
@@ -91,7 +92,6 @@ def build_network(args, device):
         net = load_model(args.model, 'test', device, args.variant)
         weights = args.model
     else:
-        from s3fd import build_s3fd, init_weights_from_scratch
         torch.manual_seed(0)
         net = build_s3fd('test', variant=args.variant)
         init_weights_from_scratch(net)

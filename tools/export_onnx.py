@@ -43,6 +43,7 @@ from s3fd import VARIANTS  # noqa: E402
 from tools._common import ToolError, run_cli  # noqa: E402
 from utils.checkpoint import load_model  # noqa: E402
 from utils.fileio import atomic_path  # noqa: E402
+from utils.inference import MIN_INPUT_SIDE  # noqa: E402
 
 INPUT_NAME = 'image'
 OUTPUT_NAMES = ('loc', 'conf', 'priors')
@@ -211,8 +212,8 @@ def main(args):
     """Export, check with onnxruntime, write args.out. Returns {(B, H, W): {output: max abs diff}}."""
     onnx, ort = _import_onnx(args.exporter)
     height, width = args.input_size
-    if min(height, width) < 32:
-        raise ToolError(f'--input_size {height} {width}: both sides must be at least 32 pixels')
+    if min(height, width) < MIN_INPUT_SIDE:
+        raise ToolError(f'--input_size {height} {width}: both sides must be at least {MIN_INPUT_SIDE} pixels')
     net = load_model(args.model, phase='train', variant=args.variant).eval()
     generator = torch.Generator().manual_seed(args.seed)
     checks = [random_image(2, height, width, generator)]

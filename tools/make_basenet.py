@@ -40,7 +40,7 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data.config import cfg  # noqa: E402
-from s3fd import vgg  # noqa: E402
+from s3fd import VARIANTS, vgg  # noqa: E402
 from tools._common import check_layout, run_cli  # noqa: E402
 from utils.checkpoint import atomic_save, extract_state_dict, load_file, load_weights  # noqa: E402
 
@@ -165,7 +165,7 @@ def main(args):
     # Proof that the file fits: strict load into the trunk of both model variants (built on
     # the meta device: keys and shapes are checked, nothing is allocated).
     with torch.device('meta'):
-        trunks = [nn.ModuleList(vgg(variant)) for variant in ('reference', 'caffe')]
+        trunks = [nn.ModuleList(vgg(variant)) for variant in VARIANTS]
     with warnings.catch_warnings():
         warnings.filterwarnings('ignore', message='.*meta parameter.*no-op')
         for trunk in trunks:
