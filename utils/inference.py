@@ -138,7 +138,7 @@ def images_to_input(images, device='cpu', flip=False):
         images = [images]
     if len({im.shape for im in images}) != 1:
         raise ValueError(f'images_to_input needs images of one size, got {sorted({im.shape for im in images})}')
-    batch = torch.from_numpy(np.stack([np.ascontiguousarray(im) for im in images]))
+    batch = torch.from_numpy(np.stack(images))
     batch = batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
     batch -= torch.tensor(cfg.img_mean, dtype=torch.float32, device=batch.device).view(1, 3, 1, 1)
     if flip:
@@ -174,23 +174,14 @@ def to_pixel_boxes(output, input_hw, content_hw, original_hw, thresh=0.0, flippe
     result = []
     for b in range(batch):
         rows = faces[b]
-        keep = (rows[:, 0] > 0) & (rows[:, 0] >= thresh)
-        rows = rows[keep]
+        rows = rows[(rows[:, 0] > 0) & (rows[:, 0] >= thresh)]
         oh, ow = original_hw[b]
         # normalised -> input pixels (x in_w) -> original pixels (x ow / cw).
         fx, fy = in_w * ow / cw, in_h * oh / ch
-        boxes = np.empty((len(rows), 5), dtype=np.float32)
-        boxes[:, 0] = rows[:, 1] * fx
-        boxes[:, 1] = rows[:, 2] * fy
-        boxes[:, 2] = rows[:, 3] * fx
-        boxes[:, 3] = rows[:, 4] * fy
-        boxes[:, 4] = rows[:, 0]
+        boxes = rows[:, [1, 2, 3, 4, 0]] * np.array([fx, fy, fx, fy, 1], dtype=np.float32)
         if flipped is not None and flipped[b]:
-            x1 = ow - boxes[:, 2]
-            boxes[:, 2] = ow - boxes[:, 0]
-            boxes[:, 0] = x1
-        order = np.argsort(-boxes[:, 4], kind='stable')
-        result.append(boxes[order])
+            boxes[:, [0, 2]] = ow - boxes[:, [2, 0]]
+        result.append(boxes[np.argsort(-boxes[:, 4], kind='stable')])
     return result
 
 
@@ -368,7 +359,7 @@ def to_wider_rows(dets, height, width):
 def draw_detections(rgb, dets, thresh=0.0, color=(0, 255, 0)):
     """Copy of ``rgb`` (uint8 ``[H, W, 3]``) with every box of score >= ``thresh`` drawn and
     labelled with its score. Returns ``(image, number of boxes drawn)``."""
-    image = np.ascontiguousarray(rgb).copy()
+    image = rgb.copy()  # C order
     h, w = image.shape[:2]
     dets = clip_boxes(dets, h, w)
     dets = dets[dets[:, 4] >= thresh]
