@@ -39,7 +39,6 @@ import sys
 import time
 
 import cv2
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -51,7 +50,7 @@ from tools._common import run_cli
 from utils.checkpoint import load_model
 from utils.image_io import ImageReadError, load_rgb
 from utils.inference import Detector, inference_device, resize_rgb, single_scale, to_wider_rows
-from utils.widerface_eval import (GroundTruth, WiderEvalError, evaluate, list_split_images,
+from utils.widerface_eval import (WiderEvalError, evaluate, list_split_images,
                                   load_ground_truth, write_prediction_file)
 
 SPLITS = ('train', 'val', 'test')
@@ -188,19 +187,6 @@ def _as_is(sample):
     return sample
 
 
-def restrict_ground_truth(gt, keys):
-    """The GroundTruth of the images ``keys`` ((event, name) pairs) only, in .mat order."""
-    wanted = set(keys)
-    keep = [i for i, key in enumerate(gt.images) if key in wanted]
-    boxes = [gt.boxes[i] for i in keep]
-    offsets = np.concatenate([[0], np.cumsum([len(b) for b in boxes], dtype=np.int64)]).astype(np.int64)
-    faces = [f for i in keep for f in range(gt.face_offsets[i], gt.face_offsets[i + 1])]
-    return GroundTruth(events=[e for e in gt.events if any(gt.images[i][0] == e for i in keep)],
-                       images=[gt.images[i] for i in keep], boxes=boxes, face_offsets=offsets,
-                       counted={s: m[faces] for s, m in gt.counted.items()},
-                       listed={s: v[keep] for s, v in gt.listed.items()})
-
-
 # ----------------------------------------------------------------------------- main
 
 def run(detector, items, args):
@@ -300,7 +286,7 @@ def main(args):
         return None
     from wider_eval import format_results
     if args.num_images is not None:
-        gt = restrict_ground_truth(gt, [(event, name) for event, name, _ in items])
+        gt = gt.subset_images([(event, name) for event, name, _ in items])
         print(f'scoring the {len(gt.images)} images run (--num_images), not the whole split')
     aps = evaluate(args.out, gt, warn=lambda m: print(f'warning: {m}', file=sys.stderr))
     print(format_results(aps))

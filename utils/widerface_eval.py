@@ -135,13 +135,22 @@ class GroundTruth:
         unknown = wanted.difference(self.events)
         if unknown:
             raise WiderEvalError(f'unknown event(s) {sorted(unknown)}')
-        keep = [i for i, (event, _) in enumerate(self.images) if event in wanted]
+        return self._select([i for i, (event, _) in enumerate(self.images) if event in wanted])
+
+    def subset_images(self, keys):
+        """A GroundTruth restricted to the images ``keys`` ((event, name) pairs), in .mat order."""
+        wanted = set(keys)
+        return self._select([i for i, key in enumerate(self.images) if key in wanted])
+
+    def _select(self, keep):
+        """The GroundTruth of the images at indices ``keep`` (ascending)."""
         boxes = [self.boxes[i] for i in keep]
         counts = np.array([len(b) for b in boxes], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         faces = (np.concatenate([np.arange(self.face_offsets[i], self.face_offsets[i + 1]) for i in keep])
                  if keep else np.zeros(0, dtype=np.int64))
-        return GroundTruth(events=[e for e in self.events if e in wanted],
+        kept_events = {self.images[i][0] for i in keep}
+        return GroundTruth(events=[e for e in self.events if e in kept_events],
                            images=[self.images[i] for i in keep], boxes=boxes, face_offsets=offsets,
                            counted={s: m[faces] for s, m in self.counted.items()},
                            listed={s: v[keep] for s, v in self.listed.items()})
