@@ -68,7 +68,7 @@ def main(args):
     num_priors = priors.size(0)
 
     counts = torch.randint(1, 41, (args.batch_size,), generator=gen).tolist()
-    targets = [random_faces(gen, n).to(device) for n in counts]
+    targets = [random_faces(gen, n) for n in counts]  # on the host, as the data loader delivers them
     loc = torch.randn(args.batch_size, num_priors, 4, generator=gen).to(device)
     conf = torch.randn(args.batch_size, num_priors, 2, generator=gen).to(device)
     criterion = MultiBoxLoss(cfg)

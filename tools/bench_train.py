@@ -49,6 +49,8 @@ def parse_args(argv=None):
     p.add_argument('--loss_scale', default=32.0, type=float)
     p.add_argument('--channels_last', action='store_true')
     p.add_argument('--compile', action='store_true', help='torch.compile the network (not the data path)')
+    p.add_argument('--sgd', default='default', choices=['default', 'foreach', 'fused'],
+                   help="PyTorch SGD kernel ('default': foreach on CUDA)")
     p.add_argument('--steps', default=20, type=int, help='timed steps')
     p.add_argument('--warmup', default=5, type=int, help='untimed steps first')
     p.add_argument('--data', default='synthetic', choices=['synthetic', 'loader'])
@@ -137,7 +139,8 @@ def main(args):
     net.to(ctx.device)
     if args.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    optimizer = ctx.make_optimizer(net.parameters(), 1e-3, 0.9, 5e-4)
+    optimizer = ctx.make_optimizer(net.parameters(), 1e-3, 0.9, 5e-4,
+                                   None if args.sgd == 'default' else args.sgd)
     net, optimizer = ctx.initialize(net, optimizer)
     if args.compile:
         net = torch.compile(net)
@@ -181,7 +184,7 @@ def main(args):
     print(json.dumps({
         'device': ctx.describe(), 'device_name': torch.cuda.get_device_name(ctx.device) if ctx.type == 'cuda' else ctx.type,
         'batch_size': args.batch_size, 'input_size': args.input_size, 'precision': precision,
-        'channels_last': args.channels_last, 'compile': args.compile, 'data': args.data,
+        'channels_last': args.channels_last, 'compile': args.compile, 'sgd': args.sgd, 'data': args.data,
         'num_workers': args.num_workers if args.data == 'loader' else None,
         'steps': args.steps, 'step_time_s': round(step_time, 4), 'images_per_s': round(images_per_s, 2),
         'data_wait_s_per_step': round(wait / args.steps, 4),

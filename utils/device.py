@@ -69,9 +69,16 @@ class DeviceContext:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.type, dtype=self.amp_dtype)
 
-    def make_optimizer(self, params, lr, momentum, weight_decay):
-        """SGD with one parameter group (the fused optimizers only fuse the first group)."""
+    def make_optimizer(self, params, lr, momentum, weight_decay, sgd_impl=None):
+        """SGD with one parameter group (the fused optimizers only fuse the first group).
+
+        sgd_impl picks PyTorch's SGD kernel on CPU/GPU: None (PyTorch's default: foreach on
+        CUDA), 'foreach' or 'fused' (one kernel for all parameters). The NPU uses its own
+        fused SGD whatever this says.
+        """
         params = list(params)
+        if sgd_impl not in (None, 'foreach', 'fused'):
+            raise ValueError(f"sgd_impl must be None, 'foreach' or 'fused', not {sgd_impl!r}")
         if self.type == 'npu':
             if self.amp == 'apex':
                 from apex.optimizers import NpuFusedSGD
@@ -79,7 +86,8 @@ class DeviceContext:
             fused = getattr(getattr(self.torch_npu, 'optim', None), 'NpuFusedSGD', None)
             if fused is not None:
                 return fused(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        impl = {sgd_impl: True} if sgd_impl else {}
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, **impl)
 
     def initialize(self, model, optimizer):
         """Ascend Apex: amp.initialize(O2, static loss scale, combine_grad). Else unchanged."""
