@@ -25,6 +25,7 @@ from data.factory import EpochBatchSampler, dataset_factory, make_loader
 from layers.modules.multibox_loss import MultiBoxLoss
 from s3fd import build_s3fd, init_weights_from_scratch, init_weights_xavier
 from utils import device as devices
+from utils.augmentations import subtract_mean
 from utils.checkpoint import (CheckpointError, atomic_save, extract_state_dict, load_file,
                               load_weights)
 
@@ -198,7 +199,8 @@ def build_model(args):
 def build_loaders(args, ctx, rank, world):
     try:
         train_set, val_set = dataset_factory(args.dataset, input_size=args.input_size, seed=args.seed,
-                                             train_file=args.train_file, val_file=args.val_file)
+                                             train_file=args.train_file, val_file=args.val_file,
+                                             normalize=False)
     except (OSError, ValueError) as e:
         fail(str(e).splitlines()[0] if str(e) else repr(e))
     pin = ctx.type == 'cuda'
@@ -285,8 +287,12 @@ def new_state(epoch=0, iteration=0):
 
 
 def to_device(images, targets, device):
+    """Images to the device, uint8 ones (the loader's) made float32 minus the mean there;
+    targets stay on the host: the loss reads the face sizes there."""
     images = images.to(device, non_blocking=True)
-    return images, targets  # targets stay on the host: the loss reads face sizes there
+    if images.dtype == torch.uint8:
+        images = subtract_mean(images, cfg.img_mean)
+    return images, targets
 
 
 def training_step(net, criterion, optimizer, ctx, finite, images, targets, channels_last=False):

@@ -26,7 +26,7 @@ from data.widerface import WIDERDetection
 __all__ = ['dataset_factory', 'detection_collate', 'EpochBatchSampler', 'make_loader']
 
 
-def dataset_factory(dataset='face', input_size=None, seed=0, train_file=None, val_file=None):
+def dataset_factory(dataset='face', input_size=None, seed=0, train_file=None, val_file=None, normalize=True):
     """Build (train_dataset, val_dataset).
 
     Args:
@@ -34,6 +34,8 @@ def dataset_factory(dataset='face', input_size=None, seed=0, train_file=None, va
         input_size: output side S (default cfg.INPUT_SIZE).
         seed: base seed of the training augmentation.
         train_file, val_file: list files (default cfg.FACE.TRAIN_FILE / cfg.FACE.VAL_FILE).
+        normalize: False gives uint8 images to finish with `utils.augmentations.subtract_mean`
+            on the device (see WIDERDetection).
     Returns:
         (WIDERDetection in 'train' mode, WIDERDetection in 'val' mode or None when the
         val list file does not exist; a message says so).
@@ -48,9 +50,9 @@ def dataset_factory(dataset='face', input_size=None, seed=0, train_file=None, va
         raise FileNotFoundError(f'training list {train_file} not found: run '
                                 f'`python prepare_wider_data.py --dataset_dir <WIDER dir>` first '
                                 f'or set cfg.FACE.TRAIN_FILE')
-    train_set = WIDERDetection(train_file, mode='train', input_size=input_size, seed=seed)
+    train_set = WIDERDetection(train_file, mode='train', input_size=input_size, seed=seed, normalize=normalize)
     if os.path.isfile(val_file):
-        val_set = WIDERDetection(val_file, mode='val', input_size=input_size, seed=seed)
+        val_set = WIDERDetection(val_file, mode='val', input_size=input_size, seed=seed, normalize=normalize)
     else:
         print(f'dataset_factory: validation list {val_file} not found; training without validation',
               file=sys.stderr, flush=True)

@@ -11,7 +11,8 @@ Formats (DESIGN.md section 5):
 
 `WIDERDetection` returns `(image float32 [3, S, S], target float32 [n, 5])`: the image in RGB
 order with `cfg.img_mean` subtracted (no scaling), target rows `(x1, y1, x2, y2, label)`
-normalised to [0, 1] by the output size, label 1.
+normalised to [0, 1] by the output size, label 1. With `normalize=False` the image is the
+uint8 RGB image and the mean is subtracted later, on the device.
 """
 import re
 import sys
@@ -24,7 +25,7 @@ from torch.utils.data import Dataset
 
 from data.config import cfg
 from utils.augmentations import (TrainAugmentation, clip_boxes, fallback_plan, to_tensor,
-                                 val_transform)
+                                 to_uint8_tensor, val_transform)
 from utils.image_io import ImageReadError, load_rgb
 
 __all__ = ['AnnotationError', 'WiderAnnotation', 'read_wider_annotations', 'read_face_list',
@@ -179,8 +180,13 @@ class WIDERDetection(Dataset):
         input_size: side S of the square output (default cfg.INPUT_SIZE).
         seed: base seed of the training randomness.
         params: augmentation configuration (default data.config.cfg).
+        normalize: True returns float32 images minus the mean; False returns the uint8 images
+            (a quarter of the bytes for the loader workers to hand over) for
+            `utils.augmentations.subtract_mean` to finish on the device, which gives the
+            same values. train.py uses False.
 
     `dataset[i]` or `dataset[(epoch, i)]` -> (image float32 [3, S, S] RGB minus cfg.img_mean,
+    or uint8 [3, S, S] RGB with normalize=False,
     target float32 [n, 5] rows (x1, y1, x2, y2, 1) normalised to [0, 1]). A training sample
     is a pure function of (seed, epoch, i): the epoch comes from the index tuple or else
     from `set_epoch`. A training sample always holds at least one face: when augmentation
@@ -191,7 +197,7 @@ class WIDERDetection(Dataset):
     `self.bad_images` (per process: each DataLoader worker counts its own).
     """
 
-    def __init__(self, list_file, mode='train', input_size=None, seed=0, params=None):
+    def __init__(self, list_file, mode='train', input_size=None, seed=0, params=None, normalize=True):
         if mode not in ('train', 'val'):
             raise ValueError(f"mode must be 'train' or 'val', got {mode!r}")
         self.params = cfg if params is None else params
@@ -203,6 +209,7 @@ class WIDERDetection(Dataset):
         self.max_attempts = int(self.params.resample_attempts)
         self.max_replacements = int(self.params.replacement_tries)
         self.mean = tuple(self.params.img_mean)
+        self.normalize = bool(normalize)
         self.augment = TrainAugmentation(self.input_size, self.params) if mode == 'train' else None
         self.bad_images = {}
 
@@ -299,6 +306,9 @@ class WIDERDetection(Dataset):
             return self._train_item(int(epoch), index)
         return self._val_item(index)
 
+    def _image_tensor(self, image):
+        return to_tensor(image, self.mean) if self.normalize else to_uint8_tensor(image)
+
     def _train_item(self, epoch, index):
         last_error = None
         for r in range(self.max_replacements):
@@ -319,7 +329,7 @@ class WIDERDetection(Dataset):
             if plan is None:
                 plan = fallback_plan(self.augment, boxes, width, height)
             out, out_boxes = self.augment.render(image, plan)
-            return to_tensor(out, self.mean), self._target(out_boxes, labels[plan.keep])
+            return self._image_tensor(out), self._target(out_boxes, labels[plan.keep])
         raise RuntimeError(f'{self.list_file}: no readable training image found in '
                            f'{self.max_replacements} tries from sample {index}; last error: {last_error}')
 
@@ -332,5 +342,5 @@ class WIDERDetection(Dataset):
                 self._skip(source, exc)
                 continue
             out, out_boxes = val_transform(image, boxes, self.input_size)
-            return to_tensor(out, self.mean), self._target(out_boxes, labels)
+            return self._image_tensor(out), self._target(out_boxes, labels)
         raise RuntimeError(f'{self.list_file}: no readable image found from sample {index} on')

@@ -12,7 +12,7 @@ import torch
 from data.config import cfg
 from data.widerface import read_wider_annotations
 from utils.augmentations import (TrainAugmentation, clip_boxes, distort_image, fallback_plan,
-                                 to_tensor, train_transform, val_transform)
+                                 subtract_mean, to_tensor, to_uint8_tensor, train_transform, val_transform)
 from utils.image_io import load_rgb
 
 S = 640
@@ -284,6 +284,15 @@ def test_to_tensor_is_rgb_minus_mean_chw():
     out = to_tensor(image)
     assert out.dtype == torch.float32 and out.shape == (3, 4, 6)
     assert out[0].eq(200 - 123).all() and out[1].eq(100 - 117).all() and out[2].eq(-104).all()
+
+
+def test_subtract_mean_of_uint8_batches_equals_to_tensor():
+    images = np.random.default_rng(0).integers(0, 256, (2, 5, 7, 3), dtype=np.uint8)
+    batch = torch.stack([to_uint8_tensor(image) for image in images])
+    assert batch.dtype == torch.uint8 and batch.shape == (2, 3, 5, 7)
+    out = subtract_mean(batch)
+    assert torch.equal(out, torch.stack([to_tensor(image) for image in images]))
+    assert batch.dtype == torch.uint8 and int(batch.max()) > 200  # the input is left alone
 
 
 def test_unknown_interpolation_name_is_a_clear_error():

@@ -40,8 +40,8 @@ def test_loss_and_gradients_match_cpu(cuda):
     loc, conf, priors, targets = _loss_inputs()
     results = []
     for device in (torch.device('cpu'), cuda):
-        loc_d = loc.to(device).requires_grad_()
-        conf_d = conf.to(device).requires_grad_()
+        loc_d = loc.to(device).detach().requires_grad_()
+        conf_d = conf.to(device).detach().requires_grad_()
         loss_l, loss_c = MultiBoxLoss(cfg)((loc_d, conf_d, priors.to(device)), targets)
         (loss_l + loss_c).backward()
         results.append([t.detach().cpu() for t in (loss_l, loss_c, loc_d.grad, conf_d.grad)])
@@ -67,17 +67,24 @@ def test_loss_does_not_synchronize_with_the_host(cuda):
     assert not syncs, syncs
 
 
-def test_detect_matches_cpu(cuda):
+@pytest.mark.parametrize('nms_mode', Detect.NMS_MODES)
+def test_detect_matches_cpu(cuda, nms_mode):
     gen = torch.Generator().manual_seed(1)
     priors = PriorBox((640, 640), MAPS_640, cfg).forward()
     loc = torch.randn(2, len(priors), 4, generator=gen) * 0.5
     conf = torch.softmax(torch.randn(2, len(priors), 2, generator=gen) * 2, dim=-1)
-    detect = Detect(cfg)
-    on_cpu = detect.forward(loc, conf, priors)
-    on_gpu = detect.forward(loc.to(cuda), conf.to(cuda), priors.to(cuda)).cpu()
-    assert torch.count_nonzero(on_cpu[..., 0]) > 100
-    assert torch.equal(on_gpu[..., 0] > 0, on_cpu[..., 0] > 0)
-    torch.testing.assert_close(on_gpu, on_cpu, rtol=1e-5, atol=1e-5)
+    on_cpu = Detect(cfg).forward(loc, conf, priors)
+    on_gpu = Detect(cfg, nms_mode=nms_mode).forward(loc.to(cuda), conf.to(cuda), priors.to(cuda)).cpu()
+    for b in range(2):
+        rows_cpu, rows_gpu = on_cpu[b, 1], on_gpu[b, 1]
+        rows_cpu, rows_gpu = rows_cpu[rows_cpu[:, 0] > 0], rows_gpu[rows_gpu[:, 0] > 0]
+        assert len(rows_cpu) > 100
+        # Decoding on another device may move an IoU across the threshold by one ulp and
+        # change a rare decision; every other row must be the same.
+        assert abs(len(rows_gpu) - len(rows_cpu)) <= 0.01 * len(rows_cpu)
+        nearest = torch.cdist(rows_gpu, rows_cpu, p=float('inf')).min(dim=1).values
+        same = int((nearest < 1e-5).sum())
+        assert same >= 0.99 * len(rows_cpu), (same, len(rows_gpu), len(rows_cpu), float(nearest.max()))
 
 
 @pytest.mark.parametrize('channels_last', [False, True])

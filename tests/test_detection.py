@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torchvision.ops import nms
 
@@ -51,16 +52,22 @@ def _reference_detect(loc, conf, priors):
     return out
 
 
-def test_detect_matches_straightforward_reference_with_many_candidates():
+@pytest.mark.parametrize('nms_mode', [None, 'prefix', 'full'])
+def test_detect_matches_straightforward_reference_with_many_candidates(nms_mode):
     n = 6000
     priors = _priors_grid(n)
     g = torch.Generator().manual_seed(7)
     loc = torch.randn(2, n, 4, generator=g) * 0.5
     conf = torch.softmax(torch.randn(2, n, 2, generator=g), -1)
-    out = Detect(cfg).forward(loc, conf, priors)
+    out = Detect(cfg, nms_mode=nms_mode).forward(loc, conf, priors)
     ref = _reference_detect(loc, conf, priors)
     assert torch.allclose(out, ref, atol=1e-6)
     assert (out[:, 1, :, 0] > 0).sum(1).min() > 0
+
+
+def test_unknown_nms_mode_is_a_clear_error():
+    with pytest.raises(ValueError, match='nms_mode'):
+        Detect(cfg, nms_mode='fast')
 
 
 def test_nms_top_k_equals_full_nms_then_truncation():

@@ -12,6 +12,7 @@ from data.config import cfg
 from data.factory import EpochBatchSampler, dataset_factory, detection_collate, make_loader
 from data.widerface import (AnnotationError, WIDERDetection, read_face_list,
                             read_wider_annotations)
+from utils.augmentations import subtract_mean
 
 SIZE = 160  # small output keeps the suite fast; 640 is covered by the real-image test
 
@@ -156,6 +157,16 @@ def test_training_samples_are_a_pure_function_of_seed_epoch_index(small_list):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(ds[(2, 0)][0], ds[(3, 0)][0])
     assert not torch.equal(ds[(2, 0)][0], other_seed[(2, 0)][0])
+
+
+def test_uint8_samples_give_the_float_samples_after_subtract_mean(small_list):
+    for mode in ('train', 'val'):
+        floats = WIDERDetection(small_list, mode, input_size=SIZE, seed=3)
+        raw = WIDERDetection(small_list, mode, input_size=SIZE, seed=3, normalize=False)
+        for index in range(len(floats)):
+            (image, target), (image_u8, target_u8) = floats[(1, index)], raw[(1, index)]
+            assert image_u8.dtype == torch.uint8 and image_u8.shape == (3, SIZE, SIZE)
+            assert torch.equal(subtract_mean(image_u8[None])[0], image) and torch.equal(target_u8, target)
 
 
 def test_val_samples_are_plain_resizes(small_list):

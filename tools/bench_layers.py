@@ -4,7 +4,8 @@ Prints one JSON object with median wall times in seconds:
   loss_s:   MultiBoxLoss (matching + mining + both losses, forward only) on a batch of
             16 images with 1-40 faces each;
   detect_s: Detect on one 640x640 output whose scores are all near 0.5 (every prior above
-            CONF_THRESH, so NMS_TOP_K = 5000 candidates go to NMS).
+            CONF_THRESH, so NMS_TOP_K = 5000 candidates go to NMS), default NMS mode;
+  detect_modes: Detect at batch 1 and 16 in each NMS mode ('prefix', 'full').
 
     python tools/bench_layers.py [--threads 1] [--repeat 15] [--device cpu]
 """
@@ -85,13 +86,22 @@ def main(args):
     candidates = int((det_conf[..., 1] > cfg.CONF_THRESH).sum())
     detect_s = timed(lambda: detect.forward(det_loc, det_conf, priors), args.repeat, device)
     kept = int((detect.forward(det_loc, det_conf, priors)[0, 1, :, 0] > 0).sum())
+    modes = {}
+    for mode in Detect.NMS_MODES:
+        detect_mode = Detect(cfg, nms_mode=mode)
+        modes[mode] = {}
+        for batch in (1, 16):
+            loc_b, conf_b = det_loc.expand(batch, -1, -1), det_conf.expand(batch, -1, -1)
+            seconds = timed(lambda: detect_mode.forward(loc_b, conf_b, priors),
+                            args.repeat if batch == 1 else max(3, args.repeat // 5), device)
+            modes[mode][f'batch{batch}_s'] = round(seconds, 4)
 
     print(json.dumps({
         'device': str(device), 'threads': args.threads, 'priors': num_priors,
         'loss_batch': args.batch_size, 'faces_per_image': [min(counts), max(counts)],
         'loss_s': round(loss_s, 4), 'loss_target_s': 0.12,
         'detect_candidates_above_thresh': candidates, 'detect_kept': kept,
-        'detect_s': round(detect_s, 4), 'detect_target_s': 0.015,
+        'detect_s': round(detect_s, 4), 'detect_target_s': 0.015, 'detect_modes': modes,
     }))
 
 

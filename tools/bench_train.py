@@ -113,7 +113,8 @@ def loader_batches(args, ctx):
     generate(os.path.join(root, 'WIDER'), args.images, 1, seed=0)
     prepare_wider_data.main(prepare_wider_data.parse_args(['--dataset_dir', os.path.join(root, 'WIDER'),
                                                            '--out_dir', root]))
-    dataset = WIDERDetection(os.path.join(root, 'face_train.txt'), 'train', input_size=args.input_size)
+    dataset = WIDERDetection(os.path.join(root, 'face_train.txt'), 'train', input_size=args.input_size,
+                             normalize=False)  # as train.py: uint8 to the device
     sampler = EpochBatchSampler(len(dataset), args.batch_size, seed=0)
     loader = make_loader(dataset, sampler, args.num_workers, pin_memory=ctx.type == 'cuda')
 

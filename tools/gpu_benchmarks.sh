@@ -3,29 +3,37 @@
 #
 #     bash tools/gpu_benchmarks.sh [OUT_DIR] [IMAGE]
 #
-# OUT_DIR (default ./gpu_bench) receives results.jsonl (one JSON object per benchmark, with
-# its name and command) and log.txt (stderr of every run). IMAGE is the picture bench_infer.py
-# resizes to 640x480 (default: the real WIDER val image of ../shared, else a synthetic scene).
-# Each benchmark runs on its own under a time limit, so one failure does not stop the rest.
-# Set PYTHON to choose the interpreter (default python3) and BENCH_LIMIT_S for the limit of
-# one benchmark (default 150 s), BENCH_TOTAL_S for the whole run (default 480 s; benchmarks
-# that would start later are recorded as skipped).
+# OUT_DIR (default ./gpu_bench) receives results.jsonl (one JSON object per step, with its
+# name, exit status, seconds and command) and log.txt (everything the steps printed on
+# stderr). IMAGE is the picture bench_infer.py resizes to 640x480 (default: the real WIDER val
+# image of ../shared, else a synthetic scene). Each step runs on its own under a time limit,
+# so one failure does not stop the rest.
+#
+# Environment: PYTHON (default python3); BENCH_ONLY="name name ..." runs only those steps;
+# BENCH_LIMIT_S, the limit of one step (default 150 s); BENCH_TOTAL_S, the whole run
+# (default 480 s; steps that would start later are recorded as skipped); BENCH_DATA_DIR, where
+# the synthetic WIDER of the loader steps is made (default /tmp/s3fd_bench_wider).
 set -u
 OUT_DIR=${1:-gpu_bench}
 IMAGE=${2:-}
 PY=${PYTHON:-python3}
 LIMIT=${BENCH_LIMIT_S:-150}
 TOTAL=${BENCH_TOTAL_S:-480}
+ONLY=${BENCH_ONLY:-}
 DATA_DIR=${BENCH_DATA_DIR:-/tmp/s3fd_bench_wider}
 mkdir -p "$OUT_DIR"
 RESULTS="$OUT_DIR/results.jsonl"
 LOG="$OUT_DIR/log.txt"
 export PYTHONUNBUFFERED=1
 
-bench() {
+# step NAME COMMAND...: run COMMAND, record the last line it prints (JSON when it is).
+step() {
     local name=$1
     shift
-    local start=$SECONDS out rc limit=$((TOTAL - SECONDS))
+    if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then
+        return
+    fi
+    local start=$SECONDS out rc line limit=$((TOTAL - SECONDS))
     [ "$limit" -gt "$LIMIT" ] && limit=$LIMIT
     if [ "$limit" -lt 20 ]; then
         echo "{\"name\": \"$name\", \"rc\": null, \"skipped\": \"BENCH_TOTAL_S reached\"}" >>"$RESULTS"
@@ -33,9 +41,8 @@ bench() {
         return
     fi
     echo "== $name: $*" >>"$LOG"
-    out=$(timeout "$limit" "$PY" "$@" 2>>"$LOG")
+    out=$(timeout "$limit" "$@" 2>>"$LOG")
     rc=$?
-    local line
     line=$(printf '%s\n' "$out" | tail -n 1)
     "$PY" - "$name" "$rc" "$((SECONDS - start))" "$*" "$line" >>"$RESULTS" <<'EOF'
 import json, sys
@@ -49,37 +56,56 @@ EOF
     echo "$name rc=$rc $((SECONDS - start))s: $(printf '%s' "$line" | cut -c1-400)"
 }
 
+# train.py itself on the GPU: a short run, then an exact resume of it, then wider_test.py
+# with its weights on the synthetic val split.
+# SMOKE_ARGS adds arguments to both training runs (e.g. a small --input_size for a dry run).
+train_script() {
+    local dir=$DATA_DIR/train_smoke device=${SMOKE_DEVICE:-gpu}
+    local common=(--device "$device" --train_file "$DATA_DIR/face_train.txt" --val_file "$DATA_DIR/face_val.txt"
+                  --num_workers 15 --lr 1e-4 --save_folder "$dir" ${SMOKE_ARGS:-})
+    rm -rf "$dir"
+    "$PY" train.py "${common[@]}" --basenet none --max_iter "${SMOKE_ITERS:-60}" >&2 || return 1
+    "$PY" train.py "${common[@]}" --max_iter "$(( ${SMOKE_ITERS:-60} + 20 ))" \
+        --resume "$dir/sfd_face_checkpoint.pth" >&2 || return 1
+    "$PY" wider_test.py --model "$dir/sfd_face_checkpoint.pth" --dataset_dir "$DATA_DIR/WIDER" --device "$device" \
+        --out "$dir/pred" --eval "$DATA_DIR/WIDER/eval_tools/ground_truth" >&2 || return 1
+    echo '{"train_resume_test": "ok"}'
+}
+export -f train_script
+export PY DATA_DIR
+
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
   "$PY" -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__,
   "cuDNN", torch.backends.cudnn.version(), torch.cuda.get_device_name(0))'
   nproc; } 2>&1 | tee -a "$LOG"
 
-T=tools/bench_train.py
-I=tools/bench_infer.py
+T="$PY tools/bench_train.py --device gpu"
+I="$PY tools/bench_infer.py --device gpu"
+BF16="--amp native --amp_dtype bf16"
+LOADER="--data loader --num_workers 16 --images 512 --data_dir $DATA_DIR --warmup 10"
 IMG=()
 [ -n "$IMAGE" ] && IMG=(--image "$IMAGE")
 
 # The CUDA paths against the CPU's, and no host synchronisation in the loss.
-"$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -n 15 | tee -a "$LOG"
-bench layers_gpu tools/bench_layers.py --device cuda
-
-# Training, data already on the GPU: the network, loss and update alone.
-bench train_bf16_b16 $T --device gpu --batch_size 16 --amp native --amp_dtype bf16
-bench train_bf16_b16_cl $T --device gpu --batch_size 16 --amp native --amp_dtype bf16 --channels_last
-bench train_bf16_b16_cl_fused $T --device gpu --batch_size 16 --amp native --amp_dtype bf16 --channels_last --sgd fused
-bench train_bf16_b32_cl $T --device gpu --batch_size 32 --amp native --amp_dtype bf16 --channels_last
-bench train_fp32_b16 $T --device gpu --batch_size 16 --amp off
-# The whole pipeline: DataLoader workers decoding and augmenting synthetic WIDER JPEGs. The
-# timed steps far outnumber the batches the workers prefetch (16 x 4) during the warm-up.
-bench train_loader_bf16_b16_cl_w16 $T --device gpu --batch_size 16 --amp native --amp_dtype bf16 --channels_last \
-    --data loader --num_workers 16 --images 512 --data_dir "$DATA_DIR" --warmup 10 --steps 200
-bench train_loader_bf16_b32_cl_w16 $T --device gpu --batch_size 32 --amp native --amp_dtype bf16 --channels_last \
-    --data loader --num_workers 16 --images 512 --data_dir "$DATA_DIR" --warmup 10 --steps 100
+step test_cuda "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
+step layers_gpu "$PY" tools/bench_layers.py --device cuda
+# The whole training pipeline: DataLoader workers decoding and augmenting synthetic WIDER
+# JPEGs. The timed steps far outnumber the batches the workers prefetch (16 x 4).
+step train_loader_bf16_b16_cl $T --batch_size 16 $BF16 --channels_last $LOADER --steps 200
 # Inference at 640x480, post-processing to pixel boxes included.
-bench infer_fp32 $I --device gpu "${IMG[@]}"
-bench infer_bf16_cl $I --device gpu --amp bf16 --channels_last "${IMG[@]}"
+step infer_bf16_cl $I --amp bf16 --channels_last "${IMG[@]}"
+step infer_fp32 $I "${IMG[@]}"
+step infer_bf16_cl_prefix $I --amp bf16 --channels_last --nms_mode prefix "${IMG[@]}"
+step train_script bash -c train_script
+step train_loader_bf16_b32_cl $T --batch_size 32 $BF16 --channels_last $LOADER --steps 100
+# Training with the data already on the GPU: the network, loss and update alone.
+step train_bf16_b16 $T --batch_size 16 $BF16
+step train_bf16_b16_cl $T --batch_size 16 $BF16 --channels_last
+step train_bf16_b16_cl_fused $T --batch_size 16 $BF16 --channels_last --sgd fused
+step train_bf16_b32_cl $T --batch_size 32 $BF16 --channels_last
+step train_fp32_b16 $T --batch_size 16 --amp off
 # bf16 against float32 (TF32 off) from the same weights on the same batches.
-bench precision_bf16 tools/check_precision.py --device gpu --amp_dtype bf16 --steps 20
+step precision_bf16 "$PY" tools/check_precision.py --device gpu --amp_dtype bf16 --steps 20
 # torch.compile last: its compilation is the slowest part.
-bench train_bf16_b16_cl_compile $T --device gpu --batch_size 16 --amp native --amp_dtype bf16 --channels_last --compile
-bench infer_bf16_cl_compile $I --device gpu --amp bf16 --channels_last --compile --batch_sizes 16 "${IMG[@]}"
+step train_bf16_b16_cl_compile $T --batch_size 16 $BF16 --channels_last --compile
+step infer_bf16_cl_compile $I --amp bf16 --channels_last --compile --batch_sizes 16 "${IMG[@]}"

@@ -407,3 +407,19 @@ def to_tensor(image, mean=None):
     for c, channel in enumerate(cv2.split(image)):
         cv2.subtract(channel, float(mean[c]), dst=out[c], dtype=cv2.CV_32F)
     return torch.from_numpy(out)
+
+
+def to_uint8_tensor(image):
+    """uint8 [S, S, 3] RGB -> uint8 tensor [3, S, S], unchanged values (see subtract_mean)."""
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+
+def subtract_mean(images, mean=None):
+    """uint8 images [..., 3, H, W] RGB (on any device) -> float32 minus the per-channel mean:
+    the values `to_tensor` gives, computed where the images are (e.g. on the GPU, after a
+    copy of a quarter of the bytes)."""
+    mean = default_cfg.img_mean if mean is None else mean
+    out = images.float()
+    for c, value in enumerate(mean):  # Python scalars: no host-to-device copy to wait for
+        out[..., c, :, :].sub_(float(value))
+    return out
