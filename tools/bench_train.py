@@ -6,9 +6,11 @@
 
 --data synthetic: batches made once and kept on the device (the model's speed alone);
 --data loader: the real DataLoader over synthetic WIDER JPEGs with the training augmentation
-(the whole pipeline). Prints one JSON object: images_per_s, step_time_s, peak_mem_gb and
-peak_fraction (achieved FLOP/s over the device's dense peak at that precision; null when the
-device is not in the table).
+(the whole pipeline; the few generated images are listed again up to --epoch_size entries,
+as many as WIDER train, since the workers' refill at every epoch start would otherwise
+dominate). Prints one JSON object: images_per_s, step_time_s, peak_mem_gb, peak_fraction
+(achieved FLOP/s over the device's dense peak at that precision; null when the device is not
+in the table) and valid (false when a step had a non-finite loss and skipped its update).
 """
 import argparse
 import json
@@ -27,6 +29,7 @@ from s3fd import build_s3fd, init_weights_from_scratch  # noqa: E402
 from tools.bench_layers import random_faces  # noqa: E402
 from train import FiniteCheck, training_step  # noqa: E402
 from utils import device as devices  # noqa: E402
+from utils.fileio import atomic_write_text  # noqa: E402
 
 # Dense tensor-core peaks in TFLOP/s (no sparsity): bf16/fp16, and fp32 (TF32 where used).
 PEAK_TFLOPS = {
@@ -56,6 +59,10 @@ def parse_args(argv=None):
     p.add_argument('--data', default='synthetic', choices=['synthetic', 'loader'])
     p.add_argument('--num_workers', default=8, type=int, help='loader workers (--data loader)')
     p.add_argument('--images', default=256, type=int, help='synthetic WIDER images (--data loader)')
+    p.add_argument('--epoch_size', default=12880, type=int,
+                   help='list entries per epoch (--data loader): the images are listed again until the list '
+                        'is this long (default: WIDER train), so that the refill of the workers at every epoch '
+                        'start weighs what it weighs on WIDER')
     p.add_argument('--data_dir', default=None, help='reuse/keep the synthetic WIDER here (--data loader)')
     return p.parse_args(argv)
 
@@ -113,7 +120,12 @@ def loader_batches(args, ctx):
     generate(os.path.join(root, 'WIDER'), args.images, 1, seed=0)
     prepare_wider_data.main(prepare_wider_data.parse_args(['--dataset_dir', os.path.join(root, 'WIDER'),
                                                            '--out_dir', root]))
-    dataset = WIDERDetection(os.path.join(root, 'face_train.txt'), 'train', input_size=args.input_size,
+    with open(os.path.join(root, 'face_train.txt')) as f:
+        lines = f.read().splitlines()
+    repeats = max(1, -(-args.epoch_size // max(1, len(lines))))
+    list_file = os.path.join(root, f'face_train_x{repeats}.txt')
+    atomic_write_text(list_file, '\n'.join(lines * repeats) + '\n')
+    dataset = WIDERDetection(list_file, 'train', input_size=args.input_size,
                              normalize=False)  # as train.py: uint8 to the device
     sampler = EpochBatchSampler(len(dataset), args.batch_size, seed=0)
     loader = make_loader(dataset, sampler, args.num_workers, pin_memory=ctx.type == 'cuda')
@@ -156,23 +168,24 @@ def main(args):
         source = loader_batches(args, ctx)
 
     def run(steps):
-        losses = []
+        losses, skipped = [], 0
         wait = 0.0
         for _ in range(steps):
             t = time.perf_counter()
             images, targets = next(source)
             wait += time.perf_counter() - t
-            loss, _, _, _ = training_step(net, criterion, optimizer, ctx, finite, images, targets,
-                                          args.channels_last)
+            loss, _, _, stepped = training_step(net, criterion, optimizer, ctx, finite, images, targets,
+                                                args.channels_last)
             losses.append(loss)
-        return losses, wait
+            skipped += not stepped
+        return losses, wait, skipped
 
-    run(args.warmup)
+    _, _, skipped_warmup = run(args.warmup)
     ctx.synchronize()
     if ctx.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(ctx.device)
     start = time.perf_counter()
-    losses, wait = run(args.steps)
+    losses, wait, skipped = run(args.steps)
     ctx.synchronize()
     elapsed = time.perf_counter() - start
 
@@ -195,6 +208,10 @@ def main(args):
         'peak_fraction': round(flops * images_per_s / 1e12 / peak, 4) if peak else None,
         'peak_mem_gb': round(ctx.max_memory_gb(), 2) if ctx.max_memory_gb() is not None else None,
         'final_loss': round(float(losses[-1]), 4),
+        # A step whose loss is not finite skips the update (and its cost): such a run's speed
+        # is not a training speed.
+        'nonfinite_steps': skipped_warmup + skipped,
+        'valid': skipped_warmup + skipped == 0,
     }))
 
 
