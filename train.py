@@ -66,8 +66,12 @@ def parse_args(argv=None):
     parser.add_argument('--train_file', default=cfg.FACE.TRAIN_FILE, help='training list (prepare_wider_data.py)')
     parser.add_argument('--val_file', default=cfg.FACE.VAL_FILE, help='validation list')
     parser.add_argument('--seed', default=0, type=int, help='seed of initialisation, order and augmentation')
-    parser.add_argument('--channels_last', action='store_true', help='channels-last memory format (GPU)')
-    parser.add_argument('--compile', action='store_true', help='torch.compile the network')
+    parser.add_argument('--channels_last', action=argparse.BooleanOptionalAction, default=None,
+                        help='channels-last memory format (default: on with --device gpu, where it trains '
+                             '1.4x faster in bf16; off elsewhere)')
+    parser.add_argument('--compile', action='store_true',
+                        help='torch.compile the network (experimental: non-finite losses on torch 2.11 + CUDA, '
+                             'see the README)')
     parser.add_argument('--tensorboard', default=None, metavar='DIR',
                         help='write TensorBoard scalars to DIR (needs the tensorboard package)')
     parser.add_argument('--demo', action='store_true',
@@ -490,6 +494,8 @@ def main(args):
     except devices.DeviceUnavailable as e:
         fail(str(e))
     devices.init_distributed(ctx.type)
+    if args.channels_last is None:
+        args.channels_last = ctx.type == 'cuda'
     ctx.share_cpu(args.num_workers, world)
     torch.manual_seed(args.seed)
     if devices.is_main_process():

@@ -133,6 +133,22 @@ def _run_cli(*args):
                           timeout=120)
 
 
+def test_channels_last_is_on_off_or_left_to_the_device():
+    assert train.parse_args([]).channels_last is None  # main(): on for --device gpu only
+    assert train.parse_args(['--channels_last']).channels_last is True
+    assert train.parse_args(['--no-channels_last']).channels_last is False
+
+
+def test_loader_images_reach_the_device_as_float_minus_mean():
+    images = torch.tensor([[[[0, 255]], [[117, 0]], [[104, 1]]]], dtype=torch.uint8)  # [1, 3, 1, 2]
+    targets = [torch.zeros(0, 5)]
+    out, same_targets = train.to_device(images, targets, torch.device('cpu'))
+    assert out.dtype == torch.float32 and same_targets is targets
+    assert out.flatten().tolist() == [-123, 132, 0, -117, 0, -103]
+    floats = torch.randn(1, 3, 1, 2)
+    assert torch.equal(train.to_device(floats, targets, torch.device('cpu'))[0], floats)
+
+
 def test_device_errors_are_one_clear_line():
     if not torch.cuda.is_available():
         proc = _run_cli('--device', 'gpu')
