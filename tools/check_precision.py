@@ -2,6 +2,7 @@
 in float32 and under autocast give losses within a tolerance.
 
     python tools/check_precision.py --device gpu --amp_dtype bf16 --steps 20
+    python tools/check_precision.py --device gpu --channels_last --compile
     python tools/check_precision.py --device cpu --input_size 128 --batch_size 2 --steps 5
 
 Prints one JSON object with both loss sequences, the relative difference of the final losses
@@ -10,6 +11,7 @@ Prints one JSON object with both loss sequences, the relative difference of the 
 import argparse
 import copy
 import json
+import math
 import os
 import sys
 
@@ -35,18 +37,26 @@ def parse_args(argv=None):
     p.add_argument('--steps', default=20, type=int)
     p.add_argument('--lr', default=1e-3, type=float)
     p.add_argument('--tolerance', default=0.02, type=float)
+    p.add_argument('--channels_last', action='store_true', help='channels-last network and input in both runs')
+    p.add_argument('--compile', action='store_true',
+                   help='torch.compile the network of the mixed-precision run (checks compile as well)')
     return p.parse_args(argv)
 
 
-def train_losses(net, ctx, batches, steps, lr):
+def train_losses(net, ctx, batches, steps, lr, channels_last=False, compile_net=False):
     net = copy.deepcopy(net).to(ctx.device)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
     optimizer = ctx.make_optimizer(net.parameters(), lr, 0.9, 5e-4)
     net, optimizer = ctx.initialize(net, optimizer)
+    if compile_net:
+        net = torch.compile(net)
     criterion, finite = MultiBoxLoss(cfg), FiniteCheck(ctx.device)
     losses = []
     for step in range(steps):
         images, targets = batches[step % len(batches)]
-        loss, _, _, _ = training_step(net, criterion, optimizer, ctx, finite, images.to(ctx.device), targets)
+        loss, _, _, _ = training_step(net, criterion, optimizer, ctx, finite, images.to(ctx.device), targets,
+                                      channels_last)
         losses.append(float(loss))
     return losses
 
@@ -64,15 +74,17 @@ def main(args):
     net = build_s3fd('train')
     init_weights_from_scratch(net)
     batches = synthetic_batches(args, 4, torch.Generator().manual_seed(0))
-    ref = train_losses(net, fp32, batches, args.steps, args.lr)
-    amp = train_losses(net, mixed, batches, args.steps, args.lr)
+    ref = train_losses(net, fp32, batches, args.steps, args.lr, args.channels_last)
+    amp = train_losses(net, mixed, batches, args.steps, args.lr, args.channels_last, args.compile)
     tail = min(5, args.steps)
     ref_end, amp_end = sum(ref[-tail:]) / tail, sum(amp[-tail:]) / tail
     rel = abs(amp_end - ref_end) / abs(ref_end)
-    print(json.dumps({'device': mixed.describe(), 'steps': args.steps, 'fp32_losses': [round(x, 4) for x in ref],
+    ok = math.isfinite(rel) and rel <= args.tolerance  # a NaN difference must not pass
+    print(json.dumps({'device': mixed.describe(), 'steps': args.steps, 'channels_last': args.channels_last,
+                      'compile': args.compile, 'fp32_losses': [round(x, 4) for x in ref],
                       'amp_losses': [round(x, 4) for x in amp], 'final_rel_diff': round(rel, 5),
-                      'tolerance': args.tolerance, 'ok': rel <= args.tolerance}))
-    return rel <= args.tolerance
+                      'tolerance': args.tolerance, 'ok': ok}))
+    return ok
 
 
 if __name__ == '__main__':

@@ -106,6 +106,8 @@ step train_bf16_b32_cl $T --batch_size 32 $BF16 --channels_last
 step train_fp32_b16 $T --batch_size 16 --amp off
 # bf16 against float32 (TF32 off) from the same weights on the same batches.
 step precision_bf16 "$PY" tools/check_precision.py --device gpu --amp_dtype bf16 --steps 20
+step precision_bf16_cl_compile "$PY" tools/check_precision.py --device gpu --amp_dtype bf16 --steps 20 \
+    --channels_last --compile
 # torch.compile last: its compilation is the slowest part.
 step train_bf16_b16_cl_compile $T --batch_size 16 $BF16 --channels_last --compile
 step infer_bf16_cl_compile $I --amp bf16 --channels_last --compile --batch_sizes 16 "${IMG[@]}"
