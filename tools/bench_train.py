@@ -54,6 +54,8 @@ def parse_args(argv=None):
     p.add_argument('--compile', action='store_true', help='torch.compile the network (not the data path)')
     p.add_argument('--sgd', default='default', choices=['default', 'foreach', 'fused'],
                    help="PyTorch SGD kernel ('default': foreach on CUDA)")
+    p.add_argument('--lr', default=1e-3, type=float,
+                   help="SGD learning rate (train.py's default; from scratch at 640 it can diverge, see valid)")
     p.add_argument('--steps', default=20, type=int, help='timed steps')
     p.add_argument('--warmup', default=5, type=int, help='untimed steps first')
     p.add_argument('--data', default='synthetic', choices=['synthetic', 'loader'])
@@ -152,7 +154,7 @@ def main(args):
     net.to(ctx.device)
     if args.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    optimizer = ctx.make_optimizer(net.parameters(), 1e-3, 0.9, 5e-4,
+    optimizer = ctx.make_optimizer(net.parameters(), args.lr, 0.9, 5e-4,
                                    None if args.sgd == 'default' else args.sgd)
     net, optimizer = ctx.initialize(net, optimizer)
     if args.compile:
@@ -207,7 +209,7 @@ def main(args):
         'peak_tflops': peak,
         'peak_fraction': round(flops * images_per_s / 1e12 / peak, 4) if peak else None,
         'peak_mem_gb': round(ctx.max_memory_gb(), 2) if ctx.max_memory_gb() is not None else None,
-        'final_loss': round(float(losses[-1]), 4),
+        'lr': args.lr, 'final_loss': round(float(losses[-1]), 4),
         # A step whose loss is not finite skips the update (and its cost): such a run's speed
         # is not a training speed.
         'nonfinite_steps': skipped_warmup + skipped,

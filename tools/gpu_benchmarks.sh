@@ -110,4 +110,7 @@ step precision_bf16_cl_compile "$PY" tools/check_precision.py --device gpu --amp
     --channels_last --compile
 # torch.compile last: its compilation is the slowest part.
 step train_bf16_b16_cl_compile $T --batch_size 16 $BF16 --channels_last --compile
+# The compiled runs of 2026-11-27 ended with NaN losses at lr 1e-3 from scratch; at a tenth of
+# that lr a divergence would calm down, a compiler defect would not.
+step train_bf16_b16_cl_compile_lr1e-4 $T --batch_size 16 $BF16 --channels_last --compile --lr 1e-4
 step infer_bf16_cl_compile $I --amp bf16 --channels_last --compile --batch_sizes 16 "${IMG[@]}"
