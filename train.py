@@ -290,21 +290,20 @@ def new_state(epoch=0, iteration=0):
 # -- the loop ------------------------------------------------------------------------------------
 
 
-def to_device(images, targets, device):
-    """Images to the device, uint8 ones (the loader's) made float32 minus the mean there;
-    targets stay on the host: the loss reads the face sizes there."""
+def to_device(images, targets, device, channels_last=False):
+    """Images to the device, uint8 ones (the loader's) made float32 minus the mean there,
+    channels-last on request; targets stay on the host: the loss reads the face sizes there."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     images = images.to(device, non_blocking=True)
-    if images.dtype == torch.uint8:
-        images = subtract_mean(images, cfg.img_mean)
-    return images, targets
+    if images.dtype == torch.uint8:  # one pass: float32, mean and layout together
+        images = subtract_mean(images, cfg.img_mean, memory_format)
+    return images.contiguous(memory_format=memory_format), targets
 
 
 def training_step(net, criterion, optimizer, ctx, finite, images, targets, channels_last=False):
     """One SGD step: forward under autocast, loss, backward and update unless the loss is not
     finite. Returns (loss, loss_l, loss_c) detached and whether the update was applied."""
-    images, targets = to_device(images, targets, ctx.device)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
+    images, targets = to_device(images, targets, ctx.device, channels_last)
     optimizer.zero_grad(set_to_none=True)
     with ctx.autocast():
         out = net(images)
@@ -448,9 +447,7 @@ class Trainer:
         start = time.time()
         total, batches = 0.0, 0
         for images, targets in self.val_loader:
-            images, targets = to_device(images, targets, ctx.device)
-            if args.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
+            images, targets = to_device(images, targets, ctx.device, args.channels_last)
             with ctx.autocast():
                 out = self.eval_net(images)
             loss_l, loss_c = self.criterion(out, targets)

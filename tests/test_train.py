@@ -147,6 +147,10 @@ def test_loader_images_reach_the_device_as_float_minus_mean():
     assert out.flatten().tolist() == [-123, 132, 0, -117, 0, -103]
     floats = torch.randn(1, 3, 1, 2)
     assert torch.equal(train.to_device(floats, targets, torch.device('cpu'))[0], floats)
+    wide = torch.randint(0, 256, (2, 3, 4, 5), dtype=torch.uint8)
+    last, _ = train.to_device(wide, targets, torch.device('cpu'), channels_last=True)
+    assert last.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(last, train.to_device(wide, targets, torch.device('cpu'))[0])
 
 
 def test_device_errors_are_one_clear_line():

@@ -414,12 +414,12 @@ def to_uint8_tensor(image):
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
 
-def subtract_mean(images, mean=None):
+def subtract_mean(images, mean=None, memory_format=torch.preserve_format):
     """uint8 images [..., 3, H, W] RGB (on any device) -> float32 minus the per-channel mean:
     the values `to_tensor` gives, computed where the images are (e.g. on the GPU, after a
-    copy of a quarter of the bytes)."""
+    copy of a quarter of the bytes), laid out in `memory_format` (4-D images only)."""
     mean = default_cfg.img_mean if mean is None else mean
-    out = images.float()
+    out = images.to(torch.float32, memory_format=memory_format)
     for c, value in enumerate(mean):  # Python scalars: no host-to-device copy to wait for
         out[..., c, :, :].sub_(float(value))
     return out
