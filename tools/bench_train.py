@@ -87,6 +87,19 @@ def train_flops_per_image(input_size):
     return 3 * 2 * sum(macs)
 
 
+def prepare_training(net, ctx, lr, channels_last=False, compile_net=False, sgd_impl=None):
+    """`net` on ctx's device (channels-last, compiled on request) with its SGD (train.py's
+    momentum and weight decay), loss and finiteness check: (net, optimizer, criterion, finite)."""
+    net = net.to(ctx.device)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    optimizer = ctx.make_optimizer(net.parameters(), lr, 0.9, 5e-4, sgd_impl)
+    net, optimizer = ctx.initialize(net, optimizer)
+    if compile_net:
+        net = torch.compile(net)
+    return net, optimizer, MultiBoxLoss(cfg), FiniteCheck(ctx.device)
+
+
 def device_peak(ctx, precision):
     if ctx.type != 'cuda':
         return None
@@ -151,16 +164,8 @@ def main(args):
     torch.manual_seed(0)
     net = build_s3fd('train')
     init_weights_from_scratch(net)
-    net.to(ctx.device)
-    if args.channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    optimizer = ctx.make_optimizer(net.parameters(), args.lr, 0.9, 5e-4,
-                                   None if args.sgd == 'default' else args.sgd)
-    net, optimizer = ctx.initialize(net, optimizer)
-    if args.compile:
-        net = torch.compile(net)
-    criterion = MultiBoxLoss(cfg)
-    finite = FiniteCheck(ctx.device)
+    net, optimizer, criterion, finite = prepare_training(net, ctx, args.lr, args.channels_last, args.compile,
+                                                         None if args.sgd == 'default' else args.sgd)
 
     if args.data == 'synthetic':
         made = synthetic_batches(args, 4, torch.Generator().manual_seed(0))

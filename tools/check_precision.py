@@ -19,11 +19,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data.config import cfg  # noqa: E402
-from layers.modules.multibox_loss import MultiBoxLoss  # noqa: E402
 from s3fd import build_s3fd, init_weights_from_scratch  # noqa: E402
-from tools.bench_train import synthetic_batches  # noqa: E402
-from train import FiniteCheck, training_step  # noqa: E402
+from tools.bench_train import prepare_training, synthetic_batches  # noqa: E402
+from train import training_step  # noqa: E402
 from utils import device as devices  # noqa: E402
 
 
@@ -44,14 +42,7 @@ def parse_args(argv=None):
 
 
 def train_losses(net, ctx, batches, steps, lr, channels_last=False, compile_net=False):
-    net = copy.deepcopy(net).to(ctx.device)
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    optimizer = ctx.make_optimizer(net.parameters(), lr, 0.9, 5e-4)
-    net, optimizer = ctx.initialize(net, optimizer)
-    if compile_net:
-        net = torch.compile(net)
-    criterion, finite = MultiBoxLoss(cfg), FiniteCheck(ctx.device)
+    net, optimizer, criterion, finite = prepare_training(copy.deepcopy(net), ctx, lr, channels_last, compile_net)
     losses = []
     for step in range(steps):
         images, targets = batches[step % len(batches)]
