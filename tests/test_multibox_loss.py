@@ -37,12 +37,17 @@ def test_batch_without_any_face_divides_by_batch_size():
     (loss_l + loss_c).backward()
 
 
-def test_hard_negative_count_and_normalisation():
+def _one_face():
+    """(priors, targets, criterion, conf_t, num_pos) of one image with one face."""
     priors = _priors()
     targets = [torch.tensor([[0.1, 0.1, 0.3, 0.4, 1.0]])]
     criterion = MultiBoxLoss(cfg)
     _, conf_t = criterion.build_targets(targets, priors, 1)
-    num_pos = int((conf_t > 0).sum())
+    return priors, targets, criterion, conf_t, int((conf_t > 0).sum())
+
+
+def test_hard_negative_count_and_normalisation():
+    priors, targets, criterion, conf_t, num_pos = _one_face()
     assert num_pos >= 1
     # Uniform logits: every prior costs log(2); loss_c = (num_pos + 3 num_pos) log 2 / num_pos.
     loc = torch.zeros(1, len(priors), 4)
@@ -52,11 +57,7 @@ def test_hard_negative_count_and_normalisation():
 
 
 def test_hard_negatives_are_the_most_confident_mistakes():
-    priors = _priors()
-    targets = [torch.tensor([[0.1, 0.1, 0.3, 0.4, 1.0]])]
-    criterion = MultiBoxLoss(cfg)
-    _, conf_t = criterion.build_targets(targets, priors, 1)
-    num_pos = int((conf_t > 0).sum())
+    priors, targets, criterion, conf_t, num_pos = _one_face()
     conf = torch.zeros(1, len(priors), 2)
     negatives = torch.nonzero(conf_t[0] == 0).flatten()
     hard = negatives[:3 * num_pos]
