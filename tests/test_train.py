@@ -119,10 +119,10 @@ def test_torchrun_two_processes_one_log_stream(lists, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS='1')
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    out = proc.stdout.splitlines()
-    assert sum(line.startswith('epoch:0 || iter:0 ') for line in out) == 1
-    assert sum(line.startswith('test epoch:0 ') for line in out) == 1
-    assert '2 processes, batch 2 each' in proc.stdout
+    out, everything = proc.stdout.splitlines(), proc.stdout + proc.stderr
+    assert sum(line.startswith('epoch:0 || iter:0 ') for line in out) == 1, everything
+    assert sum(line.startswith('test epoch:0 ') for line in out) == 1, everything
+    assert '2 processes, batch 2 each' in proc.stdout, everything
     ckpt = load_file(str(tmp_path / 'sfd_face_checkpoint.pth'))
     assert ckpt['state']['iteration'] == 2  # 9 images / (2 processes x 2) -> 2 iterations
     assert 'module.vgg.0.weight' not in ckpt['weight']
