@@ -4,10 +4,16 @@ import torch.nn as nn
 
 
 class L2Norm(nn.Module):
-    """y = scale * x / (||x||_2 over channels + eps), computed in float32.
+    """y = weight * x / (||x||_2 over channels + eps), computed in float32.
 
-    x: [B, C, H, W] -> float32 [B, C, H, W]. The scale is initialised to `scale` for
-    every channel. Autocast is disabled inside so that the norm never runs in half precision.
+    x: [B, C, H, W] (any float dtype, any memory format) -> float32 [B, C, H, W] (float64 for
+    float64 x). The scale
+    is initialised to `scale` for every channel. Autocast is disabled inside so that the norm
+    never runs in half precision.
+
+    When a gradient is needed the op runs as one autograd node (`L2NormFunction`): it keeps
+    only its input and the per-pixel norm for the backward, and its gradient is finite at a
+    pixel whose channels are all zero (the plain composition of pow/sum/sqrt gives NaN there).
     """
 
     def __init__(self, n_channels, scale, eps=1e-10):
@@ -23,6 +29,48 @@ class L2Norm(nn.Module):
 
     def forward(self, x):
         with torch.autocast(device_type=x.device.type, enabled=False):
-            x = x.float()
-            norm = x.pow(2).sum(dim=1, keepdim=True).sqrt() + self.eps
-            return x / norm * self.weight.float()[None, :, None, None]
+            if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+                return L2NormFunction.apply(x, self.weight, self.eps)
+            r = channel_norm(x)
+            return torch.div(x, r + self.eps).mul_(self.weight.to(r.dtype)[None, :, None, None])
+
+
+def channel_norm(x):
+    """||x||_2 over dim 1, accumulated and returned in float32 (float64 for float64 x):
+    [B, C, H, W] -> [B, 1, H, W]."""
+    return torch.linalg.vector_norm(x, 2, dim=1, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))
+
+
+class L2NormFunction(torch.autograd.Function):
+    """y = w * x / n with n = r + eps, r = ||x||_2 over channels (per pixel).
+
+    Backward, with g = dL/dy and the sums over channels c:
+        dL/dx = (g * w - x * k) / n,  k = sum_c(g w x) / (n * r)   (k = 0 where r = 0)
+        dL/dw = sum over batch and pixels of g * x / n
+    Where every channel of a pixel is zero, x = 0 there and the second term vanishes: k = 0
+    gives the limit instead of 0 * inf.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        r = channel_norm(x)
+        ctx.save_for_backward(x, weight, r)
+        ctx.eps = eps
+        return torch.div(x, r + eps).mul_(weight.to(r.dtype)[None, :, None, None])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, r = ctx.saved_tensors
+        n = r + ctx.eps
+        w = weight.to(r.dtype)
+        g = grad_y.to(r.dtype)
+        gx = g * x  # float32 (float64) [B, C, H, W]
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.einsum('bchw,bkhw->c', gx, n.reciprocal()).to(weight.dtype)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            dot = torch.einsum('bchw,c->bhw', gx, w).unsqueeze(1)
+            k = torch.where(r > 0, dot / (n * r), torch.zeros((), dtype=r.dtype, device=r.device))
+            grad_x = (g * w[None, :, None, None]).addcmul_(x, k, value=-1).div_(n).to(x.dtype)
+        return grad_x, grad_w, None
