@@ -34,3 +34,21 @@ def test_check_precision_agrees_on_cpu():
 def test_bench_layers_prints_timings():
     out = run_json('tools/bench_layers.py', '--repeat', '1', '--batch_size', '2')
     assert out['priors'] == 34125 and out['loss_s'] > 0 and out['detect_kept'] == 750
+
+
+def test_profile_train_splits_the_step_by_phase_and_kind(tmp_path):
+    trace = tmp_path / 'trace.json'
+    out = run_json('tools/profile_train.py', '--device', 'cpu', '--batch_size', '1', '--input_size', '160',
+                   '--steps', '1', '--warmup', '1', '--trace', str(trace))
+    assert all(out['phases_ms'][phase] > 0 for phase in ('forward', 'loss', 'backward', 'optimizer'))
+    kinds = out['kinds']
+    for kind in ('convolution', 'relu', 'pooling', 'l2norm', 'heads', 'loss', 'optimizer'):
+        assert kinds[kind]['ms'] > 0 and kinds[kind]['gb_moved'] > 0, kind
+    assert abs(sum(k['ms'] for k in kinds.values()) - out['device_ms_per_step']) < 0.01 * out['device_ms_per_step']
+    assert abs(sum(k['gb_moved'] for k in kinds.values()) - out['gb_moved_per_step']) < 0.01
+    # the optimizer reads and writes every parameter, its gradient and momentum (22.5 M float32
+    # parameters: at least 5 passes of 90 MB)
+    assert kinds['optimizer']['gb_moved'] > 0.45
+    assert out['top_ops'][0]['kind'] == 'convolution'
+    assert {op['phase'] for op in out['top_ops']} >= {'forward', 'backward'}
+    assert trace.stat().st_size > 0

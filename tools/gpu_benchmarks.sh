@@ -104,6 +104,10 @@ step train_bf16_b16_cl $T --batch_size 16 $BF16 --channels_last
 step train_bf16_b16_cl_fused $T --batch_size 16 $BF16 --channels_last --sgd fused
 step train_bf16_b32_cl $T --batch_size 32 $BF16 --channels_last
 step train_fp32_b16 $T --batch_size 16 --amp off
+# Where the step's time goes: device time per phase and kind of operator, and the bytes each
+# kind moves (tools/profile_train.py); the Chrome traces land in OUT_DIR.
+step profile_bf16_b16_cl "$PY" tools/profile_train.py --device gpu --batch_size 16 --channels_last \
+    --steps 3 --trace "$OUT_DIR/trace_bf16_b16_cl.json"
 # bf16 against float32 (TF32 off) from the same weights on the same batches.
 step precision_bf16 "$PY" tools/check_precision.py --device gpu --amp_dtype bf16 --steps 20
 step precision_bf16_cl_compile "$PY" tools/check_precision.py --device gpu --amp_dtype bf16 --steps 20 \
@@ -113,4 +117,6 @@ step train_bf16_b16_cl_compile $T --batch_size 16 $BF16 --channels_last --compil
 # The compiled runs of 2026-11-27 ended with NaN losses at lr 1e-3 from scratch; at a tenth of
 # that lr a divergence would calm down, a compiler defect would not.
 step train_bf16_b16_cl_compile_lr1e-4 $T --batch_size 16 $BF16 --channels_last --compile --lr 1e-4
+step profile_bf16_b16_cl_compile "$PY" tools/profile_train.py --device gpu --batch_size 16 --channels_last \
+    --compile --steps 3 --trace "$OUT_DIR/trace_bf16_b16_cl_compile.json"
 step infer_bf16_cl_compile $I --amp bf16 --channels_last --compile --batch_sizes 16 "${IMG[@]}"
