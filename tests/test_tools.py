@@ -29,6 +29,9 @@ def test_check_precision_agrees_on_cpu():
     out = run_json('tools/check_precision.py', '--device', 'cpu', '--input_size', '64', '--batch_size', '2',
                    '--steps', '3')
     assert out['ok'] and len(out['fp32_losses']) == 3
+    # bf16 gradients at the same weights: within a few percent of float32's
+    assert 0 < out['first_update_rel_diff'] < 0.1
+    assert out['first_nonfinite'] == {'fp32': None, 'amp': None}
 
 
 def test_bench_layers_prints_timings():

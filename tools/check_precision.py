@@ -6,7 +6,11 @@ in float32 and under autocast give losses within a tolerance.
     python tools/check_precision.py --device cpu --input_size 128 --batch_size 2 --steps 5
 
 Prints one JSON object with both loss sequences, the relative difference of the final losses
-(mean of the last 5 steps) and `ok` (difference <= --tolerance, 2% by default).
+(mean of the last 5 steps) and `ok` (difference <= --tolerance, 2% by default). Two figures
+tell where a disagreement starts: `first_update_rel_diff`, how far the mixed run's first SGD
+update (its gradient at the shared initial weights) is from float32's, relative to the float32
+update's norm; and per run `first_nonfinite`, the first step after which a weight is NaN/inf
+(null when none), whether that step's loss was finite and which parameters went bad.
 """
 import argparse
 import copy
@@ -42,14 +46,28 @@ def parse_args(argv=None):
 
 
 def train_losses(net, ctx, batches, steps, lr, channels_last=False, compile_net=False):
-    net, optimizer, criterion, finite = prepare_training(copy.deepcopy(net), ctx, lr, channels_last, compile_net)
-    losses = []
+    """(losses, first update as one flat float32 CPU vector, first_nonfinite or None)."""
+    model = copy.deepcopy(net)
+    net, optimizer, criterion, finite = prepare_training(model, ctx, lr, channels_last, compile_net)
+    initial = flat_weights(model)
+    losses, first_update, first_nonfinite = [], None, None
     for step in range(steps):
         images, targets = batches[step % len(batches)]
         loss, _, _, _ = training_step(net, criterion, optimizer, ctx, finite, images.to(ctx.device), targets,
                                       channels_last)
         losses.append(float(loss))
-    return losses
+        if step == 0:
+            first_update = flat_weights(model) - initial
+        if first_nonfinite is None:
+            bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+            if bad:
+                first_nonfinite = {'step': step + 1, 'loss_finite': math.isfinite(losses[-1]),
+                                   'params': bad[:8], 'count': len(bad)}
+    return losses, first_update, first_nonfinite
+
+
+def flat_weights(model):
+    return torch.cat([p.detach().float().flatten().cpu() for p in model.parameters()])
 
 
 def main(args):
@@ -65,8 +83,10 @@ def main(args):
     net = build_s3fd('train')
     init_weights_from_scratch(net)
     batches = synthetic_batches(args, 4, torch.Generator().manual_seed(0))
-    ref = train_losses(net, fp32, batches, args.steps, args.lr, args.channels_last)
-    amp = train_losses(net, mixed, batches, args.steps, args.lr, args.channels_last, args.compile)
+    ref, ref_update, ref_bad = train_losses(net, fp32, batches, args.steps, args.lr, args.channels_last)
+    amp, amp_update, amp_bad = train_losses(net, mixed, batches, args.steps, args.lr, args.channels_last,
+                                            args.compile)
+    update_diff = float((amp_update - ref_update).norm() / ref_update.norm())
     tail = min(5, args.steps)
     ref_end, amp_end = sum(ref[-tail:]) / tail, sum(amp[-tail:]) / tail
     rel = abs(amp_end - ref_end) / abs(ref_end)
@@ -74,6 +94,8 @@ def main(args):
     print(json.dumps({'device': mixed.describe(), 'steps': args.steps, 'channels_last': args.channels_last,
                       'compile': args.compile, 'fp32_losses': [round(x, 4) for x in ref],
                       'amp_losses': [round(x, 4) for x in amp], 'final_rel_diff': round(rel, 5),
+                      'first_update_rel_diff': round(update_diff, 5),
+                      'first_nonfinite': {'fp32': ref_bad, 'amp': amp_bad},
                       'tolerance': args.tolerance, 'ok': ok}))
     return ok
 
