@@ -26,7 +26,10 @@ def test_bench_train_synthetic_and_loader(tmp_path):
 
 
 def test_check_precision_agrees_on_cpu():
-    out = run_json('tools/check_precision.py', '--device', 'cpu', '--input_size', '64', '--batch_size', '2',
+    # Not 64: there conv7_2 sees a 1x1 map, and oneDNN's bf16 weight gradient of a stride-2
+    # convolution on a 1x1 input has garbage (sometimes NaN) in the taps that see only padding
+    # (torch 2.14 on CPU; float32 is right); first_nonfinite reports those weights.
+    out = run_json('tools/check_precision.py', '--device', 'cpu', '--input_size', '128', '--batch_size', '2',
                    '--steps', '3')
     assert out['ok'] and len(out['fp32_losses']) == 3
     # bf16 gradients at the same weights: within a few percent of float32's
