@@ -37,6 +37,23 @@ def test_check_precision_agrees_on_cpu():
     assert out['first_nonfinite'] == {'fp32': None, 'amp': None}
 
 
+def test_check_compile_float32_compiled_step_equals_eager():
+    out = run_json('tools/check_compile.py', '--device', 'cpu', '--input_size', '64', '--batch_size', '2',
+                   '--steps', '2', '--amp', 'off', '--inductor', 'comprehensive_padding=False')
+    assert out['ok'] and out['inductor'] == {'comprehensive_padding': False}
+    assert out['grad_rel_diff'] < 1e-4 and out['loss_rel_diff'] < 1e-5
+    assert out['nonfinite_grads'] == {'eager': [], 'compiled': []}
+    assert out['first_nonfinite_step'] == {'eager': None, 'compiled': None}
+    assert abs(out['compiled_losses'][-1] - out['eager_losses'][-1]) < 1e-3
+
+
+def test_check_compile_rejects_an_unknown_inductor_option():
+    proc = subprocess.run([sys.executable, 'tools/check_compile.py', '--device', 'cpu', '--inductor', 'no_such=1'],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1].startswith("check_compile.py: error: --inductor 'no_such=1'")
+
+
 def test_bench_layers_prints_timings():
     out = run_json('tools/bench_layers.py', '--repeat', '1', '--batch_size', '2')
     assert out['priors'] == 34125 and out['loss_s'] > 0 and out['detect_kept'] == 750

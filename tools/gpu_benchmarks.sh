@@ -112,7 +112,13 @@ step profile_bf16_b16_cl "$PY" tools/profile_train.py --device gpu --batch_size 
 step precision_bf16 "$PY" tools/check_precision.py --device gpu --amp_dtype bf16 --steps 20
 step precision_bf16_cl_compile "$PY" tools/check_precision.py --device gpu --amp_dtype bf16 --steps 20 \
     --channels_last --compile
-# torch.compile last: its compilation is the slowest part.
+# torch.compile last: its compilation is the slowest part. First whether a compiled step
+# computes what the eager one does (loss, outputs, every gradient at the same weights, then 10
+# steps each way), in bf16 and in float32, and without inductor's layout passes.
+step compile_check_bf16_cl "$PY" tools/check_compile.py --device gpu --channels_last
+step compile_check_fp32 "$PY" tools/check_compile.py --device gpu --amp off
+step compile_check_bf16_cl_no_layout "$PY" tools/check_compile.py --device gpu --channels_last \
+    --inductor layout_optimization=False --inductor comprehensive_padding=False
 step train_bf16_b16_cl_compile $T --batch_size 16 $BF16 --channels_last --compile
 # The compiled runs of 2026-11-27 ended with NaN losses at lr 1e-3 from scratch; at a tenth of
 # that lr a divergence would calm down, a compiler defect would not.

@@ -1,0 +1,174 @@
+"""Does torch.compile train S3FD like eager mode? Same weights, same batches, same precision.
+
+    python tools/check_compile.py --device gpu --channels_last
+    python tools/check_compile.py --device gpu --channels_last --amp off      # float32, TF32 off
+    python tools/check_compile.py --device gpu --channels_last \\
+        --inductor layout_optimization=False --inductor comprehensive_padding=False
+    python tools/check_compile.py --device cpu --input_size 128 --batch_size 2 --steps 3
+
+First one step from the same initial weights, eager and compiled: the loss, the outputs and
+every parameter's gradient are compared. Then --steps SGD steps each way on the same batches.
+Prints one JSON object:
+  loss_rel_diff, output_max_abs_diff (loc, conf)    step 1's forward;
+  grad_rel_diff        ||g_compiled - g_eager|| / ||g_eager|| over all parameters;
+  worst_grads          the parameters with the largest relative gradient difference;
+  nonfinite_grads      {'eager': [...], 'compiled': [...]}: parameters whose gradient has a NaN/inf;
+  eager_losses, compiled_losses, first_nonfinite_step (per run, null when none);
+  ok                   grad_rel_diff <= --tolerance (default 0.05: bf16 runs differ by a few
+                       percent in their gradients, float32 ones by far less) and no non-finite
+                       value in the compiled run that the eager run does not have.
+--inductor KEY=VALUE sets torch._inductor.config.KEY (Python literal) before compiling, to find
+which compiler pass a disagreement comes from.
+"""
+import argparse
+import ast
+import copy
+import json
+import math
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from s3fd import build_s3fd, init_weights_from_scratch  # noqa: E402
+from tools.bench_train import prepare_training, synthetic_batches  # noqa: E402
+from train import to_device, training_step  # noqa: E402
+from utils import device as devices  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--device', default='gpu', choices=['gpu', 'npu', 'cpu'])
+    p.add_argument('--device_id', default=0, type=int)
+    p.add_argument('--amp', default='native', choices=['native', 'off'])
+    p.add_argument('--amp_dtype', default='bf16', choices=['bf16', 'fp16'])
+    p.add_argument('--batch_size', default=8, type=int)
+    p.add_argument('--input_size', default=640, type=int)
+    p.add_argument('--channels_last', action='store_true')
+    p.add_argument('--steps', default=10, type=int, help='SGD steps each way after the one-step comparison')
+    p.add_argument('--lr', default=1e-3, type=float)
+    p.add_argument('--mode', default=None, help="torch.compile mode (e.g. 'max-autotune-no-cudagraphs')")
+    p.add_argument('--inductor', action='append', default=[], metavar='KEY=VALUE',
+                   help='set torch._inductor.config.KEY to the Python literal VALUE (repeatable)')
+    p.add_argument('--tolerance', default=0.05, type=float)
+    return p.parse_args(argv)
+
+
+def set_inductor_options(pairs):
+    """Apply KEY=VALUE pairs to torch._inductor.config; a bad pair is a one-line error."""
+    import torch._inductor.config as inductor_config
+    applied = {}
+    for pair in pairs:
+        key, sep, value = pair.partition('=')
+        if not sep or not hasattr(inductor_config, key):
+            raise SystemExit(f'check_compile.py: error: --inductor {pair!r}: expected KEY=VALUE with KEY an '
+                             'attribute of torch._inductor.config')
+        try:
+            parsed = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise SystemExit(f'check_compile.py: error: --inductor {pair!r}: VALUE must be a Python literal')
+        setattr(inductor_config, key, parsed)
+        applied[key] = parsed
+    return applied
+
+
+def sig(x, digits=3):
+    """x rounded to `digits` significant figures (small differences stay visible)."""
+    return float(f'{x:.{digits}g}')
+
+
+def one_step_gradients(net, criterion, ctx, images, targets, channels_last):
+    """(loss, loc, conf, {name: grad}) of one forward + backward, without an update."""
+    images, targets = to_device(images, targets, ctx.device, channels_last)
+    with ctx.autocast():
+        loc, conf, priors = net(images)
+    loss_l, loss_c = criterion((loc, conf, priors), targets)
+    loss = loss_l + loss_c
+    loss.backward()
+    return loss.detach().float(), loc.detach().float(), conf.detach().float()
+
+
+def named_grads(model):
+    return {name: (p.grad.detach().float().clone() if p.grad is not None else torch.zeros_like(p, dtype=torch.float))
+            for name, p in model.named_parameters()}
+
+
+def run_steps(net, model, criterion, optimizer, ctx, finite, batches, steps, channels_last):
+    losses, first_nonfinite = [], None
+    for step in range(steps):
+        images, targets = batches[step % len(batches)]
+        loss, _, _, _ = training_step(net, criterion, optimizer, ctx, finite, images, targets, channels_last)
+        losses.append(float(loss))
+        if first_nonfinite is None and not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            first_nonfinite = step + 1
+    return losses, first_nonfinite
+
+
+def main(args):
+    try:
+        ctx = devices.setup_device(args.device, args.device_id, args.amp, args.amp_dtype)
+    except devices.DeviceUnavailable as e:
+        sys.exit(f'check_compile.py: error: {e}')
+    if ctx.type == 'cuda' and ctx.amp == 'off':  # compare float32 with float32, not TF32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    inductor = set_inductor_options(args.inductor)
+    torch.manual_seed(0)
+    initial = build_s3fd('train')
+    init_weights_from_scratch(initial)
+    batches = synthetic_batches(args, 4, torch.Generator().manual_seed(0))
+    images, targets = batches[0]
+
+    results = {}
+    for name in ('eager', 'compiled'):
+        model = copy.deepcopy(initial)
+        net, optimizer, criterion, finite = prepare_training(model, ctx, args.lr, args.channels_last)
+        if name == 'compiled':
+            net = torch.compile(net, mode=args.mode)
+        loss, loc, conf = one_step_gradients(net, criterion, ctx, images, targets, args.channels_last)
+        grads = named_grads(model)
+        optimizer.zero_grad(set_to_none=True)
+        losses, first_nonfinite = run_steps(net, model, criterion, optimizer, ctx, finite, batches, args.steps,
+                                            args.channels_last)
+        results[name] = dict(loss=loss, loc=loc, conf=conf, grads=grads, losses=losses,
+                             first_nonfinite=first_nonfinite)
+
+    eager, compiled = results['eager'], results['compiled']
+    diff_sq, ref_sq, per_param, nonfinite = 0.0, 0.0, {}, {'eager': [], 'compiled': []}
+    for pname, g_ref in eager['grads'].items():
+        g = compiled['grads'][pname]
+        for run, grad in (('eager', g_ref), ('compiled', g)):
+            if not bool(torch.isfinite(grad).all()):
+                nonfinite[run].append(pname)
+        d = float((g - g_ref).norm() ** 2)
+        r = float(g_ref.norm() ** 2)
+        diff_sq += d
+        ref_sq += r
+        per_param[pname] = math.sqrt(d) / max(math.sqrt(r), 1e-12)
+    grad_rel = math.sqrt(diff_sq) / max(math.sqrt(ref_sq), 1e-12)
+    worst = sorted(per_param.items(), key=lambda kv: -kv[1] if math.isfinite(kv[1]) else -math.inf)[:5]
+    loss_rel = float(abs(compiled['loss'] - eager['loss']) / abs(eager['loss']))
+    new_nonfinite = (set(nonfinite['compiled']) - set(nonfinite['eager'])
+                     or (compiled['first_nonfinite'] is not None and eager['first_nonfinite'] is None))
+    ok = math.isfinite(grad_rel) and grad_rel <= args.tolerance and not new_nonfinite
+    print(json.dumps({
+        'device': ctx.describe(), 'torch': torch.__version__, 'batch_size': args.batch_size,
+        'input_size': args.input_size, 'channels_last': args.channels_last, 'mode': args.mode,
+        'inductor': inductor,
+        'loss_rel_diff': sig(loss_rel),
+        'output_max_abs_diff': {k: sig(float((compiled[k] - eager[k]).abs().max())) for k in ('loc', 'conf')},
+        'grad_rel_diff': sig(grad_rel),
+        'worst_grads': [{'param': p, 'rel_diff': sig(v)} for p, v in worst],
+        'nonfinite_grads': nonfinite,
+        'eager_losses': [round(x, 4) for x in eager['losses']],
+        'compiled_losses': [round(x, 4) for x in compiled['losses']],
+        'first_nonfinite_step': {'eager': eager['first_nonfinite'], 'compiled': compiled['first_nonfinite']},
+        'tolerance': args.tolerance, 'ok': ok,
+    }))
+    return ok
+
+
+if __name__ == '__main__':
+    sys.exit(0 if main(parse_args()) else 1)
