@@ -2,7 +2,8 @@
 
     python tools/bench_infer.py [--device cpu|gpu|npu] [--device_id N] [--model weights/sfd_face.pth]
         [--width 640 --height 480] [--batch_sizes 1,16] [--iters N] [--warmup N]
-        [--amp off|bf16|fp16] [--channels_last] [--compile] [--nms_mode auto|prefix|full]
+        [--amp off|bf16|fp16] [--channels_last] [--compile [--compile_mode reduce-overhead]]
+        [--nms_mode auto|prefix|full]
         [--threads N] [--image PATH]
 
 Each timed step is what wider_test.py does per batch once the images are decoded and resized,
@@ -60,10 +61,15 @@ def parse_args(argv=None):
     parser.add_argument('--amp', default='off', choices=('off', 'bf16', 'fp16'), help='autocast precision')
     parser.add_argument('--channels_last', action='store_true', help='channels-last model (the input always is)')
     parser.add_argument('--compile', action='store_true', help='torch.compile the network')
+    parser.add_argument('--compile_mode', default=None,
+                        choices=('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs'),
+                        help="torch.compile mode (implies --compile); 'reduce-overhead' replays the network "
+                             'as CUDA graphs')
     parser.add_argument('--nms_mode', default='auto', choices=('auto', 'prefix', 'full'),
                         help="Detect's NMS mode (auto: prefix on cpu, full on accelerators)")
     parser.add_argument('--threads', type=int, default=None, help='torch intra-op threads on cpu')
     args = parser.parse_args(argv)
+    args.compile = args.compile or args.compile_mode is not None
     try:
         args.batch_sizes = [int(b) for b in args.batch_sizes.split(',') if b.strip()]
     except ValueError:
@@ -104,7 +110,7 @@ def build_network(args, device):
     if args.channels_last:
         net = net.to(memory_format=torch.channels_last)
     if args.compile:
-        net = torch.compile(net)
+        net = torch.compile(net, mode=args.compile_mode)
     return net, weights
 
 
@@ -146,7 +152,8 @@ def main(args):
         'device': str(ctx.device),
         'device_name': torch.cuda.get_device_name(ctx.device) if ctx.type == 'cuda' else None,
         'precision': ctx.describe().split('| ')[-1],
-        'channels_last': args.channels_last, 'compile': args.compile, 'nms_mode': args.nms_mode,
+        'channels_last': args.channels_last, 'compile': args.compile, 'compile_mode': args.compile_mode,
+        'nms_mode': args.nms_mode,
         'threads': torch.get_num_threads() if on_cpu else None,
         'input': f'{args.width}x{args.height}', 'image': source, 'weights': weights,
         'warmup': warmup, 'torch': torch.__version__,

@@ -126,3 +126,5 @@ step train_bf16_b16_cl_compile_lr1e-4 $T --batch_size 16 $BF16 --channels_last -
 step profile_bf16_b16_cl_compile "$PY" tools/profile_train.py --device gpu --batch_size 16 --channels_last \
     --compile --steps 3 --trace "$OUT_DIR/trace_bf16_b16_cl_compile.json"
 step infer_bf16_cl_compile $I --amp bf16 --channels_last --compile --batch_sizes 16 "${IMG[@]}"
+# CUDA graphs (torch.compile's reduce-overhead mode): batch 1 is where launch overhead shows.
+step infer_bf16_cl_cudagraphs $I --amp bf16 --channels_last --compile_mode reduce-overhead "${IMG[@]}"
