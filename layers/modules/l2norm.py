@@ -64,13 +64,14 @@ class L2NormFunction(torch.autograd.Function):
         n = r + ctx.eps
         w = weight.to(r.dtype)
         g = grad_y.to(r.dtype)
-        gx = g * x  # float32 (float64) [B, C, H, W]
+        gx = (g * x).flatten(2)  # float32 (float64) [B, C, H*W]; a view in either memory format
         grad_w = None
         if ctx.needs_input_grad[1]:
-            grad_w = torch.einsum('bchw,bkhw->c', gx, n.reciprocal()).to(weight.dtype)
+            # matmul over the pixels: no copy of gx whatever its layout (einsum would copy NCHW)
+            grad_w = torch.matmul(gx, n.reciprocal().flatten(1).unsqueeze(-1)).sum(dim=(0, 2)).to(weight.dtype)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            dot = torch.einsum('bchw,c->bhw', gx, w).unsqueeze(1)
+            dot = torch.matmul(w, gx).view_as(r)  # sum over channels of g * w * x: [B, 1, H, W]
             k = torch.where(r > 0, dot / (n * r), torch.zeros((), dtype=r.dtype, device=r.device))
             grad_x = (g * w[None, :, None, None]).addcmul_(x, k, value=-1).div_(n).to(x.dtype)
         return grad_x, grad_w, None
