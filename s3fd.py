@@ -103,6 +103,7 @@ class S3FD(nn.Module):
         """Apply the loc/conf heads: returns (loc [B, P, 4], conf [B, P, num_classes])."""
         locs, confs = [], []
         for i, (f, loc_layer, conf_layer) in enumerate(zip(feats, self.loc, self.conf)):
+            f = autocast_input(f)
             loc = loc_layer(f)
             conf = conf_layer(f)
             if i == 0:
@@ -130,6 +131,19 @@ class S3FD(nn.Module):
         if self.phase == 'test':
             return self.detect(loc, F.softmax(conf.float(), dim=-1), priors)
         return loc, conf, priors
+
+
+def autocast_input(x):
+    """x in autocast's dtype when autocast is on for its device, else x itself.
+
+    The loc and conf convolutions of a source read the same float32 map (L2Norm's output):
+    cast once here, autocast would cast it for each of them, and their two gradients would be
+    added in float32 on the way back.
+    """
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return x.to(torch.get_autocast_dtype(device_type))
+    return x
 
 
 def init_weights_xavier(modules):

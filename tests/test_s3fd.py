@@ -3,7 +3,9 @@ import re
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import s3fd
 from s3fd import build_s3fd
 
 EXPECTED_VGG = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28, 31, 33]
@@ -117,6 +119,30 @@ def test_l2norm_and_outputs_stay_float32_under_autocast(train_net):
         loc, conf, priors = train_net(torch.randn(1, 3, 160, 224))
     assert priors.dtype == torch.float32
     assert torch.isfinite(loc.float()).all() and torch.isfinite(conf.float()).all()
+
+
+def test_heads_cast_each_source_once_under_autocast(train_net, monkeypatch):
+    """The loc and conf convolutions share one bf16 copy of a source (not one cast each), with
+    the same outputs as autocast's own per-convolution casts."""
+    x = torch.randn(1, 3, 160, 224)
+    casts = []
+
+    class CountCasts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and args[0].dim() == 4 and args[0].shape[-1] > 3 \
+                    and args[0].shape[1] > 3:  # not the weights, not the image
+                casts.append(tuple(args[0].shape))
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        with CountCasts():
+            loc, conf, _ = train_net(x)
+        monkeypatch.setattr(s3fd, 'autocast_input', lambda f: f)
+        loc_ref, conf_ref, _ = train_net(x)
+    # the three L2Norm outputs: one cast each (the trunk's maps are bf16 already)
+    assert sorted(casts) == sorted([(1, 256, 40, 56), (1, 512, 20, 28), (1, 512, 10, 14)])
+    assert torch.equal(loc, loc_ref) and torch.equal(conf, conf_ref)
+    assert s3fd.autocast_input(torch.ones(2)).dtype == torch.float32  # autocast off: unchanged
 
 
 def test_network_code_is_device_agnostic():
