@@ -1,6 +1,7 @@
 """The CUDA paths give what the CPU paths give, and the training step's loss does not wait for
 the GPU. Skipped without a CUDA device (CI has none): run `python -m pytest tests/test_cuda.py`
 on a GPU machine."""
+import copy
 import warnings
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from data.config import cfg
 from layers.functions.detection import Detect
 from layers.functions.prior_box import PriorBox
+from layers.modules.l2norm import L2Norm
 from layers.modules.multibox_loss import MultiBoxLoss
 from s3fd import build_s3fd, init_weights_from_scratch
 from tools.bench_layers import MAPS_640, random_faces
@@ -109,3 +111,45 @@ def test_bf16_training_step_updates_the_weights(cuda, channels_last):
     weights = {name: p.grad for name, p in net.named_parameters() if name.startswith('vgg.')}
     assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in weights.values())
     assert not torch.equal(first_conv, net.vgg[0].weight)
+
+
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_l2norm_gradients_match_cpu(cuda, channels_last):
+    """The hand-written L2Norm backward on the GPU (bf16 input, as under autocast) gives the
+    CPU's gradients, all-zero pixels included."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 64, 12, 10, generator=gen).relu().bfloat16()
+    x[0, :, 3, 4] = 0
+    grad_out = torch.randn(x.shape, generator=gen)
+    results = []
+    for device in (torch.device('cpu'), cuda):
+        layer = L2Norm(64, 10).to(device)
+        xd = x.to(device, copy=True)
+        if channels_last:
+            xd = xd.contiguous(memory_format=torch.channels_last)
+        xd.requires_grad_(True)
+        y = layer(xd)
+        y.backward(grad_out.to(device))
+        results.append([t.detach().float().cpu() for t in (y, xd.grad, layer.weight.grad)])
+    for cpu_value, gpu_value in zip(*results):
+        assert torch.isfinite(gpu_value).all()
+        torch.testing.assert_close(gpu_value, cpu_value, rtol=1e-2, atol=1e-3)
+
+
+def test_network_gradients_match_cpu(cuda):
+    """The whole network (trunk, L2Norm, heads) in float32, TF32 off: the GPU's parameter
+    gradients are the CPU's."""
+    torch.manual_seed(0)
+    net = build_s3fd('train')
+    init_weights_from_scratch(net)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, 160, 224, generator=gen) * 60
+    targets = [random_faces(gen, 3, 160).clamp(max=1.0), random_faces(gen, 1, 160).clamp(max=1.0)]
+    grads = []
+    for device in (torch.device('cpu'), cuda):
+        model = copy.deepcopy(net).to(device)
+        loss_l, loss_c = MultiBoxLoss(cfg)(model(images.to(device)), targets)
+        (loss_l + loss_c).backward()
+        grads.append(torch.cat([p.grad.flatten().cpu() for p in model.parameters()]))
+    assert torch.isfinite(grads[1]).all()
+    assert float((grads[1] - grads[0]).norm() / grads[0].norm()) < 1e-3
