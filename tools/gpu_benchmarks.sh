@@ -14,8 +14,8 @@
 # (default 480 s; steps that would start later are recorded as skipped); BENCH_DATA_DIR, where
 # the synthetic WIDER of the loader steps is made (default /tmp/s3fd_bench_wider).
 #
-# The whole list takes about 20 minutes. What is still open fits about 10 (compile first, as
-# it decides the way to the training target):
+# The whole list takes about 20 minutes. What is still open fits about 10 (the compile checks
+# decide the way to the training target):
 #   BENCH_TOTAL_S=560 BENCH_ONLY="test_cuda profile_bf16_b16_cl compile_check_bf16_cl
 #     compile_check_fp32 train_bf16_b16_cl train_loader_bf16_b16_cl precision_bf16
 #     profile_bf16_b16_cl_compile infer_bf16_cl_cudagraphs" bash tools/gpu_benchmarks.sh OUT
