@@ -103,7 +103,7 @@ class S3FD(nn.Module):
         """Apply the loc/conf heads: returns (loc [B, P, 4], conf [B, P, num_classes])."""
         locs, confs = [], []
         for i, (f, loc_layer, conf_layer) in enumerate(zip(feats, self.loc, self.conf)):
-            f = autocast_input(f)
+            f = head_input(f, loc_layer.weight)
             loc = loc_layer(f)
             conf = conf_layer(f)
             if i == 0:
@@ -133,17 +133,18 @@ class S3FD(nn.Module):
         return loc, conf, priors
 
 
-def autocast_input(x):
-    """x in autocast's dtype when autocast is on for its device, else x itself.
+def head_input(x, weight):
+    """A source map `x` in the dtype its loc/conf convolutions compute in.
 
-    The loc and conf convolutions of a source read the same float32 map (L2Norm's output):
-    cast once here, autocast would cast it for each of them, and their two gradients would be
-    added in float32 on the way back.
+    L2Norm returns float32. Under autocast that is autocast's dtype: cast once here for both
+    convolutions (autocast would cast it once per convolution and add their two gradients in
+    float32). Without autocast it is the weights' dtype, for a network converted to half or
+    bf16 as a whole (Ascend Apex O2, `net.half()` for inference).
     """
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         return x.to(torch.get_autocast_dtype(device_type))
-    return x
+    return x.to(weight.dtype)
 
 
 def init_weights_xavier(modules):

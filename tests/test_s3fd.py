@@ -137,12 +137,27 @@ def test_heads_cast_each_source_once_under_autocast(train_net, monkeypatch):
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
         with CountCasts():
             loc, conf, _ = train_net(x)
-        monkeypatch.setattr(s3fd, 'autocast_input', lambda f: f)
+        monkeypatch.setattr(s3fd, 'head_input', lambda f, weight: f)
         loc_ref, conf_ref, _ = train_net(x)
     # the three L2Norm outputs: one cast each (the trunk's maps are bf16 already)
     assert sorted(casts) == sorted([(1, 256, 40, 56), (1, 512, 20, 28), (1, 512, 10, 14)])
     assert torch.equal(loc, loc_ref) and torch.equal(conf, conf_ref)
-    assert s3fd.autocast_input(torch.ones(2)).dtype == torch.float32  # autocast off: unchanged
+    # autocast off: the weights' dtype
+    assert s3fd.head_input(torch.ones(2), torch.ones(1)).dtype == torch.float32
+
+
+def test_a_network_converted_to_bf16_runs_and_trains():
+    """net.bfloat16() (or Apex O2's half model on Ascend): L2Norm still normalises in float32,
+    and its output reaches the heads in the weights' dtype."""
+    torch.manual_seed(0)
+    net = build_s3fd('train')
+    reference = [t.float() for t in net(torch.randn(1, 3, 160, 224, generator=torch.Generator().manual_seed(0)))[:2]]
+    net = net.bfloat16()
+    loc, conf, _ = net(torch.randn(1, 3, 160, 224, generator=torch.Generator().manual_seed(0)).bfloat16())
+    assert loc.dtype == conf.dtype == torch.bfloat16
+    torch.testing.assert_close(loc.float(), reference[0], rtol=0.1, atol=0.1)
+    (loc.float().square().mean() + conf.float().square().mean()).backward()
+    assert net.L2Norm3_3.weight.grad.dtype == torch.bfloat16 and torch.isfinite(net.vgg[0].weight.grad).all()
 
 
 def test_network_code_is_device_agnostic():
