@@ -107,6 +107,7 @@ class Scopes:
         self.stack = [('forward', 'S3FD', 'S3FD')]
         self.ranges = []
         self.node_scope = {}  # autograd node -> (module name, module type)
+        self.hooked_leaves = set()  # the parameters' AccumulateGrad nodes live across steps
         self.handles = []
 
     def current(self):
@@ -138,7 +139,7 @@ class Scopes:
                 loss_l, loss_c = criterion_forward(*args, **kwargs)
             finally:
                 self.exit()
-            self._watch_backward(loss_l + loss_c)
+            self._watch_backward([loss_l.grad_fn, loss_c.grad_fn])
             return loss_l, loss_c
 
         def step(*args, **kwargs):
@@ -160,14 +161,16 @@ class Scopes:
         if isinstance(out, torch.Tensor) and out.grad_fn is not None:
             self.node_scope.setdefault(out.grad_fn, (name, type(module).__name__))
 
-    def _watch_backward(self, loss):
-        """Hooks on every node of this step's graph (a loss node reached twice is hooked once)."""
-        seen, todo = set(), [loss.grad_fn]
+    def _watch_backward(self, roots):
+        """Hooks on every node of this step's graph, each node once."""
+        seen, todo = set(), list(roots)
         while todo:
             node = todo.pop()
-            if node is None or node in seen:
+            if node is None or node in seen or node in self.hooked_leaves:
                 continue
             seen.add(node)
+            if not node.next_functions:  # a leaf's AccumulateGrad: the same node every step
+                self.hooked_leaves.add(node)
             scope, module_type = self.node_scope.get(node, ('compiled' if 'Compiled' in node.name() else
                                                             node.name(), node.name()))
             self.handles.append(node.register_prehook(
