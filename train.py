@@ -445,15 +445,17 @@ class Trainer:
         args, ctx, state = self.args, self.ctx, self.state
         self.eval_net.eval()
         start = time.time()
-        total, batches = 0.0, 0
+        # summed on the device and read once after the loop (float64 is not on every backend)
+        total = torch.zeros((), dtype=torch.float32 if ctx.type == 'npu' else torch.float64, device=ctx.device)
+        batches = 0
         for images, targets in self.val_loader:
             images, targets = to_device(images, targets, ctx.device, args.channels_last)
             with ctx.autocast():
                 out = self.eval_net(images)
             loss_l, loss_c = self.criterion(out, targets)
-            total += float(loss_l + loss_c)
+            total += (loss_l + loss_c).detach()
             batches += 1
-        total, batches = devices.all_reduce_sum([total, batches], ctx.device)
+        total, batches = devices.all_reduce_sum([float(total), batches], ctx.device)
         self.net.train()
         tloss = total / max(batches, 1)
         log('Timer: %.4f' % (time.time() - start))
