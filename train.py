@@ -242,6 +242,13 @@ def save_checkpoint(path, model, optimizer, ctx, args, state):
     }, path)
 
 
+def nonfinite_parameters(model):
+    """Names of the parameters that hold a NaN or inf (one host synchronisation)."""
+    named = list(model.named_parameters())
+    flags = torch.stack([~torch.isfinite(p.detach()).all() for _, p in named]).tolist()
+    return [name for (name, _), bad in zip(named, flags) if bad]
+
+
 def _plain(value):
     """cfg as builtin containers (weights_only loading accepts nothing else)."""
     if isinstance(value, dict):
@@ -362,6 +369,11 @@ class Trainer:
             self.stop.close()
 
     def save_checkpoint(self, reason=None):
+        bad = nonfinite_parameters(self.model)  # the same on every process
+        if bad:
+            fail(f'{len(bad)} weight tensors hold NaN/inf ({", ".join(bad[:3])}{", ..." if len(bad) > 3 else ""}): '
+                 f'a gradient went non-finite. Not saved over {self.checkpoint_path}: its last state is kept '
+                 'to resume from (with a lower --lr)')
         if self.main:
             save_checkpoint(self.checkpoint_path, self.model, self.optimizer, self.ctx, self.args, self.state)
             if reason:

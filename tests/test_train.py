@@ -235,6 +235,27 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(lists, tmp_path, capsys,
         assert torch.equal(value, ckpt['weight'][key]), key
 
 
+def test_nonfinite_weights_are_never_saved_over_the_checkpoint(lists, tmp_path, capsys, monkeypatch):
+    """A finite loss with a NaN gradient (sqrt at 0) makes the weights NaN; every later loss is
+    NaN. The run stops, naming the weights, and writes no checkpoint of them."""
+    class NanGradient(torch.nn.Module):
+        def __init__(self, *a, **k):
+            super().__init__()
+
+        def forward(self, predictions, targets):
+            loc, conf = predictions[0], predictions[1]
+            return (loc.float() * 0).sum().sqrt(), (conf.float() * 0).sum().sqrt()
+
+    monkeypatch.setattr(train, 'MultiBoxLoss', NanGradient)
+    with pytest.raises(SystemExit) as exc:
+        run_main(lists, tmp_path, '--epochs', '5')
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert 'weight tensors hold NaN/inf (vgg.0.weight' in err and 'Not saved over' in err
+    assert not (tmp_path / 'sfd_face_checkpoint.pth').exists()
+    assert train.nonfinite_parameters(torch.nn.Linear(2, 2)) == []
+
+
 # The stand-in torch_npu registers 'npu' as a torch device type, which cannot be undone in a
 # process, so these checks run in a child interpreter.
 FAKE_NPU = """
