@@ -31,14 +31,14 @@ class L2Norm(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
                 return L2NormFunction.apply(x, self.weight, self.eps)
-            r = channel_norm(x)
-            return torch.div(x, r + self.eps).mul_(self.weight.to(r.dtype)[None, :, None, None])
+            return l2_normalize(x, self.weight, self.eps)[0]
 
 
-def channel_norm(x):
-    """||x||_2 over dim 1, accumulated and returned in float32 (float64 for float64 x):
-    [B, C, H, W] -> [B, 1, H, W]."""
-    return torch.linalg.vector_norm(x, 2, dim=1, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))
+def l2_normalize(x, weight, eps):
+    """(weight * x / (r + eps), r) with r = ||x||_2 over dim 1 [B, 1, H, W], both computed in
+    float32 (float64 for float64 x) whatever x's dtype."""
+    r = torch.linalg.vector_norm(x, 2, dim=1, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))
+    return torch.div(x, r + eps).mul_(weight.to(r.dtype)[None, :, None, None]), r
 
 
 class L2NormFunction(torch.autograd.Function):
@@ -53,10 +53,10 @@ class L2NormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        r = channel_norm(x)
+        y, r = l2_normalize(x, weight, eps)
         ctx.save_for_backward(x, weight, r)
         ctx.eps = eps
-        return torch.div(x, r + eps).mul_(weight.to(r.dtype)[None, :, None, None])
+        return y
 
     @staticmethod
     def backward(ctx, grad_y):
