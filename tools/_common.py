@@ -11,6 +11,18 @@ class ToolError(RuntimeError):
     """A user-facing failure of a tool (missing optional package, failed verification)."""
 
 
+def add_step_arguments(parser, batch_size=16, amp_choices=('native', 'off'), amp_default='native'):
+    """The options every training-step tool shares: --device, --device_id, --batch_size,
+    --input_size, --amp (when amp_choices is not empty) and --amp_dtype."""
+    parser.add_argument('--device', default='gpu', choices=['gpu', 'npu', 'cpu'])
+    parser.add_argument('--device_id', default=0, type=int)
+    parser.add_argument('--batch_size', default=batch_size, type=int)
+    parser.add_argument('--input_size', default=640, type=int)
+    if amp_choices:
+        parser.add_argument('--amp', default=amp_default, choices=list(amp_choices))
+    parser.add_argument('--amp_dtype', default='bf16', choices=['bf16', 'fp16'])
+
+
 def describe_keys(keys, limit=10):
     """'a, b, c, ... (N in all)': a sorted, shortened list of state_dict keys for messages."""
     keys = sorted(keys)

@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.config import cfg  # noqa: E402
 from layers.modules.multibox_loss import MultiBoxLoss  # noqa: E402
 from s3fd import build_s3fd, init_weights_from_scratch  # noqa: E402
+from tools._common import add_step_arguments  # noqa: E402
 from tools.bench_layers import random_faces  # noqa: E402
 from train import FiniteCheck, training_step  # noqa: E402
 from utils import device as devices  # noqa: E402
@@ -43,12 +44,7 @@ PEAK_TFLOPS = {
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--device', default='gpu', choices=['gpu', 'npu', 'cpu'])
-    p.add_argument('--device_id', default=0, type=int)
-    p.add_argument('--batch_size', default=16, type=int)
-    p.add_argument('--input_size', default=640, type=int)
-    p.add_argument('--amp', default='auto', choices=['auto', 'apex', 'native', 'off'])
-    p.add_argument('--amp_dtype', default='bf16', choices=['bf16', 'fp16'])
+    add_step_arguments(p, amp_choices=('auto', 'apex', 'native', 'off'), amp_default='auto')
     p.add_argument('--loss_scale', default=32.0, type=float)
     p.add_argument('--channels_last', action='store_true')
     p.add_argument('--compile', action='store_true', help='torch.compile the network (not the data path)')

@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from s3fd import build_s3fd, init_weights_from_scratch  # noqa: E402
+from tools._common import add_step_arguments  # noqa: E402
 from tools.bench_train import prepare_training, synthetic_batches  # noqa: E402
 from train import training_step  # noqa: E402
 from utils import device as devices  # noqa: E402
@@ -31,11 +32,7 @@ from utils import device as devices  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--device', default='gpu', choices=['gpu', 'npu', 'cpu'])
-    p.add_argument('--device_id', default=0, type=int)
-    p.add_argument('--amp_dtype', default='bf16', choices=['bf16', 'fp16'])
-    p.add_argument('--batch_size', default=16, type=int)
-    p.add_argument('--input_size', default=640, type=int)
+    add_step_arguments(p, amp_choices=())
     p.add_argument('--steps', default=20, type=int)
     p.add_argument('--lr', default=1e-3, type=float)
     p.add_argument('--tolerance', default=0.02, type=float)

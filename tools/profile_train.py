@@ -38,6 +38,7 @@ from torch.utils._pytree import tree_flatten
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from s3fd import build_s3fd, init_weights_from_scratch  # noqa: E402
+from tools._common import add_step_arguments  # noqa: E402
 from tools.bench_train import prepare_training, synthetic_batches  # noqa: E402
 from train import training_step  # noqa: E402
 from utils import device as devices  # noqa: E402
@@ -56,12 +57,7 @@ NO_TRAFFIC_OPS = {'detach', 'view', '_unsafe_view', 'expand', 'permute', 't', 'a
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--device', default='gpu', choices=['gpu', 'npu', 'cpu'])
-    p.add_argument('--device_id', default=0, type=int)
-    p.add_argument('--batch_size', default=16, type=int)
-    p.add_argument('--input_size', default=640, type=int)
-    p.add_argument('--amp', default='native', choices=['native', 'off'])
-    p.add_argument('--amp_dtype', default='bf16', choices=['bf16', 'fp16'])
+    add_step_arguments(p)
     p.add_argument('--channels_last', action='store_true')
     p.add_argument('--compile', action='store_true', help='torch.compile the network (not the data path)')
     p.add_argument('--lr', default=1e-4, type=float, help='SGD learning rate (small: the weights must stay finite)')
