@@ -72,6 +72,8 @@ def test_profile_train_splits_the_step_by_phase_and_kind(tmp_path):
     # the optimizer reads and writes every parameter, its gradient and momentum (22.5 M float32
     # parameters: at least 5 passes of 90 MB)
     assert kinds['optimizer']['gb_moved'] > 0.45
+    # at least the ReLU outputs of conv1_1 and conv1_2 in bf16 (64 x 160 x 160 x 2 bytes each)
+    assert 2 * 64 * 160 * 160 * 2 / 1e9 < out['saved_for_backward_gb'] < 1
     assert out['top_ops'][0]['kind'] == 'convolution'
     assert {op['phase'] for op in out['top_ops']} >= {'forward', 'backward'}
     assert trace.stat().st_size > 0

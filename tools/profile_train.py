@@ -18,6 +18,8 @@ Prints one JSON object:
                    bandwidth (a floor for the memory-bound kinds). Kinds: convolution, relu,
                    pooling, cast (autocast's copies), l2norm, heads (the loc/conf convolutions),
                    loss, optimizer, compiled (torch.compile's kernels), other;
+  saved_for_backward_gb  what autograd keeps from the forward for the backward (activations,
+                   autocast's weight copies; not the parameters), on the uncompiled step;
   top_ops          the operators with the most device time.
 On the CPU "device time" is the aten operators' own CPU time (the C++ kernels of a compiled
 network are not aten operators and are left out there). --trace writes a Chrome trace.
@@ -260,14 +262,19 @@ def main(args):
             steps(args.steps)
             profiled_step = (time.perf_counter() - start) / args.steps
         traffic = TrafficCounter(scopes)
+        kept = {}  # storage -> bytes of what autograd keeps for the backward
         if not args.compile:
-            with traffic:
+            def pack(t):
+                kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                return t
+            with traffic, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 steps(1)
     finally:
         scopes.detach()
     if args.trace:
         prof.export_chrome_trace(args.trace)
 
+    parameter_storages = {p.untyped_storage().data_ptr() for p in net.parameters()}
     times = device_times(prof, on_device)
     per_step = {key: ms / args.steps for key, ms in times.items()}
     total = sum(per_step.values())
@@ -294,6 +301,8 @@ def main(args):
                       for phase in PHASES},
         'kinds': kinds,
         'gb_moved_per_step': None if args.compile else round(sum(traffic.bytes.values()) / 1e9, 3),
+        'saved_for_backward_gb': None if args.compile else round(
+            sum(b for ptr, b in kept.items() if ptr not in parameter_storages) / 1e9, 3),
         'top_ops': [{'op': op, 'phase': phase, 'kind': kind, 'ms': round(ms, 3)}
                     for (op, phase, kind), ms in by_op.most_common(args.top)],
     }))
