@@ -7,7 +7,8 @@
     model, optimizer = ctx.initialize(model, optimizer)      # Ascend Apex O2, else unchanged
     with ctx.autocast():
         loss = ...
-    stepped = ctx.backward_and_step(loss, optimizer)       # scaling / skipping handled here
+    ctx.backward(loss, optimizer)                           # loss scaling handled here
+    ctx.step(optimizer)
 
 `DeviceUnavailable` carries a one-line message for a device or package that is missing.
 """
@@ -188,8 +189,8 @@ def setup_device(name, device_id=0, amp='auto', amp_dtype='bf16', loss_scale=32.
                 raise DeviceUnavailable("--amp apex needs Ascend's Apex (apex.amp), which is not installed; "
                                         'use --amp native')
             amp = 'apex' if apex_amp is not None else 'native'
-            if amp == 'native':
-                dtype = torch.float16 if amp_dtype == 'bf16' and not _npu_bf16(torch_npu) else dtype
+        if amp == 'native' and dtype == torch.bfloat16 and not _npu_bf16(torch_npu):
+            dtype = torch.float16
     else:
         device = torch.device('cpu')
         if amp == 'apex':
@@ -233,11 +234,6 @@ def all_reduce_sum(values, device):
     t = torch.tensor(values, dtype=torch.float32, device=device)  # float64 is not on every backend
     dist.all_reduce(t)
     return t.tolist()
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def cleanup_distributed():
