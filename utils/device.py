@@ -74,8 +74,9 @@ class DeviceContext:
         """SGD with one parameter group (the fused optimizers only fuse the first group).
 
         sgd_impl picks PyTorch's SGD kernel on CPU/GPU: None (PyTorch's default: foreach on
-        CUDA), 'foreach' or 'fused' (one kernel for all parameters). The NPU uses its own
-        fused SGD whatever this says.
+        CUDA; fused under a CUDA GradScaler, which then skips an inf/NaN step on the device
+        instead of reading found_inf on the host every step), 'foreach' or 'fused' (one
+        kernel for all parameters). The NPU uses its own fused SGD whatever this says.
         """
         params = list(params)
         if sgd_impl not in (None, 'foreach', 'fused'):
@@ -87,6 +88,8 @@ class DeviceContext:
             fused = getattr(getattr(self.torch_npu, 'optim', None), 'NpuFusedSGD', None)
             if fused is not None:
                 return fused(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        if sgd_impl is None and self.scaler is not None and self.type == 'cuda':
+            sgd_impl = 'fused'
         impl = {sgd_impl: True} if sgd_impl else {}
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, **impl)
 
