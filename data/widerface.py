@@ -186,7 +186,8 @@ class WIDERDetection(Dataset):
             same values. train.py uses False.
 
     `dataset[i]` or `dataset[(epoch, i)]` -> (image float32 [3, S, S] RGB minus cfg.img_mean,
-    or uint8 [3, S, S] RGB with normalize=False,
+    or uint8 [3, S, S] RGB with normalize=False, a channels-first view of the HWC image that
+    `detection_collate`'s stack packs,
     target float32 [n, 5] rows (x1, y1, x2, y2, 1) normalised to [0, 1]). A training sample
     is a pure function of (seed, epoch, i): the epoch comes from the index tuple or else
     from `set_epoch`. A training sample always holds at least one face: when augmentation

@@ -295,6 +295,20 @@ def test_subtract_mean_of_uint8_batches_equals_to_tensor():
     assert batch.dtype == torch.uint8 and int(batch.max()) > 200  # the input is left alone
 
 
+def test_to_uint8_tensor_is_a_view_and_the_collated_batch_is_the_packed_transpose():
+    from data.factory import detection_collate
+    images = np.random.default_rng(1).integers(0, 256, (3, 5, 7, 3), dtype=np.uint8)
+    views = [to_uint8_tensor(image) for image in images]
+    for image, view in zip(images, views):
+        assert view.shape == (3, 5, 7) and view.data_ptr() == image.ctypes.data  # no copy made
+        assert torch.equal(view, torch.from_numpy(image.transpose(2, 0, 1).copy()))
+    batch, _ = detection_collate([(view, torch.zeros(0, 5)) for view in views])
+    assert batch.is_contiguous() and batch.shape == (3, 3, 5, 7)
+    assert torch.equal(batch, torch.from_numpy(images.transpose(0, 3, 1, 2).copy()))
+    flipped = images[0][:, ::-1]  # negative strides: copied, same values
+    assert torch.equal(to_uint8_tensor(flipped), torch.from_numpy(flipped.transpose(2, 0, 1).copy()))
+
+
 def test_unknown_interpolation_name_is_a_clear_error():
     with pytest.raises(ValueError, match='bogus'):
         TrainAugmentation(S, _params(resize_interpolations=('linear', 'bogus')))

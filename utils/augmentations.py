@@ -410,8 +410,15 @@ def to_tensor(image, mean=None):
 
 
 def to_uint8_tensor(image):
-    """uint8 [S, S, 3] RGB -> uint8 tensor [3, S, S], unchanged values (see subtract_mean)."""
-    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+    """uint8 [S, S, 3] RGB -> uint8 tensor [3, S, S], unchanged values (see subtract_mean).
+
+    The result is a channels-first *view* of the image's memory (strides (1, 3S, 3), not
+    contiguous): no copy here, the transpose happens in the one copy `torch.stack` makes
+    when `detection_collate` builds the batch. Call `.contiguous()` before anything that
+    needs a packed tensor. `np.ascontiguousarray` copies only odd inputs (e.g. flipped views
+    with negative strides, which `torch.from_numpy` refuses); cv2 outputs pass through as is.
+    """
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
 
 
 def subtract_mean(images, mean=None, memory_format=torch.preserve_format):
