@@ -143,32 +143,32 @@ class StopRequest:
 
 
 class FiniteCheck:
-    """Whether a step's loss is finite (on every process), read without draining a CUDA queue.
+    """Whether a step's loss is finite (on every process), read without draining the device's queue.
 
-    `submit(loss)` right after the forward; `ok()` after the backward has been queued: on
-    CUDA the flag travels to pinned host memory behind the forward, so waiting for it does
-    not stall the GPU's queue of backward kernels.
+    `submit(loss)` right after the forward; `ok()` after the backward has been queued: on an
+    accelerator (CUDA, NPU: any whose torch module has an Event) the flag travels to pinned
+    host memory behind the forward, so waiting for it does not stall the queued backward.
     """
 
     def __init__(self, device):
-        self.cuda = device.type == 'cuda'
+        backend = torch.get_device_module(device.type) if device.type != 'cpu' else None
+        self.event = backend.Event() if hasattr(backend, 'Event') else None
         self.flag = None
-        if self.cuda:
+        if self.event is not None:
             self.host = torch.zeros((), dtype=torch.int32).pin_memory()
-            self.event = torch.cuda.Event()
 
     def submit(self, loss):
         flag = torch.isfinite(loss.detach()).int()
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        if self.cuda:
+        if self.event is not None:
             self.host.copy_(flag, non_blocking=True)
             self.event.record()
         else:
             self.flag = flag
 
     def ok(self):
-        if self.cuda:
+        if self.event is not None:
             self.event.synchronize()
             return bool(self.host)
         return bool(self.flag)
