@@ -291,9 +291,13 @@ def _match_per_face(pair_iou, pair_prior, slots, pair_faces, segment, num_images
     """
     num_faces = pair_iou.size(0)
     device = pair_iou.device
-    owner = torch.where(positive, best_truth_idx, torch.full_like(best_truth_idx, num_faces))
-    per_face = torch.bincount(owner.flatten(), minlength=num_faces + 1)[:num_faces]
-    faces_per_image = torch.bincount(segment, minlength=num_images).clamp(min=1)
+    # Counts by scatter into sizes known on the host: torch.bincount would read its input's
+    # maximum back to the host (a sync on accelerators).
+    owner = torch.where(positive, best_truth_idx, torch.full_like(best_truth_idx, num_faces)).flatten()
+    per_face = torch.zeros(num_faces + 1, dtype=torch.long, device=device)
+    per_face = per_face.index_add_(0, owner, torch.ones_like(owner))[:num_faces]
+    faces_per_image = torch.zeros(num_images, dtype=torch.long, device=device)
+    faces_per_image = faces_per_image.index_add_(0, segment, torch.ones_like(segment)).clamp(min=1)
     total_per_image = torch.zeros(num_images, dtype=torch.long, device=device)
     total_per_image.index_add_(0, segment, per_face)
     n_target = torch.round(total_per_image.float() / faces_per_image.float()).long()[segment]
