@@ -6,6 +6,10 @@ Prints one JSON object: training-mode samples per second on the real WIDER val i
 `--wider_dir` (listed `--num` times, so every sample draws its own augmentation), on a
 synthetic WIDER made by data/synthetic.py (when available), plus validation-mode speed and
 the decode time alone. The target is >= 120 training samples/s on the real image.
+
+It measures the path train.py (and tools/bench_train.py) trains with: WIDERDetection with
+`normalize=False`, i.e. uint8 [3, S, S] samples whose mean is subtracted later, on the device
+(the JSON's "sample" field says so). The float32 `to_tensor` path (normalize=True) is not timed.
 """
 import argparse
 import json
@@ -27,6 +31,7 @@ from utils.image_io import load_rgb  # noqa: E402
 
 REAL_NAME = '0--Parade/0_Parade_marchingband_1_465.jpg'
 TARGET = 120.0
+NORMALIZE = False  # as train.py: uint8 samples, the mean subtracted on the device
 
 
 def parse_args(argv=None):
@@ -66,8 +71,8 @@ def bench_real(args, tmp):
     line = next(text for text in lines if text.startswith(image + ' '))
     list_file = os.path.join(tmp, 'real.txt')
     write_atomic(list_file, [line] * args.num)
-    train = WIDERDetection(list_file, 'train', input_size=args.input_size, seed=args.seed)
-    val = WIDERDetection(list_file, 'val', input_size=args.input_size)
+    train = WIDERDetection(list_file, 'train', input_size=args.input_size, seed=args.seed, normalize=NORMALIZE)
+    val = WIDERDetection(list_file, 'val', input_size=args.input_size, normalize=NORMALIZE)
     result = {'image': image, 'size': list(load_rgb(image).shape[1::-1]), 'faces': len(train.pull_anno(0))}
     result['train'] = _time_samples(train, [(0, i) for i in range(args.num)])
     result['val'] = _time_samples(val, list(range(min(args.num, 100))))
@@ -90,7 +95,7 @@ def bench_synthetic(args, tmp):
     lines, stats = convert_split(annotation_path(root, 'train'), image_root(root, 'train'))
     list_file = os.path.join(tmp, 'synthetic.txt')
     write_atomic(list_file, lines)
-    train = WIDERDetection(list_file, 'train', input_size=args.input_size, seed=args.seed)
+    train = WIDERDetection(list_file, 'train', input_size=args.input_size, seed=args.seed, normalize=NORMALIZE)
     indices = [(0, i % len(train)) for i in range(args.num)]
     return {'images': len(train), 'faces': stats['faces'], 'train': _time_samples(train, indices)}
 
@@ -100,6 +105,7 @@ def main(args):
     cv2.setNumThreads(1)
     with tempfile.TemporaryDirectory() as tmp:
         report = {'threads': 1, 'input_size': args.input_size, 'target_samples_per_s': TARGET,
+                  'sample': 'uint8 [3, S, S], normalize=False (as train.py)',
                   'real': bench_real(args, tmp), 'synthetic': bench_synthetic(args, tmp)}
     real_train = report['real'].get('train')
     if real_train:
