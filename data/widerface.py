@@ -223,7 +223,6 @@ class WIDERDetection(Dataset):
                 boxes[k] = table[ok]
         if bad_rows:
             _note(f'{self.list_file}: dropped {bad_rows} boxes with w <= 0 or h <= 0')
-        self.num_listed = len(paths)
         self.num_without_face = 0
         if mode == 'train':
             keep = [k for k, table in enumerate(boxes) if len(table)]
@@ -257,9 +256,6 @@ class WIDERDetection(Dataset):
     def pull_anno(self, index):
         """float32 [n, 5] (x1, y1, x2, y2, label) in pixels of the original image, as listed."""
         return self._anno(index).copy()
-
-    def image_path(self, index):
-        return self.paths[index]
 
     # -- samples -----------------------------------------------------------------------------
 
