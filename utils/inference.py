@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import box_iou
 
-from data.config import cfg
+from utils.augmentations import subtract_mean
 from utils.device import setup_device
 
 OFFICIAL_MAX_PIXELS = 1700 * 1200
@@ -139,8 +139,8 @@ def images_to_input(images, device='cpu', flip=False):
     if len({im.shape for im in images}) != 1:
         raise ValueError(f'images_to_input needs images of one size, got {sorted({im.shape for im in images})}')
     batch = torch.from_numpy(np.stack(images))
-    batch = batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
-    batch -= torch.tensor(cfg.img_mean, dtype=torch.float32, device=batch.device).view(1, 3, 1, 1)
+    batch = batch.to(device, non_blocking=True).permute(0, 3, 1, 2)   # NHWC data seen as NCHW
+    batch = subtract_mean(batch, memory_format=torch.channels_last)
     if flip:
         batch = torch.cat((batch, batch.flip(-1)))
     h, w = batch.shape[-2:]
