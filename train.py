@@ -348,7 +348,7 @@ class Trainer:
         self.checkpoint_path = os.path.join(args.save_folder, f'sfd_{args.dataset}_checkpoint.pth')
         self.finite = FiniteCheck(ctx.device)
         self.stop = None  # StopRequest while run() is active
-        self.window = [time.time(), 0.0, 0]  # start, data wait, iterations since the last log
+        self.window = None  # [start, data wait, iterations since the last log], set per epoch
 
     def run(self):
         self.stop = StopRequest()
@@ -411,8 +411,8 @@ class Trainer:
                 atomic_save(self.model.state_dict(),
                             os.path.join(args.save_folder, f'sfd_{args.dataset}_{iteration}.pth'))
             if state['iteration'] >= self.total_iters or self.stop.requested(ctx.device, sync_now=is_log_step):
-                state['loss_sum'] = float(loss_sum)
                 if state['batch_in_epoch'] < self.sampler.batches_per_epoch:
+                    state['loss_sum'] = float(loss_sum)
                     self.save_checkpoint('stop requested' if self.stop.signal
                                          else f'reached --max_iter {args.max_iter}')
                     return False
@@ -457,8 +457,7 @@ class Trainer:
         args, ctx, state = self.args, self.ctx, self.state
         self.eval_net.eval()
         start = time.time()
-        # summed on the device and read once after the loop (float64 is not on every backend)
-        total = torch.zeros((), dtype=torch.float32 if ctx.type == 'npu' else torch.float64, device=ctx.device)
+        total = torch.zeros((), device=ctx.device)  # summed on the device, read once after the loop
         batches = 0
         for images, targets in self.val_loader:
             images, targets = to_device(images, targets, ctx.device, args.channels_last)
