@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import box_iou
 
-from utils.augmentations import subtract_mean
+from utils.augmentations import clip_boxes, mirror_boxes, subtract_mean
 from utils.device import setup_device
 
 OFFICIAL_MAX_PIXELS = 1700 * 1200
@@ -63,7 +63,7 @@ ENLARGED_MAX_SIDE = 100  # px, pixel-inclusive: enlarged passes keep boxes whose
 
 __all__ = ['OFFICIAL_MAX_PIXELS', 'MIN_INPUT_SIDE', 'inference_device', 'max_shrink', 'single_scale',
            'resize_rgb', 'images_to_input', 'to_pixel_boxes', 'Detector', 'bbox_vote', 'multi_scale_plan',
-           'to_wider_rows', 'clip_boxes', 'draw_detections']
+           'to_wider_rows', 'draw_detections']
 
 
 # ----------------------------------------------------------------------------- device
@@ -180,7 +180,7 @@ def to_pixel_boxes(output, input_hw, content_hw, original_hw, thresh=0.0, flippe
         fx, fy = in_w * ow / cw, in_h * oh / ch
         boxes = rows[:, [1, 2, 3, 4, 0]] * np.array([fx, fy, fx, fy, 1], dtype=np.float32)
         if flipped is not None and flipped[b]:
-            boxes[:, [0, 2]] = ow - boxes[:, [2, 0]]
+            boxes = mirror_boxes(boxes, ow)
         result.append(boxes[np.argsort(-boxes[:, 4], kind='stable')])
     return result
 
@@ -329,14 +329,6 @@ def bbox_vote(dets, iou_thresh=VOTE_IOU, top_k=VOTE_TOP_K, keep_single=False):
 
 # ----------------------------------------------------------------------------- output
 
-def clip_boxes(dets, height, width):
-    """Copy of ``dets`` ``[n, 5]`` with x clipped to ``[0, width]`` and y to ``[0, height]``."""
-    out = np.array(dets, dtype=np.float32, copy=True).reshape(-1, 5)
-    out[:, 0:4:2] = np.clip(out[:, 0:4:2], 0, width)
-    out[:, 1:4:2] = np.clip(out[:, 1:4:2], 0, height)
-    return out
-
-
 def to_wider_rows(dets, height, width):
     """WIDER prediction rows for one image.
 
@@ -349,10 +341,10 @@ def to_wider_rows(dets, height, width):
         trained on; the evaluator adds the pixel-inclusive +1 to predictions and faces
         alike); boxes with no area inside the image are dropped.
     """
-    clipped = clip_boxes(dets, height, width).astype(np.float64)
-    rows = np.column_stack((clipped[:, 0], clipped[:, 1], clipped[:, 2] - clipped[:, 0],
-                            clipped[:, 3] - clipped[:, 1], clipped[:, 4]))
-    rows = rows[(rows[:, 2] > 0) & (rows[:, 3] > 0)]
+    dets = np.asarray(dets, dtype=np.float32).reshape(-1, 5)
+    clipped, keep = clip_boxes(dets[:, :4], width, height)
+    clipped = clipped.astype(np.float64)
+    rows = np.column_stack((clipped[:, :2], clipped[:, 2:] - clipped[:, :2], dets[keep, 4]))
     return rows[np.argsort(-rows[:, 4], kind='stable')]
 
 
@@ -361,8 +353,12 @@ def draw_detections(rgb, dets, thresh=0.0, color=(0, 255, 0)):
     labelled with its score. Returns ``(image, number of boxes drawn)``."""
     image = rgb.copy()  # C order
     h, w = image.shape[:2]
-    dets = clip_boxes(dets, h, w)
-    dets = dets[dets[:, 4] >= thresh]
+    dets = np.asarray(dets, dtype=np.float32).reshape(-1, 5)
+    dets = dets[dets[:, 4] >= thresh]   # a new array: clipped in place below
+    # Not utils.augmentations.clip_boxes: it drops the boxes left without area inside the
+    # image, and those are still drawn (as a line) and counted here.
+    np.clip(dets[:, 0:4:2], 0, w, out=dets[:, 0:4:2])
+    np.clip(dets[:, 1:4:2], 0, h, out=dets[:, 1:4:2])
     thickness = max(1, int(round(max(h, w) / 400)))
     font_scale = max(0.35, max(h, w) / 1600)
     for x1, y1, x2, y2, score in dets.tolist():
