@@ -86,3 +86,30 @@ def test_bad_input_is_a_one_line_error(model, images, tmp_path, capsys):
     (broken / 'a.jpg').write_bytes(b'nothing')
     assert 'none of the 1 image(s) could be read' in cli_error(capsys, '--model', model, broken,
                                                                '--out', tmp_path / 'o', '--device', 'cpu')
+
+
+class _FixedScores(torch.nn.Module):
+    """Test-phase output with one face per score in `scores` (a stand-in for the network)."""
+
+    def __init__(self, scores):
+        super().__init__()
+        self.scores = scores
+
+    def forward(self, x):
+        out = torch.zeros(x.shape[0], 2, len(self.scores), 5)
+        for k, score in enumerate(self.scores):
+            out[:, 1, k] = torch.tensor([score, 0.1 + 0.1 * k, 0.1, 0.2 + 0.1 * k, 0.3])
+        return out
+
+
+def test_a_thresh_below_the_per_pass_threshold_keeps_the_low_scoring_faces(monkeypatch, images, tmp_path):
+    # demo.py lowers the detector's per-pass threshold (cfg.CONF_THRESH) to --thresh when that is lower.
+    from data.config import cfg
+    low = cfg.CONF_THRESH / 2
+    monkeypatch.setattr(demo, 'load_model', lambda *a, **k: _FixedScores([0.9, low]))
+    image = images / 'im0.png'
+    (_, _, faces, _), = run('--model', 'model.pth', image, '--out', tmp_path / 'a', '--thresh', low / 2, '--device', 'cpu')
+    assert faces == 2
+    (_, _, faces, _), = run('--model', 'model.pth', image, '--out', tmp_path / 'b', '--thresh', cfg.CONF_THRESH,
+                            '--device', 'cpu')
+    assert faces == 1
