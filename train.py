@@ -544,7 +544,7 @@ def main(args):
         f'weights in {args.save_folder}')
     if args.demo:
         from utils.demo import finish_demo
-        finish_demo(args, state)
+        finish_demo(args)
     return state
 
 

@@ -34,14 +34,11 @@ def prepare_demo(args):
           f'batch {args.batch_size}, {args.epochs} epochs', flush=True)
 
 
-def finish_demo(args, state):
+def finish_demo(args):
     """Score the best checkpoint on the synthetic val split and say where the weights are."""
+    import wider_test
+
     best = os.path.join(args.save_folder, 'sfd_face.pth')
-    try:
-        import wider_test
-    except ImportError:
-        print(f'Demo: done. Best checkpoint: {best} (wider_test.py is not available to evaluate it)')
-        return None
     pred_dir = os.path.join(DEMO_ROOT, 'predictions')
     gt_dir = os.path.join(DEMO_WIDER, 'eval_tools', 'ground_truth')
     aps = wider_test.main(wider_test.parse_args([
