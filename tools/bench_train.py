@@ -83,7 +83,7 @@ def train_flops_per_image(input_size):
     return 3 * 2 * sum(macs)
 
 
-def prepare_training(net, ctx, lr, channels_last=False, compile_net=False, sgd_impl=None):
+def prepare_training(net, ctx, lr, channels_last=False, compile_net=False, sgd_impl=None, compile_mode=None):
     """`net` on ctx's device (channels-last, compiled on request) with its SGD (train.py's
     momentum and weight decay), loss and finiteness check: (net, optimizer, criterion, finite)."""
     net = net.to(ctx.device)
@@ -92,7 +92,7 @@ def prepare_training(net, ctx, lr, channels_last=False, compile_net=False, sgd_i
     optimizer = ctx.make_optimizer(net.parameters(), lr, 0.9, 5e-4, sgd_impl)
     net, optimizer = ctx.initialize(net, optimizer)
     if compile_net:
-        net = torch.compile(net)
+        net = torch.compile(net, mode=compile_mode)
     return net, optimizer, MultiBoxLoss(cfg), FiniteCheck(ctx.device)
 
 

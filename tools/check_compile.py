@@ -34,8 +34,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from s3fd import build_s3fd, init_weights_from_scratch  # noqa: E402
 from tools._common import add_step_arguments  # noqa: E402
-from tools.bench_train import prepare_training, synthetic_batches  # noqa: E402
-from train import to_device, training_step  # noqa: E402
+from tools.bench_train import synthetic_batches  # noqa: E402
+from tools.check_precision import train_steps  # noqa: E402
+from train import to_device  # noqa: E402
 from utils import device as devices  # noqa: E402
 
 
@@ -75,31 +76,17 @@ def sig(x, digits=3):
     return float(f'{x:.{digits}g}')
 
 
-def one_step_gradients(net, criterion, ctx, images, targets, channels_last):
-    """(loss, loc, conf, {name: grad}) of one forward + backward, without an update."""
-    images, targets = to_device(images, targets, ctx.device, channels_last)
-    with ctx.autocast():
-        loc, conf, priors = net(images)
-    loss_l, loss_c = criterion((loc, conf, priors), targets)
-    loss = loss_l + loss_c
-    loss.backward()
-    return loss.detach().float(), loc.detach().float(), conf.detach().float()
-
-
 def named_grads(model):
     return {name: (p.grad.detach().float().clone() if p.grad is not None else torch.zeros_like(p, dtype=torch.float))
             for name, p in model.named_parameters()}
 
 
-def run_steps(net, model, criterion, optimizer, ctx, finite, batches, steps, channels_last):
-    losses, first_nonfinite = [], None
-    for step in range(steps):
-        images, targets = batches[step % len(batches)]
-        loss, _, _, _ = training_step(net, criterion, optimizer, ctx, finite, images, targets, channels_last)
-        losses.append(float(loss))
-        if first_nonfinite is None and not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-            first_nonfinite = step + 1
-    return losses, first_nonfinite
+def outputs(net, ctx, images, channels_last):
+    """(loc, conf) of one training-mode forward (the graph the steps use: no recompilation), float32."""
+    images, _ = to_device(images, [], ctx.device, channels_last)
+    with ctx.autocast():
+        loc, conf, _ = net(images)
+    return loc.detach().float(), conf.detach().float()
 
 
 def main(args):
@@ -115,21 +102,17 @@ def main(args):
     initial = build_s3fd('train')
     init_weights_from_scratch(initial)
     batches = synthetic_batches(args, 4, torch.Generator().manual_seed(0))
-    images, targets = batches[0]
 
     results = {}
     for name in ('eager', 'compiled'):
-        model = copy.deepcopy(initial)
-        net, optimizer, criterion, finite = prepare_training(model, ctx, args.lr, args.channels_last)
-        if name == 'compiled':
-            net = torch.compile(net, mode=args.mode)
-        loss, loc, conf = one_step_gradients(net, criterion, ctx, images, targets, args.channels_last)
-        grads = named_grads(model)
-        optimizer.zero_grad(set_to_none=True)
-        losses, first_nonfinite = run_steps(net, model, criterion, optimizer, ctx, finite, batches, args.steps,
-                                            args.channels_last)
-        results[name] = dict(loss=loss, loc=loc, conf=conf, grads=grads, losses=losses,
-                             first_nonfinite=first_nonfinite)
+        out, grads = {}, {}
+        losses, first_nonfinite = train_steps(
+            copy.deepcopy(initial), ctx, batches, args.steps, args.lr, args.channels_last,
+            compile_net=name == 'compiled', compile_mode=args.mode,
+            on_start=lambda net: out.update(zip(('loc', 'conf'), outputs(net, ctx, batches[0][0], args.channels_last))),
+            on_first_step=lambda model: grads.update(named_grads(model)))
+        results[name] = dict(loss=losses[0], loc=out['loc'], conf=out['conf'], grads=grads, losses=losses,
+                             first_nonfinite=first_nonfinite and first_nonfinite['step'])
 
     eager, compiled = results['eager'], results['compiled']
     diff_sq, ref_sq, per_param, nonfinite = 0.0, 0.0, {}, {'eager': [], 'compiled': []}
@@ -145,7 +128,7 @@ def main(args):
         per_param[pname] = math.sqrt(d) / max(math.sqrt(r), 1e-12)
     grad_rel = math.sqrt(diff_sq) / max(math.sqrt(ref_sq), 1e-12)
     worst = sorted(per_param.items(), key=lambda kv: -kv[1] if math.isfinite(kv[1]) else -math.inf)[:5]
-    loss_rel = float(abs(compiled['loss'] - eager['loss']) / abs(eager['loss']))
+    loss_rel = abs(compiled['loss'] - eager['loss']) / abs(eager['loss'])
     new_nonfinite = (set(nonfinite['compiled']) - set(nonfinite['eager'])
                      or (compiled['first_nonfinite'] is not None and eager['first_nonfinite'] is None))
     ok = math.isfinite(grad_rel) and grad_rel <= args.tolerance and not new_nonfinite

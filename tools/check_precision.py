@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from s3fd import build_s3fd, init_weights_from_scratch  # noqa: E402
 from tools._common import add_step_arguments  # noqa: E402
 from tools.bench_train import prepare_training, synthetic_batches  # noqa: E402
-from train import training_step  # noqa: E402
+from train import nonfinite_parameters, training_step  # noqa: E402
 from utils import device as devices  # noqa: E402
 
 
@@ -42,25 +42,42 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def train_losses(net, ctx, batches, steps, lr, channels_last=False, compile_net=False):
-    """(losses, first update as one flat float32 CPU vector, first_nonfinite or None)."""
-    model = copy.deepcopy(net)
-    net, optimizer, criterion, finite = prepare_training(model, ctx, lr, channels_last, compile_net)
-    initial = flat_weights(model)
-    losses, first_update, first_nonfinite = [], None, None
+def train_steps(model, ctx, batches, steps, lr, channels_last=False, compile_net=False, compile_mode=None,
+                on_start=None, on_first_step=None):
+    """Train `model` in place for `steps` SGD steps on `batches` (cycled), as train.py does.
+
+    Returns (losses, first_nonfinite): first_nonfinite is None, or {'step', 'loss_finite',
+    'params', 'count'} for the first step after which a weight is NaN/inf.
+    on_start(net) runs before step 1 with the network that trains (compiled or not);
+    on_first_step(model) after step 1, whose gradients are still in .grad.
+    """
+    net, optimizer, criterion, finite = prepare_training(model, ctx, lr, channels_last, compile_net,
+                                                         compile_mode=compile_mode)
+    if on_start is not None:
+        on_start(net)
+    losses, first_nonfinite = [], None
     for step in range(steps):
         images, targets = batches[step % len(batches)]
-        loss, _, _, _ = training_step(net, criterion, optimizer, ctx, finite, images.to(ctx.device), targets,
-                                      channels_last)
+        loss, _, _, _ = training_step(net, criterion, optimizer, ctx, finite, images, targets, channels_last)
         losses.append(float(loss))
-        if step == 0:
-            first_update = flat_weights(model) - initial
+        if step == 0 and on_first_step is not None:
+            on_first_step(model)
         if first_nonfinite is None:
-            bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+            bad = nonfinite_parameters(model)
             if bad:
                 first_nonfinite = {'step': step + 1, 'loss_finite': math.isfinite(losses[-1]),
                                    'params': bad[:8], 'count': len(bad)}
-    return losses, first_update, first_nonfinite
+    return losses, first_nonfinite
+
+
+def train_losses(net, ctx, batches, steps, lr, channels_last=False, compile_net=False):
+    """(losses, first update as one flat float32 CPU vector, first_nonfinite or None) of a copy of `net`."""
+    model = copy.deepcopy(net)
+    initial = flat_weights(model)
+    update = {}
+    losses, first_nonfinite = train_steps(model, ctx, batches, steps, lr, channels_last, compile_net,
+                                          on_first_step=lambda m: update.setdefault('delta', flat_weights(m) - initial))
+    return losses, update['delta'], first_nonfinite
 
 
 def flat_weights(model):
