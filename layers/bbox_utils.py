@@ -303,11 +303,10 @@ def _match_per_face(pair_iou, pair_prior, slots, pair_faces, segment, num_images
     n_target = torch.round(total_per_image.float() / faces_per_image.float()).long()[segment]
     needy = per_face < n_target
     free = ~positive.flatten()[slots].view_as(pair_iou)
-    score = torch.where(free & (pair_iou > t1) & needy[:, None], pair_iou, torch.zeros_like(pair_iou))
-    order = torch.sort(score, dim=1, descending=True, stable=True).indices
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(score.size(1), device=device).expand_as(order))
-    take = (score > 0) & (rank < n_target[:, None])
+    eligible = free & (pair_iou > t1) & needy[:, None]
+    # Columns are in increasing prior order (see PriorGrid.window_priors), so ties go to the
+    # lower prior index. n_target is unknown on the host: the whole row is the bound.
+    take = top_n_per_row(pair_iou, eligible, n_target, pair_iou.size(1))
     chosen = torch.where(take, pair_iou, torch.zeros_like(pair_iou))
     _, face = _best_face_per_prior(slots, chosen.flatten(), pair_faces, positive.numel(), num_faces)
     extra = (face < num_faces).view_as(positive)

@@ -115,6 +115,26 @@ def test_stage2_per_face_compensates_the_face_with_few_anchors():
     assert conf_image[0].tolist() == [1, 1, 1, 1, 1, 0, 0]
 
 
+def test_stage2_per_face_ties_go_to_the_lower_prior_index():
+    # Dyadic coordinates, so the tied IoUs are exactly equal. Face A has 3 stage-1 priors,
+    # face B 1 (its forced best, IoU 0.5): N = 2, and B's two best free priors are the
+    # IoU-0.25 strip and one of two IoU-0.125 strips: the one with the lower prior index.
+    face_a = [0.0, 0.0, 0.25, 0.25]
+    a_priors = [[0.0, 0.0, 0.25, 0.25], [0.0, 0.0, 0.25, 0.125], [0.0, 0.125, 0.25, 0.25]]
+    face_b = [0.5, 0.5, 1.0, 1.0]
+    b_priors = [[0.5, 0.5, 1.0, 0.75], [0.5, 0.9375, 1.0, 1.0], [0.5, 0.5, 1.0, 0.625],
+                [0.5, 0.5, 1.0, 0.5625]]  # IoU 0.5, 0.125, 0.25, 0.125
+    priors = _priors_from_point_boxes(a_priors + b_priors)
+    iou_b = jaccard(torch.tensor([face_b]), point_form(priors))[0, 3:]
+    assert iou_b.tolist() == [0.5, 0.125, 0.25, 0.125]
+    _, conf = _match([face_a, face_b], priors, mode='face')
+    assert conf[0].tolist() == [1, 1, 1, 1, 1, 1, 0]
+    # Same faces with the tied strips swapped: again the lower index wins.
+    swapped = _priors_from_point_boxes(a_priors + [b_priors[0], b_priors[3], b_priors[2], b_priors[1]])
+    _, conf = _match([face_a, face_b], swapped, mode='face')
+    assert conf[0].tolist() == [1, 1, 1, 1, 1, 1, 0]
+
+
 def test_unknown_mode_is_rejected():
     with pytest.raises(ValueError):
         _match([FACE], _priors_from_point_boxes(STRIPS), mode='paper')
