@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 from data.config import cfg
 from data.widerface import AnnotationError, read_wider_annotations
+from prepare_wider_data import annotation_path, image_root
 from s3fd import VARIANTS
 from tools._common import run_cli
 from utils.checkpoint import load_model
@@ -131,7 +132,7 @@ def image_list(dataset_dir, split):
         raise WiderTestError(f'dataset directory {dataset_dir} does not exist')
     split_dir = os.path.join(dataset_dir, 'wider_face_split')
     candidates = [
-        (os.path.join(split_dir, f'wider_face_{split}_bbx_gt.txt'), _list_from_annotations),
+        (annotation_path(dataset_dir, split), _list_from_annotations),
         (os.path.join(split_dir, f'wider_face_{split}_filelist.txt'), _list_from_filelist),
         (os.path.join(split_dir, f'wider_face_{split}.mat'), _list_from_mat),
         (os.path.join(dataset_dir, 'eval_tools', 'ground_truth', f'wider_face_{split}.mat'), _list_from_mat),
@@ -143,7 +144,7 @@ def image_list(dataset_dir, split):
     else:
         raise WiderTestError(f'{dataset_dir}: no image list for split {split!r} (looked for '
                              f'{", ".join(os.path.relpath(p, dataset_dir) for p, _ in candidates)})')
-    images_dir = os.path.join(dataset_dir, f'WIDER_{split}', 'images')
+    images_dir = image_root(dataset_dir, split)
     if not os.path.isdir(images_dir):
         raise WiderTestError(f'{images_dir}: no such directory (the images of split {split!r}; '
                              f'list read from {path})')
