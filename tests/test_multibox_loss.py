@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from data.config import cfg
@@ -120,3 +121,20 @@ def test_hard_negatives_cpu_topk_equals_sort_selection():
         expected[b, chosen] = True
     assert torch.equal(fast, expected)
     assert fast.sum(1).tolist() == [0, 3, 40, int(negative[3].sum())]
+
+
+@pytest.mark.parametrize('device', ['cpu', pytest.param('cuda', marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason='needs a CUDA device for the sort branch'))])
+def test_hard_negatives_ignore_the_scores_of_non_negatives(device):
+    # MultiBoxLoss passes the raw cross-entropy, positives included: their scores, however
+    # high, must neither be selected nor displace a negative.
+    from layers.modules.multibox_loss import hard_negatives
+    g = torch.Generator().manual_seed(5)
+    mining = (torch.randint(0, 20, (3, 200), generator=g).float() / 3).to(device)
+    negative = (torch.rand(3, 200, generator=g) > 0.2).to(device)
+    num_neg = torch.tensor([5, 60, 199], device=device)
+    masked = hard_negatives(mining.masked_fill(~negative, 0.0), negative, num_neg)
+    loud = hard_negatives(mining.masked_fill(~negative, 1e6), negative, num_neg)
+    assert torch.equal(masked, loud)
+    assert not (loud & ~negative).any()
+    assert loud.sum(1).tolist() == [5, 60, int(negative[2].sum())]

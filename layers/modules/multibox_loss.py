@@ -79,7 +79,7 @@ class MultiBoxLoss(nn.Module):
             with torch.no_grad():
                 loc_t, conf_t = self.build_targets(targets, priors.float(), num_images)
             pos = conf_t > 0  # [B, P]
-            num_pos = pos.sum(dim=1, keepdim=True)
+            num_pos = pos.sum(dim=1)  # [B]
 
             loss_l = F.smooth_l1_loss(loc_data, loc_t, reduction='none').sum(dim=-1)
             loss_l = (loss_l * pos).sum()
@@ -87,8 +87,8 @@ class MultiBoxLoss(nn.Module):
             # Cross-entropy of every prior; it also serves as the mining score.
             ce = torch.logsumexp(conf_data, dim=-1) - conf_data.gather(-1, conf_t.unsqueeze(-1)).squeeze(-1)
             with torch.no_grad():
-                num_neg = torch.clamp(self.negpos_ratio * num_pos.squeeze(1), max=num_priors - 1)
-                neg = hard_negatives(ce.detach().masked_fill(pos, 0.0), ~pos, num_neg)
+                num_neg = torch.clamp(self.negpos_ratio * num_pos, max=num_priors - 1)
+                neg = hard_negatives(ce.detach(), ~pos, num_neg)
             loss_c = (ce * (pos | neg)).sum()
 
             total_pos = num_pos.sum()
@@ -99,9 +99,10 @@ class MultiBoxLoss(nn.Module):
 def hard_negatives(mining, negative, num_neg):
     """Mask of the num_neg[b] highest-scoring negatives of each image (ties: lower index).
 
-    mining [B, P] scores, negative [B, P] bool, num_neg [B] long. On accelerators this is a
-    sort, free of host synchronisation; on the CPU, where there is nothing to overlap, a top-k
-    sized by the largest count is several times faster and selects the same priors.
+    mining [B, P] scores (those of non-negatives are ignored, so callers need not mask them),
+    negative [B, P] bool, num_neg [B] long. On accelerators this is a sort, free of host
+    synchronisation; on the CPU, where there is nothing to overlap, a top-k sized by the
+    largest count is several times faster and selects the same priors.
     """
     if mining.device.type == 'cpu':
         return top_n_per_row(mining, negative, num_neg, int(num_neg.max()) if num_neg.numel() else 0)
