@@ -3,7 +3,7 @@ demo.py and the tools, and the layout checks of the weight tools (make_basenet,
 convert_official, export_onnx)."""
 import sys
 
-from utils.checkpoint import CheckpointError
+from utils.checkpoint import CheckpointError, describe_keys
 from utils.device import DeviceUnavailable
 
 
@@ -23,13 +23,6 @@ def add_step_arguments(parser, batch_size=16, amp_choices=('native', 'off'), amp
     parser.add_argument('--amp_dtype', default='bf16', choices=['bf16', 'fp16'])
 
 
-def describe_keys(keys, limit=10):
-    """'a, b, c, ... (N in all)': a sorted, shortened list of state_dict keys for messages."""
-    keys = sorted(keys)
-    shown = ', '.join(keys[:limit])
-    return shown + (f', ... ({len(keys)} in all)' if len(keys) > limit else '')
-
-
 def check_layout(state, expected, path, layout_name, hint=None):
     """Raise CheckpointError unless `state` holds every key of `expected` with its shape.
 
@@ -43,7 +36,7 @@ def check_layout(state, expected, path, layout_name, hint=None):
         return
     problems = []
     if missing:
-        problems.append(f'missing {len(missing)} of {len(expected)} keys: {describe_keys(missing)}')
+        problems.append(f'missing {len(missing)} of {len(expected)} keys: {describe_keys(missing, 10)}')
     if wrong:
         problems.append(f'wrong shapes: {describe_keys(wrong, 4)}')
     message = f'{path}: not the {layout_name} layout: ' + '; '.join(problems)

@@ -88,7 +88,7 @@ def convert_state_dict(state, path='<checkpoint>'):
     check_layout(state, released_layout(), path, 'released S3FD', _layout_hint(state))
     unexpected = sorted(set(state) - set(mapping))
     if unexpected:
-        raise CheckpointError(f'{path}: unexpected keys for the released S3FD layout: {describe_keys(unexpected)}')
+        raise CheckpointError(f'{path}: unexpected keys for the released S3FD layout: {describe_keys(unexpected, 10)}')
     out = {}
     for src, dst in mapping.items():
         tensor = state[src].float()

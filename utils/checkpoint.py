@@ -70,7 +70,8 @@ def extract_state_dict(obj, path='<checkpoint>'):
     return cleaned
 
 
-def _describe(keys, limit=8):
+def describe_keys(keys, limit=8):
+    """'a, b, c, ... (N in all)': a sorted, shortened list of state_dict keys for messages."""
     keys = sorted(keys)
     shown = ', '.join(keys[:limit])
     return shown + (f', ... ({len(keys)} in all)' if len(keys) > limit else '')
@@ -83,13 +84,13 @@ def load_weights(module, state_dict, path='<checkpoint>'):
     unexpected = set(state_dict) - set(own)
     problems = []
     if missing:
-        problems.append(f'missing keys: {_describe(missing)}')
+        problems.append(f'missing keys: {describe_keys(missing)}')
     if unexpected:
-        problems.append(f'unexpected keys: {_describe(unexpected)}')
+        problems.append(f'unexpected keys: {describe_keys(unexpected)}')
     wrong = [f'{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}'
              for k, v in own.items() if k in state_dict and state_dict[k].shape != v.shape]
     if wrong:
-        problems.append(f'shape mismatch (file vs model): {_describe(wrong, 4)}')
+        problems.append(f'shape mismatch (file vs model): {describe_keys(wrong, 4)}')
     if problems:
         raise CheckpointError(f'{path}: does not fit {type(module).__name__}: ' + '; '.join(problems))
     module.load_state_dict(state_dict, strict=True)
