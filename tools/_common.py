@@ -11,6 +11,24 @@ class ToolError(RuntimeError):
     """A user-facing failure of a tool (missing optional package, failed verification)."""
 
 
+# Per GPU: dense tensor-core peaks in TFLOP/s (no sparsity) for bf16/fp16 and fp32 (TF32 where
+# used), and HBM bandwidth in TB/s. Looked up by substring of the device name, in this order
+# ('H100 PCIe' before 'H100').
+DEVICE_SPECS = {
+    'H100 PCIe': {'bf16': 756.0, 'fp16': 756.0, 'fp32': 378.0, 'hbm_tbs': 2.0},
+    'H100': {'bf16': 989.0, 'fp16': 989.0, 'fp32': 494.5, 'hbm_tbs': 3.35},
+    'H200': {'bf16': 989.0, 'fp16': 989.0, 'fp32': 494.5, 'hbm_tbs': 4.8},
+    'A100': {'bf16': 312.0, 'fp16': 312.0, 'fp32': 156.0, 'hbm_tbs': 2.0},
+    'L40S': {'bf16': 362.0, 'fp16': 362.0, 'fp32': 183.0, 'hbm_tbs': 0.86},
+    'V100': {'bf16': None, 'fp16': 125.0, 'fp32': 15.7, 'hbm_tbs': 0.9},
+}
+
+
+def device_spec(device_name):
+    """DEVICE_SPECS' entry for a device name (e.g. 'NVIDIA H100 80GB HBM3'), None if unknown."""
+    return next((spec for key, spec in DEVICE_SPECS.items() if key in device_name), None)
+
+
 def add_step_arguments(parser, batch_size=16, amp_choices=('native', 'off'), amp_default='native'):
     """The options every training-step tool shares: --device, --device_id, --batch_size,
     --input_size, --amp (when amp_choices is not empty) and --amp_dtype."""

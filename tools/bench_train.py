@@ -26,21 +26,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.config import cfg  # noqa: E402
 from layers.modules.multibox_loss import MultiBoxLoss  # noqa: E402
 from s3fd import build_s3fd, init_weights_from_scratch  # noqa: E402
-from tools._common import add_step_arguments  # noqa: E402
+from tools._common import add_step_arguments, device_spec  # noqa: E402
 from tools.bench_layers import random_faces  # noqa: E402
 from train import FiniteCheck, training_step  # noqa: E402
 from utils import device as devices  # noqa: E402
 from utils.fileio import atomic_write_text  # noqa: E402
-
-# Dense tensor-core peaks in TFLOP/s (no sparsity): bf16/fp16, and fp32 (TF32 where used).
-PEAK_TFLOPS = {
-    'H100': {'bf16': 989.0, 'fp16': 989.0, 'fp32': 494.5},
-    'H200': {'bf16': 989.0, 'fp16': 989.0, 'fp32': 494.5},
-    'A100': {'bf16': 312.0, 'fp16': 312.0, 'fp32': 156.0},
-    'L40S': {'bf16': 362.0, 'fp16': 362.0, 'fp32': 183.0},
-    'V100': {'bf16': None, 'fp16': 125.0, 'fp32': 15.7},
-}
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -99,11 +89,7 @@ def prepare_training(net, ctx, lr, channels_last=False, compile_net=False, sgd_i
 def device_peak(ctx, precision):
     if ctx.type != 'cuda':
         return None
-    name = torch.cuda.get_device_name(ctx.device)
-    for key, peaks in PEAK_TFLOPS.items():
-        if key in name:
-            return peaks.get(precision)
-    return None
+    return (device_spec(torch.cuda.get_device_name(ctx.device)) or {}).get(precision)
 
 
 def synthetic_batches(args, count, gen):

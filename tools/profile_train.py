@@ -40,13 +40,11 @@ from torch.utils._pytree import tree_flatten
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from s3fd import build_s3fd, init_weights_from_scratch  # noqa: E402
-from tools._common import add_step_arguments  # noqa: E402
+from tools._common import add_step_arguments, device_spec  # noqa: E402
 from tools.bench_train import prepare_training, synthetic_batches  # noqa: E402
 from train import training_step  # noqa: E402
 from utils import device as devices  # noqa: E402
 
-# HBM bandwidth in TB/s, for the traffic floor of each kind ('H100 PCIe' before 'H100').
-BANDWIDTH_TBS = {'H100 PCIe': 2.0, 'H100': 3.35, 'H200': 4.8, 'A100': 2.0, 'L40S': 0.86, 'V100': 0.9}
 PHASES = ('forward', 'loss', 'backward', 'optimizer')
 KINDS = ('convolution', 'relu', 'pooling', 'cast', 'l2norm', 'heads', 'loss', 'optimizer', 'compiled', 'other')
 LABEL = 'S3FD|'  # prefix of the profiler ranges this tool opens: S3FD|phase|scope|module type
@@ -279,7 +277,7 @@ def main(args):
     per_step = {key: ms / args.steps for key, ms in times.items()}
     total = sum(per_step.values())
     name = torch.cuda.get_device_name(ctx.device) if on_device else ctx.type
-    bandwidth = next((tbs for key, tbs in BANDWIDTH_TBS.items() if key in name), None)
+    bandwidth = (device_spec(name) or {}).get('hbm_tbs')
     kinds = {}
     for kind in KINDS:
         ms = sum(v for (_, k, _), v in per_step.items() if k == kind)
