@@ -111,16 +111,14 @@ def loader_batches(args, ctx):
     from data.factory import EpochBatchSampler, make_loader
     from data.synthetic import generate
     from data.widerface import WIDERDetection
-    import prepare_wider_data
+    from prepare_wider_data import annotation_path, convert_split, image_root
 
-    root = args.data_dir or os.path.join(tempfile.gettempdir(), 's3fd_bench_wider')
-    generate(os.path.join(root, 'WIDER'), args.images, 1, seed=0)
-    prepare_wider_data.main(prepare_wider_data.parse_args(['--dataset_dir', os.path.join(root, 'WIDER'),
-                                                           '--out_dir', root]))
-    with open(os.path.join(root, 'face_train.txt')) as f:
-        lines = f.read().splitlines()
+    base = args.data_dir or os.path.join(tempfile.gettempdir(), 's3fd_bench_wider')
+    root = os.path.join(base, f'train{args.images}')  # one folder per image count: reused, never clashing
+    generate(root, args.images, 0, seed=0)
+    lines, _ = convert_split(annotation_path(root, 'train'), image_root(root, 'train'))
     repeats = max(1, -(-args.epoch_size // max(1, len(lines))))
-    list_file = os.path.join(root, f'face_train_x{repeats}.txt')
+    list_file = os.path.join(base, f'face_train{args.images}_x{repeats}.txt')
     atomic_write_text(list_file, '\n'.join(lines * repeats) + '\n')
     dataset = WIDERDetection(list_file, 'train', input_size=args.input_size,
                              normalize=False)  # as train.py: uint8 to the device

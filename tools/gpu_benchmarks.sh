@@ -63,19 +63,22 @@ EOF
     echo "$name rc=$rc $((SECONDS - start))s: $(printf '%s' "$line" | cut -c1-400)"
 }
 
-# train.py itself on the GPU: a short run, then an exact resume of it, then wider_test.py
-# with its weights on the synthetic val split.
+# train.py itself on the GPU, on its own synthetic WIDER (512 train, 16 val images): a short
+# run, then an exact resume of it, then wider_test.py with its weights on the val split.
 # SMOKE_ARGS adds arguments to both training runs (e.g. a small --input_size for a dry run).
 train_script() {
     local dir=$DATA_DIR/train_smoke device=${SMOKE_DEVICE:-gpu}
-    local common=(--device "$device" --train_file "$DATA_DIR/face_train.txt" --val_file "$DATA_DIR/face_val.txt"
+    local wider=$DATA_DIR/smoke_wider lists=$DATA_DIR/smoke_lists
+    "$PY" -m data.synthetic --out "$wider" --train 512 --val 16 >&2 || return 1
+    "$PY" prepare_wider_data.py --dataset_dir "$wider" --out_dir "$lists" >&2 || return 1
+    local common=(--device "$device" --train_file "$lists/face_train.txt" --val_file "$lists/face_val.txt"
                   --num_workers 15 --lr 1e-4 --save_folder "$dir" ${SMOKE_ARGS:-})
     rm -rf "$dir"
     "$PY" train.py "${common[@]}" --basenet none --max_iter "${SMOKE_ITERS:-60}" >&2 || return 1
     "$PY" train.py "${common[@]}" --max_iter "$(( ${SMOKE_ITERS:-60} + 20 ))" \
         --resume "$dir/sfd_face_checkpoint.pth" >&2 || return 1
-    "$PY" wider_test.py --model "$dir/sfd_face_checkpoint.pth" --dataset_dir "$DATA_DIR/WIDER" --device "$device" \
-        --out "$dir/pred" --eval "$DATA_DIR/WIDER/eval_tools/ground_truth" >&2 || return 1
+    "$PY" wider_test.py --model "$dir/sfd_face_checkpoint.pth" --dataset_dir "$wider" --device "$device" \
+        --out "$dir/pred" --eval "$wider/eval_tools/ground_truth" >&2 || return 1
     echo '{"train_resume_test": "ok"}'
 }
 export -f train_script
