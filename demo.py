@@ -92,7 +92,7 @@ def main(args):
     results, skipped = [], []
     for path in files:
         try:
-            rgb = load_rgb(path)
+            rgb = load_rgb(path, exif_orientation=True)  # a photo as a viewer shows it
         except ImageReadError as exc:
             skipped.append(str(exc))
             print(f'skipped: {exc}', file=sys.stderr)

@@ -93,3 +93,25 @@ def test_unreadable_files_raise_one_line_error_naming_the_file(tmp_path, kind):
     assert err.path == str(path)
     copy = pickle.loads(pickle.dumps(err))  # crosses DataLoader worker boundaries intact
     assert str(copy) == str(err)
+
+
+@pytest.mark.parametrize('decoder', ['opencv', 'pillow'])
+def test_exif_orientation_is_ignored_unless_asked_for(tmp_path, monkeypatch, decoder):
+    """Boxes are given on the stored pixel grid: a rotated-by-EXIF JPEG must not be turned
+    by one decoder and left by the other. demo.py asks for the upright view."""
+    import utils.image_io as image_io
+    if decoder == 'pillow':
+        monkeypatch.setattr(image_io, '_decode_opencv', lambda data, exif_orientation: None)
+    path = tmp_path / 'rotated.jpg'
+    im = Image.fromarray(_pattern())
+    exif = im.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    im.save(path, quality=95, exif=exif.tobytes())
+    stored = load_rgb(path)
+    assert stored.shape == (48, 64, 3)
+    assert np.abs(stored[5, 5].astype(int) - (220, 20, 30)).max() <= 8
+    upright = load_rgb(path, exif_orientation=True)
+    assert upright.shape == (64, 48, 3)
+    # Turned clockwise: the stored top-left (red) is now the top-right corner.
+    assert np.abs(upright[5, 42].astype(int) - (220, 20, 30)).max() <= 8
+    assert np.abs(upright.astype(int) - np.rot90(stored, k=-1).astype(int)).max() <= 1

@@ -3,7 +3,9 @@
 `load_rgb(path)` returns an 8-bit RGB array [H, W, 3] whatever the file holds: grayscale,
 palette, 16-bit, PNG with an alpha channel (alpha dropped, not composited) and CMYK JPEG
 are all converted. OpenCV decodes first (fast); Pillow is the fallback for what OpenCV
-cannot read. A missing, empty, truncated or otherwise undecodable file raises
+cannot read. Both return the pixels as stored: an EXIF orientation tag is ignored unless
+asked for, because WIDER FACE boxes (and those of any dataset in its format) are given on
+the stored pixel grid, as MATLAB's imread reads it. A missing, empty, truncated or otherwise undecodable file raises
 `ImageReadError`, whose message is one line naming the file.
 """
 import io
@@ -28,10 +30,11 @@ class ImageReadError(OSError, ValueError):
         return type(self), (self.path, self.reason)
 
 
-def _decode_opencv(data):
+def _decode_opencv(data, exif_orientation):
     """Encoded bytes -> RGB uint8 [H, W, 3], or None when OpenCV cannot decode them."""
+    flags = cv2.IMREAD_COLOR if exif_orientation else cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
     try:
-        bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
+        bgr = cv2.imdecode(data, flags)
     except cv2.error:
         return None
     if bgr is None or bgr.ndim != 3 or bgr.shape[2] != 3 or bgr.dtype != np.uint8:
@@ -39,26 +42,30 @@ def _decode_opencv(data):
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
-def _decode_pillow(data):
+def _decode_pillow(data, exif_orientation):
     """Decode encoded bytes with Pillow; returns (RGB uint8 array or None, reason of the failure)."""
     try:
-        from PIL import Image
+        from PIL import Image, ImageOps
     except ImportError:
         return None, 'OpenCV cannot decode it and Pillow is not installed'
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
+            if exif_orientation:
+                im = ImageOps.exif_transpose(im)
             rgb = np.asarray(im.convert('RGB'))
     except Exception as exc:  # Pillow raises many types for corrupt data
         return None, f'not a decodable image ({type(exc).__name__}: {exc})'.replace('\n', ' ')
     return np.ascontiguousarray(rgb, dtype=np.uint8), ''
 
 
-def load_rgb(path):
+def load_rgb(path, exif_orientation=False):
     """Read an image file as RGB.
 
     Args:
         path: image file (any format OpenCV or Pillow reads).
+        exif_orientation: rotate/flip the pixels as the file's EXIF orientation tag says
+            (what a photo viewer shows). Off by default: annotations refer to the stored grid.
     Returns:
         np.ndarray uint8 [H, W, 3], RGB channel order, C-contiguous.
     Raises:
@@ -75,10 +82,10 @@ def load_rgb(path):
         raise ImageReadError(path, exc.strerror or str(exc)) from None
     if data.size == 0:
         raise ImageReadError(path, 'empty file')
-    rgb = _decode_opencv(data)
+    rgb = _decode_opencv(data, exif_orientation)
     if rgb is not None:
         return rgb
-    rgb, reason = _decode_pillow(data)
+    rgb, reason = _decode_pillow(data, exif_orientation)
     if rgb is None:
         raise ImageReadError(path, reason)
     if rgb.ndim != 3 or rgb.shape[2] != 3 or min(rgb.shape[:2]) == 0:
