@@ -36,17 +36,21 @@ def nms_top_k(boxes, scores, groups, iou_threshold, top_k):
     return order[keep]
 
 
+def _rank_in_group(groups):
+    """groups [N] long, in priority order -> [N] long: how many earlier entries share each
+    entry's group (0 for the first of a group)."""
+    by_group = torch.sort(groups, stable=True).indices
+    g_sorted = groups[by_group]
+    rank = torch.empty_like(by_group)
+    rank[by_group] = torch.arange(groups.numel(), device=groups.device) - torch.searchsorted(g_sorted, g_sorted)
+    return rank
+
+
 def _first_per_group(keep, groups, top_k):
     """Restrict score-sorted `keep` to its first `top_k` entries of each group."""
     if keep.numel() == 0:
         return keep
-    g = groups[keep]
-    by_group = torch.sort(g, stable=True).indices
-    g_sorted = g[by_group]
-    starts = torch.searchsorted(g_sorted, g_sorted, right=False)
-    rank = torch.empty_like(by_group)
-    rank[by_group] = torch.arange(g.numel(), device=g.device) - starts
-    return keep[rank < top_k]
+    return keep[_rank_in_group(groups[keep]) < top_k]
 
 
 class Detect:
@@ -104,14 +108,13 @@ class Detect:
         groups = image_idx * num_classes + class_idx
         if (self.nms_mode or ('prefix' if loc.device.type == 'cpu' else 'full')) == 'prefix':
             keep = nms_top_k(boxes, scores, groups, self.nms_thresh, self.top_k)
+            slot = _rank_in_group(groups[keep])
         else:
-            keep = _first_per_group(batched_nms(boxes, scores, groups, self.nms_thresh), groups, self.top_k)
-        g = groups[keep]
-        # keep is grouped by score order; compute each kept box's slot within its group.
-        by_group = torch.sort(g, stable=True).indices
-        g_sorted = g[by_group]
-        slot = torch.arange(g.numel(), device=g.device) - torch.searchsorted(g_sorted, g_sorted)
-        keep = keep[by_group]
+            keep = batched_nms(boxes, scores, groups, self.nms_thresh)
+            slot = _rank_in_group(groups[keep])
+            within = slot < self.top_k
+            keep, slot = keep[within], slot[within]
+        # keep is in score order, so a box's rank within its (image, class) is its row.
         rows = torch.cat((scores[keep, None], boxes[keep]), dim=1)
         output[image_idx[keep], class_idx[keep], slot] = rows
         return output
