@@ -39,6 +39,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data.config import cfg  # noqa: E402
+from layers.functions.prior_box import prior_grid  # noqa: E402
 from s3fd import VARIANTS  # noqa: E402
 from tools._common import ToolError, run_cli  # noqa: E402
 from utils.checkpoint import load_model  # noqa: E402
@@ -54,22 +55,12 @@ INSTALL_HINT = 'install the optional ONNX packages: pip install -r requirements-
 
 def graph_priors(image, feats, steps=None, anchor_sizes=None):
     """Priors [P, 4] (normalised cx, cy, w, h) computed from tensor shapes only, so that an
-    exporter records them as graph operations. Same values and order as PriorBox: per source,
-    row-major, cx = (j + 0.5) * step / W, cy = (i + 0.5) * step / H, w = anchor / W,
-    h = anchor / H (float32 arithmetic here, float64 rounded to float32 in PriorBox)."""
+    exporter records them as graph operations: `PriorBox`'s values in float32 arithmetic
+    (PriorBox computes in float64 and rounds)."""
     steps = cfg.STEPS if steps is None else steps
     anchor_sizes = cfg.ANCHOR_SIZES if anchor_sizes is None else anchor_sizes
-    height, width = image.shape[-2], image.shape[-1]
-    per_map = []
-    for f, step, anchor in zip(feats, steps, anchor_sizes):
-        fh, fw = f.shape[-2], f.shape[-1]
-        cy = (torch.arange(fh, dtype=torch.float32, device=image.device) + 0.5) * step / height
-        cx = (torch.arange(fw, dtype=torch.float32, device=image.device) + 0.5) * step / width
-        cy, cx = torch.meshgrid(cy, cx, indexing='ij')
-        w = torch.ones_like(cx) * (anchor / width)
-        h = torch.ones_like(cy) * (anchor / height)
-        per_map.append(torch.stack((cx, cy, w, h), dim=-1).reshape(-1, 4))
-    return torch.cat(per_map, dim=0)
+    return prior_grid(image.shape[-2:], [f.shape[-2:] for f in feats], steps, anchor_sizes,
+                      dtype=torch.float32, device=image.device)
 
 
 class S3FDForExport(nn.Module):

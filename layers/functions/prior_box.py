@@ -2,6 +2,26 @@
 import torch
 
 
+def prior_grid(input_size, feature_maps, steps, anchor_sizes, dtype=torch.float64, device=None):
+    """Unclipped priors [P, 4] in normalised center form, computed in `dtype`.
+
+    input_size (H, W) and each feature map's (h_k, w_k) may be Python ints or the traced
+    sizes of tensors (so that an ONNX exporter records the arithmetic for any input size).
+    Order: source by source, row-major within a map; cx = (j + 0.5) * step / W,
+    cy = (i + 0.5) * step / H, w = anchor / W, h = anchor / H.
+    """
+    height, width = input_size
+    per_map = []
+    for (fh, fw), step, anchor in zip(feature_maps, steps, anchor_sizes):
+        cy = (torch.arange(fh, device=device, dtype=dtype) + 0.5) * step / height
+        cx = (torch.arange(fw, device=device, dtype=dtype) + 0.5) * step / width
+        cy, cx = torch.meshgrid(cy, cx, indexing='ij')
+        w = torch.ones_like(cx) * (anchor / width)
+        h = torch.ones_like(cy) * (anchor / height)
+        per_map.append(torch.stack((cx, cy, w, h), dim=-1).reshape(-1, 4))
+    return torch.cat(per_map, dim=0)
+
+
 class PriorBox:
     """Priors for one input size.
 
@@ -27,15 +47,8 @@ class PriorBox:
             raise ValueError(f'{len(self.feature_maps)} feature maps but {len(self.steps)} steps in cfg')
 
     def forward(self):
-        per_map = []
-        for (fh, fw), step, anchor in zip(self.feature_maps, self.steps, self.anchor_sizes):
-            cy = (torch.arange(fh, device=self.device, dtype=torch.float64) + 0.5) * step / self.imh
-            cx = (torch.arange(fw, device=self.device, dtype=torch.float64) + 0.5) * step / self.imw
-            cy, cx = torch.meshgrid(cy, cx, indexing='ij')
-            w = torch.full_like(cx, anchor / self.imw)
-            h = torch.full_like(cy, anchor / self.imh)
-            per_map.append(torch.stack((cx, cy, w, h), dim=-1).reshape(-1, 4))
-        priors = torch.cat(per_map, dim=0).to(self.dtype)
+        priors = prior_grid((self.imh, self.imw), self.feature_maps, self.steps, self.anchor_sizes,
+                            device=self.device).to(self.dtype)
         if self.clip:
             priors.clamp_(min=0, max=1)
         return priors
