@@ -16,7 +16,8 @@ import os
 
 
 from data.config import cfg
-from data.widerface import ATTRIBUTE_NAMES, AnnotationError, read_wider_annotations
+from data.widerface import (ATTRIBUTE_NAMES, AnnotationError, annotation_path, image_root,
+                            read_wider_annotations)
 from utils.fileio import atomic_write_text
 
 SPLITS = ('train', 'val')
@@ -33,14 +34,6 @@ def parse_args(argv=None):
     parser.add_argument('--drop_invalid', action='store_true',
                         help='also drop the faces whose "invalid" flag is 1')
     return parser.parse_args(argv)
-
-
-def annotation_path(dataset_dir, split):
-    return os.path.join(dataset_dir, 'wider_face_split', f'wider_face_{split}_bbx_gt.txt')
-
-
-def image_root(dataset_dir, split):
-    return os.path.join(dataset_dir, f'WIDER_{split}', 'images')
 
 
 def _number(value):

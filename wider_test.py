@@ -44,8 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from data.config import cfg
-from data.widerface import AnnotationError, read_wider_annotations
-from prepare_wider_data import annotation_path, image_root
+from data.widerface import AnnotationError, annotation_path, image_root, read_wider_annotations
 from s3fd import VARIANTS
 from tools._common import run_cli
 from utils.checkpoint import load_model

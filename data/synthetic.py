@@ -54,6 +54,7 @@ import cv2
 import numpy as np
 import scipy.io
 
+from data.widerface import ATTRIBUTE_NAMES, annotation_path, image_root
 from utils.fileio import atomic_write_bytes
 from utils.widerface_eval import FACE_MAT, SETTING_MATS, SETTINGS
 
@@ -93,7 +94,7 @@ HAIR_COLOURS = ((20, 18, 16), (45, 30, 20), (70, 45, 25), (110, 75, 45), (200, 1
                 (150, 60, 30), (160, 160, 160), (225, 225, 220))
 IRIS_COLOURS = ((30, 20, 15), (60, 40, 20), (40, 70, 110), (50, 90, 60))
 
-ANNOTATION_FILES = {s: os.path.join('wider_face_split', f'wider_face_{s}_bbx_gt.txt') for s in SPLITS}
+ANNOTATION_FILES = {s: annotation_path('', s) for s in SPLITS}
 GT_DIR = os.path.join('eval_tools', 'ground_truth')
 MAT_FILES = (FACE_MAT,) + tuple(SETTING_MATS[s] for s in SETTINGS)
 # Top-level entries of DIR that this generator owns (removed by overwrite=True).
@@ -101,7 +102,6 @@ _OWNED = ('WIDER_train', 'WIDER_val', 'wider_face_split', 'eval_tools')
 
 _SHIFT = 4                 # cv2 drawing with 4 fractional bits: sub-pixel positions for tiny faces
 _ONE = 1 << _SHIFT
-_ATTRS = ('blur', 'expression', 'illumination', 'invalid', 'occlusion', 'pose')
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -493,7 +493,7 @@ def render_image(seed, split, index, crowd_prob):
         _draw_face(rng, img, face)
     # Reading order (top to bottom, left to right), as the annotations are listed.
     faces.sort(key=lambda f: (f['box'][1], f['box'][0]))
-    return img, [{'box': f['box'], **{k: f[k] for k in _ATTRS}} for f in faces]
+    return img, [{'box': f['box'], **{k: f[k] for k in ATTRIBUTE_NAMES}} for f in faces]
 
 
 # ----------------------------------------------------------------------------- annotation files
@@ -508,7 +508,7 @@ def _annotation_text(records):
         if not rec['faces']:
             lines.append('0 0 0 0 0 0 0 0 0 0 ')
         for f in rec['faces']:
-            vals = list(f['box']) + [f[k] for k in _ATTRS]
+            vals = list(f['box']) + [f[k] for k in ATTRIBUTE_NAMES]
             lines.append(' '.join(str(int(v)) for v in vals) + ' ')
     return ('\n'.join(lines) + '\n').encode('ascii')
 
@@ -563,11 +563,11 @@ def _eval_mats(records):
     per_event = {e: [r for r in records if r['event'] == e] for e in events}
     common = {'event_list': _cell(events)}
     file_lists, bbx_lists = [], []
-    label_lists = {k: [] for k in _ATTRS}
+    label_lists = {k: [] for k in ATTRIBUTE_NAMES}
     gt_lists = {s: [] for s in SETTINGS}
     for e in events:
         files, bbxs = [], []
-        labels = {k: [] for k in _ATTRS}
+        labels = {k: [] for k in ATTRIBUTE_NAMES}
         gts = {s: [] for s in gt_lists}
         for rec in per_event[e]:
             faces = rec['faces']
@@ -577,7 +577,7 @@ def _eval_mats(records):
             if faces:
                 box[:] = [f['box'] for f in faces]
             bbxs.append(box)
-            for k in _ATTRS:
+            for k in ATTRIBUTE_NAMES:
                 lab = np.zeros((rows, 1), np.uint8)
                 if faces:
                     lab[:, 0] = [f[k] for f in faces]
@@ -586,13 +586,13 @@ def _eval_mats(records):
                 gts[s].append(_gt_indices(m, rows))
         file_lists.append(_cell(files))
         bbx_lists.append(_cell(bbxs))
-        for k in _ATTRS:
+        for k in ATTRIBUTE_NAMES:
             label_lists[k].append(_cell(labels[k]))
         for s in gt_lists:
             gt_lists[s].append(_cell(gts[s]))
     common['file_list'] = _cell(file_lists)
     common['face_bbx_list'] = _cell(bbx_lists)
-    for k in _ATTRS:
+    for k in ATTRIBUTE_NAMES:
         common[f'{k}_label_list'] = _cell(label_lists[k])
     out = {FACE_MAT: _mat_bytes(common)}
     for s in SETTINGS:
@@ -694,7 +694,7 @@ def generate(out_dir, num_train, num_val, seed=0, overwrite=False, progress=Fals
         if count == 0:
             continue
         records = []
-        image_root = os.path.join(out_dir, f'WIDER_{split}', 'images')
+        images_dir = image_root(out_dir, split)
         for index in range(count):
             event = _event_of(index, count)
             img, faces = render_image(int(seed), split, index, event[2])
@@ -702,7 +702,7 @@ def generate(out_dir, num_train, num_val, seed=0, overwrite=False, progress=Fals
             if not ok:
                 raise RuntimeError(f'cv2.imencode failed for image {index} of {split}')
             name = image_name(event, index)
-            atomic_write_bytes(os.path.join(image_root, event[0], name + '.jpg'), buf.tobytes())
+            atomic_write_bytes(os.path.join(images_dir, event[0], name + '.jpg'), buf.tobytes())
             records.append({'event': event[0], 'name': name, 'faces': faces})
             if progress and (index + 1) % 500 == 0:
                 print(f'{split}: {index + 1}/{count} images', file=sys.stderr, flush=True)

@@ -14,6 +14,7 @@ order with `cfg.img_mean` subtracted (no scaling), target rows `(x1, y1, x2, y2,
 normalised to [0, 1] by the output size, label 1. With `normalize=False` the image is the
 uint8 RGB image and the mean is subtracted later, on the device.
 """
+import os
 import re
 import sys
 import warnings
@@ -28,10 +29,21 @@ from utils.augmentations import (TrainAugmentation, clip_boxes, fallback_plan, t
                                  to_uint8_tensor, val_transform)
 from utils.image_io import ImageReadError, load_rgb
 
-__all__ = ['AnnotationError', 'WiderAnnotation', 'read_wider_annotations', 'read_face_list',
-           'WIDERDetection']
+__all__ = ['ATTRIBUTE_NAMES', 'AnnotationError', 'WiderAnnotation', 'annotation_path', 'image_root',
+           'read_wider_annotations', 'read_face_list', 'WIDERDetection']
 
+# The six per-face flags of the official annotation files, in their column order.
 ATTRIBUTE_NAMES = ('blur', 'expression', 'illumination', 'invalid', 'occlusion', 'pose')
+
+
+def annotation_path(dataset_dir, split):
+    """The official annotation file of `split` ('train', 'val') under a WIDER FACE root."""
+    return os.path.join(dataset_dir, 'wider_face_split', f'wider_face_{split}_bbx_gt.txt')
+
+
+def image_root(dataset_dir, split):
+    """The folder that the annotation files' image names are relative to."""
+    return os.path.join(dataset_dir, f'WIDER_{split}', 'images')
 
 
 class AnnotationError(ValueError):

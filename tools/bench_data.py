@@ -26,7 +26,8 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 from data.widerface import WIDERDetection  # noqa: E402
-from prepare_wider_data import annotation_path, convert_split, image_root, write_atomic  # noqa: E402
+from data.widerface import annotation_path, image_root  # noqa: E402
+from prepare_wider_data import convert_split, write_atomic  # noqa: E402
 from utils.image_io import load_rgb  # noqa: E402
 
 REAL_NAME = '0--Parade/0_Parade_marchingband_1_465.jpg'

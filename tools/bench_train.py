@@ -111,7 +111,8 @@ def loader_batches(args, ctx):
     from data.factory import EpochBatchSampler, make_loader
     from data.synthetic import generate
     from data.widerface import WIDERDetection
-    from prepare_wider_data import annotation_path, convert_split, image_root
+    from data.widerface import annotation_path, image_root
+    from prepare_wider_data import convert_split
 
     base = args.data_dir or os.path.join(tempfile.gettempdir(), 's3fd_bench_wider')
     root = os.path.join(base, f'train{args.images}')  # one folder per image count: reused, never clashing
