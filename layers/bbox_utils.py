@@ -268,11 +268,11 @@ def match_batch(truths, labels, segment, num_images, priors, variances, threshol
 def top_n_per_row(values, candidate, n, k_max):
     """Mask of the n[b] largest candidate values of each row b (ties: lower index first).
 
-    values [B, P], candidate [B, P] bool, n [B] long with n <= k_max. No host sync.
+    values [B, P] float, candidate [B, P] bool, n [B] long with n <= k_max <= P. No host sync.
     """
     if k_max <= 0:
         return torch.zeros_like(candidate)
-    vals = torch.where(candidate, values, torch.zeros_like(values))
+    vals = values.masked_fill(~candidate, float('-inf'))
     top = vals.topk(k_max, dim=1).values
     n = n.clamp(max=k_max)
     kth = top.gather(1, (n - 1).clamp(min=0)[:, None])

@@ -250,3 +250,20 @@ def test_degenerate_grids_still_match_exactly():
     dense = match_batch(truths, torch.ones(1), seg, 1, priors, VAR, cfg.FACE.OVERLAP_THRESH)
     fast = match_batch(truths, torch.ones(1), seg, 1, priors, VAR, cfg.FACE.OVERLAP_THRESH, grid=grid)
     assert torch.equal(dense[1], fast[1])
+
+
+def test_top_n_per_row_takes_the_n_largest_candidates_ties_by_index():
+    from layers.bbox_utils import top_n_per_row
+    values = torch.tensor([[-3.0, -1.0, -2.0, -1.0, 5.0],
+                           [0.5, 0.5, 0.5, 0.1, 0.9],
+                           [1.0, 2.0, 3.0, 4.0, 5.0]])
+    candidate = torch.tensor([[True, True, True, True, False],
+                              [True, True, True, True, True],
+                              [True, False, True, False, False]])
+    n = torch.tensor([3, 2, 4])  # row 2 asks for more than its two candidates
+    for k_max in (4, 5):
+        got = top_n_per_row(values, candidate, n, k_max)
+        assert got.tolist() == [[False, True, True, True, False],   # negatives count; 5.0 is no candidate
+                                [True, False, False, False, True],  # 0.9, then the first 0.5
+                                [True, False, True, False, False]]  # every candidate, nothing else
+    assert not top_n_per_row(values, candidate, torch.zeros(3, dtype=torch.long), 0).any()

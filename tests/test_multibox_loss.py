@@ -108,12 +108,15 @@ def test_per_face_mode_runs_and_adds_positives():
 
 
 def test_hard_negatives_cpu_topk_equals_sort_selection():
+    from layers.bbox_utils import top_n_per_row
     from layers.modules.multibox_loss import hard_negatives
     g = torch.Generator().manual_seed(4)
     mining = torch.randint(0, 50, (4, 300), generator=g).float() / 7  # many ties
     negative = torch.rand(4, 300, generator=g) > 0.1
     num_neg = torch.tensor([0, 3, 40, 299])
     fast = hard_negatives(mining, negative, num_neg)
+    # The accelerators' sizing (the whole row, no count read back) selects the same priors.
+    assert torch.equal(top_n_per_row(mining, negative, num_neg, mining.size(1)), fast)
     order = torch.sort(mining.masked_fill(~negative, -1.0), dim=1, descending=True, stable=True).indices
     expected = torch.zeros_like(negative)
     for b in range(4):
@@ -124,7 +127,7 @@ def test_hard_negatives_cpu_topk_equals_sort_selection():
 
 
 @pytest.mark.parametrize('device', ['cpu', pytest.param('cuda', marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason='needs a CUDA device for the sort branch'))])
+    not torch.cuda.is_available(), reason='needs a CUDA device for the accelerator sizing'))])
 def test_hard_negatives_ignore_the_scores_of_non_negatives(device):
     # MultiBoxLoss passes the raw cross-entropy, positives included: their scores, however
     # high, must neither be selected nor displace a negative.

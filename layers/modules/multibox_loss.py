@@ -100,14 +100,12 @@ def hard_negatives(mining, negative, num_neg):
     """Mask of the num_neg[b] highest-scoring negatives of each image (ties: lower index).
 
     mining [B, P] scores (those of non-negatives are ignored, so callers need not mask them),
-    negative [B, P] bool, num_neg [B] long. On accelerators this is a sort, free of host
-    synchronisation; on the CPU, where there is nothing to overlap, a top-k sized by the
-    largest count is several times faster and selects the same priors.
+    negative [B, P] bool, num_neg [B] long with num_neg <= P. On the CPU the top-k is sized
+    by the largest count (several times faster than the whole row); on accelerators by the
+    row length, so that no count is read back to the host.
     """
     if mining.device.type == 'cpu':
-        return top_n_per_row(mining, negative, num_neg, int(num_neg.max()) if num_neg.numel() else 0)
-    num_priors = mining.size(1)
-    order = torch.sort(mining.masked_fill(~negative, -1.0), dim=1, descending=True, stable=True).indices
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(num_priors, device=order.device).expand_as(order))
-    return negative & (rank < num_neg[:, None])
+        k_max = int(num_neg.max()) if num_neg.numel() else 0
+    else:
+        k_max = mining.size(1)
+    return top_n_per_row(mining, negative, num_neg, k_max)
