@@ -207,7 +207,9 @@ class WIDERDetection(Dataset):
     and after `cfg.resample_attempts` attempts a deterministic crop around the largest face
     is used. An image that cannot be read (or whose faces all lie outside it) is replaced by
     another one chosen from (seed, epoch, i), warned about once per path and counted in
-    `self.bad_images` (per process: each DataLoader worker counts its own).
+    `self.bad_images` (per process: each DataLoader worker counts its own). Faces that lie
+    outside their image (less than a pixel inside) are left out, reported once per path and
+    counted per path in `self.faces_outside` (per process too).
     """
 
     def __init__(self, list_file, mode='train', input_size=None, seed=0, params=None, normalize=True):
@@ -225,6 +227,7 @@ class WIDERDetection(Dataset):
         self.normalize = bool(normalize)
         self.augment = TrainAugmentation(self.input_size, self.params) if mode == 'train' else None
         self.bad_images = {}
+        self.faces_outside = {}
 
         paths, boxes = read_face_list(self.list_file)
         bad_rows = 0
@@ -284,10 +287,17 @@ class WIDERDetection(Dataset):
         image = load_rgb(path)
         height, width = image.shape[:2]
         table = self._anno(index)
-        boxes, keep = clip_boxes(table[:, :4], width, height)  # new arrays: the view stays intact
+        # New arrays: the view stays intact. A face with less than a pixel inside the image
+        # is not a face to learn or to validate on.
+        boxes, keep = clip_boxes(table[:, :4], width, height, min_size=1.0)
         if self.mode == 'train' and len(boxes) == 0:
             raise ImageReadError(path, f'none of its {len(table)} faces lies inside the '
                                        f'{width}x{height} image')
+        if len(keep) < len(table) and path not in self.faces_outside:
+            self.faces_outside[path] = len(table) - len(keep)
+            _note(f'{path}: {len(table) - len(keep)} of its {len(table)} faces lie outside the '
+                  f'{width}x{height} image (less than a pixel inside) and are left out '
+                  f'({len(self.faces_outside)} such images so far in this process)')
         return image, boxes, table[keep, 4]
 
     def _skip(self, index, exc):

@@ -71,7 +71,7 @@ def _check_sample(image, boxes, plan, out, out_boxes):
     assert (out_boxes >= 0).all() and (out_boxes <= S).all()
     w = out_boxes[:, 2] - out_boxes[:, 0]
     h = out_boxes[:, 3] - out_boxes[:, 1]
-    assert (w >= cfg.min_face_size - 1e-3).all() and (h >= cfg.min_face_size - 1e-3).all()
+    assert (w > 0).all() and (h > 0).all() and (w * h >= cfg.min_face_size ** 2 - 1e-3).all()
     # No aspect change: a face fully inside the window keeps its width/height ratio, up to
     # the whole-pixel rounding of where the image part lands in the output.
     x0, y0, side = plan.window
@@ -257,7 +257,7 @@ def test_fallback_plan_always_keeps_a_face(face):
     assert plan.kind == 'fallback' and 0 in plan.keep and out.shape == (S, S, 3)
     w = out_boxes[:, 2] - out_boxes[:, 0]
     h = out_boxes[:, 3] - out_boxes[:, 1]
-    assert (np.minimum(w, h) >= cfg.min_face_size).all()
+    assert (w * h >= cfg.min_face_size ** 2).all()
     again = fallback_plan(aug, boxes, 1000, 700)
     assert again.window == plan.window and np.array_equal(again.boxes, plan.boxes)
 
@@ -312,3 +312,15 @@ def test_to_uint8_tensor_is_a_view_and_the_collated_batch_is_the_packed_transpos
 def test_unknown_interpolation_name_is_a_clear_error():
     with pytest.raises(ValueError, match='bogus'):
         TrainAugmentation(S, _params(resize_interpolations=('linear', 'bogus')))
+
+
+def test_faces_under_the_minimum_side_are_dropped_by_area():
+    """The reference's rule: a face stays when w * h >= min_face_size ** 2 in output pixels,
+    so a thin but large-enough face (5x8) is kept and a 4x8 one is not."""
+    aug = TrainAugmentation(S)
+    assert aug.min_face == cfg.min_face_size == 6.0
+    boxes = np.array([[100, 100, 105, 108], [300, 300, 304, 308], [400, 400, 406, 406],
+                      [500, 500, 536, 501]], dtype=np.float32)
+    plan = aug._finish(boxes, S, S, 'square', (0, 0, S), cv2.INTER_LINEAR, None, False)
+    assert plan.keep.tolist() == [0, 2, 3]
+    np.testing.assert_allclose(plan.boxes, boxes[[0, 2, 3]])

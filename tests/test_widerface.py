@@ -235,18 +235,29 @@ def test_all_images_unreadable_is_a_clear_error_not_a_hang(tmp_path):
         ds[0]
 
 
-def test_faces_outside_the_image_are_clipped_or_dropped(tmp_path):
+def test_faces_outside_the_image_are_clipped_or_dropped(tmp_path, capsys):
     image = _image(tmp_path / 'a.png', 200, 100)
     outside_only = _image(tmp_path / 'b.png', 200, 100, seed=1)
-    list_file = _write(tmp_path / 'l.txt', _line(image, [(150, 50, 100, 100), (300, 300, 10, 10)]) + '\n'
-                       + _line(outside_only, [(500, 10, 20, 20)]) + '\n')
+    sliver_only = _image(tmp_path / 'c.png', 200, 100, seed=2)
+    list_file = _write(tmp_path / 'l.txt', _line(image, [(150, 50, 100, 100), (300, 300, 10, 10),
+                                                         (-20, 10, 20.004, 30)]) + '\n'
+                       + _line(outside_only, [(500, 10, 20, 20)]) + '\n'
+                       + _line(sliver_only, [(-20, 10, 20.004, 30)]) + '\n')
     val = WIDERDetection(list_file, 'val', input_size=SIZE)
     np.testing.assert_allclose(val[0][1].numpy(), [[0.75, 0.5, 1.0, 1.0, 1.0]], atol=1e-6)
+    assert val.faces_outside == {image: 2}
+    assert f'{image}: 2 of its 3 faces lie outside the 200x100 image' in capsys.readouterr().err
+    val[0]
+    assert 'lie outside' not in capsys.readouterr().err  # once per path
+    assert len(val[2][1]) == 0  # validation keeps the image, without the face
     train = WIDERDetection(list_file, 'train', input_size=SIZE)
     for epoch in range(5):
         _check_item(train[(epoch, 0)], SIZE)
+    # An image left without a face inside (a sliver of 0.004 px is none) is replaced.
     with pytest.warns(RuntimeWarning, match='none of its 1 faces'):
-        assert len(_check_item(train[(0, 1)], SIZE)) >= 1  # replaced by the image with a face
+        for index in (1, 2):
+            assert len(_check_item(train[(0, index)], SIZE)) >= 1
+    assert set(train.bad_images) == {outside_only, sliver_only}
 
 
 @pytest.mark.parametrize('mode', ['L', 'RGBA', 'CMYK'])
