@@ -72,6 +72,18 @@ class WiderAnnotation(NamedTuple):
     line: int
 
 
+def _read_lines(path):
+    """The lines of a UTF-8 text file; `AnnotationError` naming the line of a byte that is
+    not UTF-8, `FileNotFoundError` when the file does not exist."""
+    with open(path, 'rb') as handle:
+        data = handle.read()
+    try:
+        return data.decode('utf-8').splitlines()
+    except UnicodeDecodeError as exc:
+        line = data.count(b'\n', 0, exc.start) + 1
+        raise AnnotationError(path, line, f'not UTF-8 text (byte 0x{data[exc.start]:02x})') from None
+
+
 def _numbers(path, lineno, text, what):
     try:
         return [float(tok) for tok in text.split()]
@@ -87,8 +99,7 @@ def read_wider_annotations(path):
     numbers, or a file that ends inside an image's face list; `FileNotFoundError` when the
     file does not exist.
     """
-    with open(path, 'r', encoding='utf-8') as handle:
-        lines = handle.read().splitlines()
+    lines = _read_lines(path)
     records = []
     i, total = 0, len(lines)
     while i < total:
@@ -133,19 +144,37 @@ def read_wider_annotations(path):
 _TOKEN = re.compile(r'\S+')
 
 
+def _is_number(token):
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
+
+
 def _parse_list_line(path, lineno, line):
     """One list-file line -> (image path, float32 [n, 5] x y w h label). The image path may
-    contain spaces: it is everything before the count that makes the line consistent."""
+    contain spaces: it is everything before the count that makes the line consistent, and
+    its last word is not a number (so a wrong count is reported, not read as a path)."""
     spans = [(m.start(), m.group()) for m in _TOKEN.finditer(line)]
     if len(spans) < 2:
         raise AnnotationError(path, lineno, 'expected "<image path> <n> x y w h 1 ...", '
                                             f'got {line.strip()!r}')
     for k in range(1, len(spans)):
         tok = spans[k][1]
+        if k > 1 and _is_number(spans[k - 1][1]):
+            continue
         if tok.isdigit() and len(spans) - k - 1 == 5 * int(tok):
             image = line[:spans[k][0]].strip()
             values = _numbers(path, lineno, ' '.join(t for _, t in spans[k + 1:]), 'a box')
-            return image, np.asarray(values, dtype=np.float32).reshape(-1, 5)
+            table = np.asarray(values, dtype=np.float32).reshape(-1, 5)
+            labels = table[:, 4]
+            bad = (labels != np.round(labels)) | (labels < 1) | (labels >= cfg.NUM_CLASSES)
+            if bad.any():
+                raise AnnotationError(path, lineno, f'face {int(np.argmax(bad)) + 1} has label '
+                                                    f'{labels[bad][0]:g}; the labels are 1 to '
+                                                    f'{cfg.NUM_CLASSES - 1} (1 = face)')
+            return image, table
     # No consistent split: report the most likely cause.
     tok = spans[1][1]
     if not tok.isdigit():
@@ -163,15 +192,14 @@ def read_face_list(list_file):
     `FileNotFoundError` when it does not exist.
     """
     paths, boxes = [], []
-    with open(list_file, 'r', encoding='utf-8') as handle:
-        for lineno, line in enumerate(handle, 1):
-            if not line.strip() or line.lstrip().startswith('#'):
-                continue
-            image, table = _parse_list_line(list_file, lineno, line)
-            table[:, 2] += table[:, 0]
-            table[:, 3] += table[:, 1]
-            paths.append(image)
-            boxes.append(table)
+    for lineno, line in enumerate(_read_lines(list_file), 1):
+        if not line.strip() or line.lstrip().startswith('#'):
+            continue
+        image, table = _parse_list_line(list_file, lineno, line)
+        table[:, 2] += table[:, 0]
+        table[:, 3] += table[:, 1]
+        paths.append(image)
+        boxes.append(table)
     if not paths:
         raise AnnotationError(list_file, 0, 'no image line: the list file is empty '
                                             '(run prepare_wider_data.py to write it)')

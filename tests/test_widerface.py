@@ -85,9 +85,14 @@ def test_count_zero_images_and_attributes(tmp_path):
     (GOOD.replace('1 2 3 4 0 0 0 0 0 0', '1 2 3 4 0 0'), 3, 'expected 10 numbers'),
     ('a/one.jpg\n3\n1 2 3 4 0 0 0 0 0 0\n', 4, 'truncated'),
     ('a/one.jpg\n', 2, 'face count'),
+    (b'a/one.jpg\n1\n1 2 3 4 0 0 0 0 0 0\nb/caf\xe9.jpg\n0\n', 4, 'not UTF-8'),
 ])
 def test_bad_annotation_files_name_file_and_line(tmp_path, text, line, words):
-    path = _write(tmp_path / 'gt.txt', text)
+    if isinstance(text, bytes):
+        (tmp_path / 'gt.txt').write_bytes(text)
+        path = str(tmp_path / 'gt.txt')
+    else:
+        path = _write(tmp_path / 'gt.txt', text)
     with pytest.raises(AnnotationError, match=words) as info:
         read_wider_annotations(path)
     assert str(info.value).startswith(f'{path}:{line}: ')
@@ -96,11 +101,13 @@ def test_bad_annotation_files_name_file_and_line(tmp_path, text, line, words):
 # -- list files ---------------------------------------------------------------------------
 
 def test_list_file_parsing_with_spaces_comments_and_blank_lines(tmp_path):
-    text = '# comment\n\n/data/my images/a b.jpg 2 1 2 3 4 1 10 20 5 6 1\n/x.jpg 0\n'
+    text = ('# comment\n\n/data/my images/a b.jpg 2 1 2 3 4 1 10 20 5 6 1\n/x.jpg 0\n'
+            '/data/trip 2019 12/c 3.jpg 1 5 6 7 8 1\n')
     paths, boxes = read_face_list(_write(tmp_path / 'l.txt', text))
-    assert paths == ['/data/my images/a b.jpg', '/x.jpg']
+    assert paths == ['/data/my images/a b.jpg', '/x.jpg', '/data/trip 2019 12/c 3.jpg']
     np.testing.assert_array_equal(boxes[0], [[1, 2, 4, 6, 1], [10, 20, 15, 26, 1]])
     assert boxes[1].shape == (0, 5)
+    np.testing.assert_array_equal(boxes[2], [[5, 6, 12, 14, 1]])
 
 
 @pytest.mark.parametrize('text, line, words', [
@@ -108,9 +115,20 @@ def test_list_file_parsing_with_spaces_comments_and_blank_lines(tmp_path):
     ('/a.jpg 1 1 2 3 4 1\n\n/b.jpg 1 1 2 z 4 1\n', 3, 'non-numeric'),
     ('/a.jpg x 1 2 3 4 1\n', 1, 'face count'),
     ('/a.jpg\n', 1, 'expected'),
+    # A wrong count must not turn the first face's numbers into part of the image path.
+    ('/a.jpg 1 1 2 3 4 1\n/b.jpg 3 10 20 30 40 1 50 60 70 80 1\n', 2, '3 faces need 15 numbers after the count, found 10'),
+    ('/a.jpg 1 10 20 30 40 1 50 60 70 80 1\n', 1, '1 faces need 5 numbers'),
+    ('/a.jpg 2 1 2 3 4 1 5 6 7 8 0\n', 1, 'face 2 has label 0'),
+    ('/a.jpg 1 1 2 3 4 2\n', 1, 'face 1 has label 2'),
+    ('/a.jpg 1 1 2 3 4 1.5\n', 1, 'label 1.5'),
+    (b'/a.jpg 1 1 2 3 4 1\n/caf\xe9.jpg 1 1 2 3 4 1\n', 2, 'not UTF-8 text .byte 0xe9'),
 ])
 def test_malformed_list_line_names_file_and_line(tmp_path, text, line, words):
-    path = _write(tmp_path / 'l.txt', text)
+    if isinstance(text, bytes):
+        (tmp_path / 'l.txt').write_bytes(text)
+        path = str(tmp_path / 'l.txt')
+    else:
+        path = _write(tmp_path / 'l.txt', text)
     with pytest.raises(AnnotationError, match=words) as info:
         WIDERDetection(path, 'val')
     assert str(info.value).startswith(f'{path}:{line}: ')
