@@ -1,19 +1,21 @@
 """Score WIDER FACE val predictions with the official protocol (easy / medium / hard AP).
 
-    python wider_eval.py -p PRED_DIR -g GT_DIR [--plot pr.png] [--json]
+    python wider_eval.py -p PRED_DIR -g GT_DIR [--plot pr.png] [--json] [--arithmetic matlab|double]
 
 PRED_DIR holds ``<event>/<image name>.txt`` files (line 1 image name, line 2 box count, then
 ``x y w h score`` per box, pixels), as written by ``wider_test.py`` or any WIDER FACE detector.
 GT_DIR is the official ``eval_tools/ground_truth`` directory (``wider_face_val.mat`` and
-``wider_{easy,medium,hard}_val.mat``). The protocol is that of the official MATLAB tools;
-see ``utils/widerface_eval.py`` for its exact rules.
+``wider_{easy,medium,hard}_val.mat``). The protocol is that of the official MATLAB tools,
+including MATLAB's int32 arithmetic on the ground-truth boxes (``--arithmetic double`` gives
+the float64 numbers of the WiderFace-Evaluation Python port instead); see
+``utils/widerface_eval.py`` for its exact rules.
 """
 import argparse
 import json
 import sys
 
-from utils.widerface_eval import (SETTINGS, WiderEvalError, evaluate, load_ground_truth,
-                                  plot_pr_curves)
+from utils.widerface_eval import (ARITHMETICS, SETTINGS, WiderEvalError, evaluate,
+                                  load_ground_truth, plot_pr_curves)
 
 RULE = '=' * 49
 
@@ -28,6 +30,10 @@ def parse_args(argv=None):
                         '(png, pdf, svg; needs matplotlib)')
     parser.add_argument('--json', action='store_true',
                         help='print {"easy": AP, "medium": AP, "hard": AP} instead of the table')
+    parser.add_argument('--arithmetic', choices=ARITHMETICS, default='matlab',
+                        help="'matlab' (default): the official tools' numbers, int32 ground truth and "
+                             "single-precision scores as MATLAB runs them; 'double': the same steps in "
+                             'float64, the numbers of the WiderFace-Evaluation Python port')
     return parser.parse_args(argv)
 
 
@@ -55,7 +61,8 @@ def main(args):
             return 1
     try:
         gt = load_ground_truth(args.gt)
-        aps, curves = evaluate(args.pred, gt, warn=_print_warning, return_curves=True)
+        aps, curves = evaluate(args.pred, gt, warn=_print_warning, return_curves=True,
+                               arithmetic=args.arithmetic)
     except WiderEvalError as exc:
         print(f'error: {exc}', file=sys.stderr)
         return 1

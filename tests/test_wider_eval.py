@@ -1,5 +1,6 @@
 """WIDER FACE evaluation: the official protocol on the real val ground truth and on hand cases."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -64,18 +65,49 @@ def write_preds(pred_dir, dets, gt):
             write_prediction_file(os.path.join(pred_dir, event, name + '.txt'), f'{event}/{name}.jpg', d)
 
 
-def reference_evaluate(dets, gt):
+def matlab_round(v):
+    """MATLAB's double -> int32 rounding: half away from zero."""
+    return math.floor(v + 0.5) if v >= 0 else -math.floor(-v + 0.5)
+
+
+def reference_overlap(pred, face, arithmetic):
+    """MATLAB boxoverlap of one prediction and one face (both x y w h), by hand.
+
+    'matlab': the face is int32, so every operation with it is int32 (rounded): the
+    prediction's corners in the intersection, the union, and the ratio. 'double': float64."""
+    px1, py1, px2, py2 = pred[0], pred[1], pred[0] + pred[2], pred[1] + pred[3]
+    gx1, gy1, gx2, gy2 = face[0], face[1], face[0] + face[2], face[1] + face[3]
+    if arithmetic == 'matlab':
+        w = min(gx2, matlab_round(px2)) - max(gx1, matlab_round(px1)) + 1
+        h = min(gy2, matlab_round(py2)) - max(gy1, matlab_round(py1)) + 1
+    else:
+        w = min(gx2, px2) - max(gx1, px1) + 1
+        h = min(gy2, py2) - max(gy1, py1) + 1
+    if w <= 0 or h <= 0:
+        return 0.0
+    inter = w * h
+    pred_area = (px2 - px1 + 1) * (py2 - py1 + 1)
+    face_area = (gx2 - gx1 + 1) * (gy2 - gy1 + 1)
+    if arithmetic == 'matlab':
+        union = matlab_round(face_area + pred_area) - inter
+        return float(matlab_round(inter / union)) if union else (0.0 if inter == 0 else 2.0 ** 31 - 1)
+    return inter / (face_area + pred_area - inter)
+
+
+def reference_evaluate(dets, gt, arithmetic='matlab'):
     """Slow, loop-by-loop transcription of the official protocol, independent of the module.
 
     Follows the MATLAB code path: global min/max normalisation with realmin/realmax('single')
-    starts, per-image sequential matching with recall_list / proposal_list, per-threshold
-    ``find(score >= thresh, 1, 'last')``, NaN precision where nothing is proposed and a VOCap
-    whose max ignores NaN like MATLAB's.
+    starts (single precision for 'matlab'), per-image sequential matching with recall_list /
+    proposal_list, per-threshold ``find(score >= thresh, 1, 'last')``, NaN precision where
+    nothing is proposed and a VOCap whose max ignores NaN like MATLAB's.
     """
     lo, hi = 3.4028234663852886e38, 1.1754943508222875e-38
     for d in dets:
         for row in (d if d is not None else []):
             lo, hi = min(lo, float(row[4])), max(hi, float(row[4]))
+    if arithmetic == 'matlab':
+        lo, hi = np.float32(lo), np.float32(hi)
     aps = {}
     for setting in SETTINGS:
         org = [[0, 0] for _ in range(1000)]
@@ -89,22 +121,17 @@ def reference_evaluate(dets, gt):
                 continue
             rows = sorted((list(map(float, r)) for r in d), key=lambda r: -r[4])  # stable
             for r in rows:
-                r[4] = (r[4] - lo) / (hi - lo)
+                if arithmetic == 'matlab':
+                    r[4] = float((np.float32(r[4]) - lo) / (hi - lo))
+                else:
+                    r[4] = (r[4] - lo) / (hi - lo)
             recall_list = [0] * len(g)
             proposal = [1] * len(rows)
             pred_recall = [0] * len(rows)
             for h, r in enumerate(rows):
-                px1, py1, px2, py2 = r[0], r[1], r[0] + r[2], r[1] + r[3]
                 best, best_o = 0, None
-                for j, (gx, gy, gw, gh) in enumerate(g):
-                    gx2, gy2 = gx + gw, gy + gh
-                    w = min(gx2, px2) - max(gx, px1) + 1
-                    hh = min(gy2, py2) - max(gy, py1) + 1
-                    if w <= 0 or hh <= 0:
-                        o = 0.0
-                    else:
-                        inter = w * hh
-                        o = inter / ((gx2 - gx + 1) * (gy2 - gy + 1) + (px2 - px1 + 1) * (py2 - py1 + 1) - inter)
+                for j, face in enumerate(g):
+                    o = reference_overlap(r, face, arithmetic)
                     if best_o is None or o > best_o:
                         best, best_o = j, o
                 if best_o >= 0.5:
@@ -183,10 +210,13 @@ def test_real_ground_truth_matches_the_official_counts(real_gt):
     assert list_split_images(REAL_GT_DIR) == real_gt.images
 
 
+# The structural tests below use float64 arithmetic, where a face's own box always reaches it
+# (reached_faces); the MATLAB class rules are checked against the loop reference further down.
+
 def test_perfect_predictions_score_one(real_gt, tmp_path):
     dets, hit_faces, _ = perfect_dets(real_gt, np.random.default_rng(0))
     write_preds(tmp_path, dets, real_gt)
-    aps = evaluate(str(tmp_path), real_gt)
+    aps = evaluate(str(tmp_path), real_gt, arithmetic='double')
     for s in SETTINGS:
         # AP = share of counted faces that a prediction reaches: 1 except in hard, which counts a
         # face annotated twice and the face of negative width (see reached_faces): 31956 / 31958.
@@ -199,7 +229,7 @@ def test_perfect_predictions_score_one(real_gt, tmp_path):
 
 def test_dropped_faces_lower_ap_to_the_recall_reached(real_gt):
     dets, hit_faces, _ = perfect_dets(real_gt, np.random.default_rng(1), keep_prob=0.8)
-    aps, curves = evaluate_detections(dets, real_gt)
+    aps, curves = evaluate_detections(dets, real_gt, arithmetic='double')
     for s in SETTINGS:
         expected = np.count_nonzero(real_gt.counted[s][hit_faces]) / real_gt.num_faces[s]
         assert 0.75 < expected < 0.85
@@ -216,7 +246,7 @@ def test_false_positives_ranked_below_every_face_cost_nothing(real_gt):
     rng = np.random.default_rng(2)
     dets, hit_faces, _ = perfect_dets(real_gt, rng)
     noisy = [np.vstack([d, np.column_stack([far_false_positives(rng, 5), np.zeros(5)])]) for d in dets]
-    aps = evaluate_detections(noisy, real_gt)[0]
+    aps = evaluate_detections(noisy, real_gt, arithmetic='double')[0]
     for s in SETTINGS:
         assert aps[s] == pytest.approx(np.count_nonzero(real_gt.counted[s][hit_faces]) / real_gt.num_faces[s],
                                        abs=1e-12)
@@ -231,7 +261,7 @@ def test_false_positives_ranked_above_every_face_cost_precision(real_gt):
         d = d.copy()
         d[:, 4] = 0.5                       # faces all at normalised score 0, kept only at threshold 0.0
         noisy.append(np.vstack([d, np.column_stack([far_false_positives(rng, k), np.ones(k)])]))
-    aps = evaluate_detections(noisy, real_gt)[0]
+    aps = evaluate_detections(noisy, real_gt, arithmetic='double')[0]
     n_fp = k * len(real_gt.images)
     for s in SETTINGS:
         tp = np.count_nonzero(real_gt.counted[s][hit_faces])
@@ -250,7 +280,7 @@ def test_duplicates_with_equal_scores_halve_precision(real_gt):
         d[:, 4] = 1.0
         doubled.append(np.vstack([d, d]))
     doubled[0] = np.vstack([doubled[0], np.column_stack([far_false_positives(rng, 1), [0.0]])])
-    aps = evaluate_detections(doubled, real_gt)[0]
+    aps = evaluate_detections(doubled, real_gt, arithmetic='double')[0]
     for s in SETTINGS:
         tp = np.count_nonzero(real_gt.counted[s][hit_faces])
         expected = tp / real_gt.num_faces[s] * tp / (2 * not_ignored(real_gt, s, targets))
@@ -272,7 +302,8 @@ def jittered(gt, rng, scale):
 
 
 def test_jitter_lowers_ap_monotonically(real_gt):
-    results = [evaluate_detections(jittered(real_gt, np.random.default_rng(5), scale), real_gt)[0]
+    results = [evaluate_detections(jittered(real_gt, np.random.default_rng(5), scale), real_gt,
+                                   arithmetic='double')[0]
                for scale in (0.0, 0.1, 0.25, 0.5)]
     for s in SETTINGS:
         series = [r[s] for r in results]
@@ -281,7 +312,8 @@ def test_jitter_lowers_ap_monotonically(real_gt):
         assert series[3] < 0.5
 
 
-def test_matches_a_loop_reference_on_real_events(real_gt):
+@pytest.mark.parametrize('arithmetic', ['matlab', 'double'])
+def test_matches_a_loop_reference_on_real_events(real_gt, arithmetic):
     gt = real_gt.subset(['0--Parade', '13--Interview', '29--Students_Schoolkids', '59--people--driving--car'])
     assert 150 < len(gt.images) < 400
     rng = np.random.default_rng(6)
@@ -300,11 +332,20 @@ def test_matches_a_loop_reference_on_real_events(real_gt):
                                 0.6 * rng.random(len(fp))])
         score = np.round(score, 2) * 6 - 2                       # ties, and scores outside [0, 1]
         dets.append(np.column_stack([boxes, score]))
-    aps = evaluate_detections(dets, gt)[0]
-    ref = reference_evaluate(dets, gt)
+    aps = evaluate_detections(dets, gt, arithmetic=arithmetic)[0]
+    ref = reference_evaluate(dets, gt, arithmetic)
     for s in SETTINGS:
         assert aps[s] == pytest.approx(ref[s], abs=1e-9)
         assert 0.05 < aps[s] < 0.98
+    # Perfect predictions: in MATLAB's int32 arithmetic a face's own box goes to the first face
+    # it overlaps at IoU >= 0.5, which need not be that face, so even these score below 1.
+    perfect = perfect_dets(gt, np.random.default_rng(7))[0]
+    aps = evaluate_detections(perfect, gt, arithmetic=arithmetic)[0]
+    ref = reference_evaluate(perfect, gt, arithmetic)
+    for s in SETTINGS:
+        assert aps[s] == pytest.approx(ref[s], abs=1e-12)
+    if arithmetic == 'matlab':
+        assert 0.99 < aps['hard'] < 1.0
 
 
 # ----------------------------------------------------------------------------- hand cases
@@ -351,22 +392,55 @@ def test_ignored_faces_duplicates_and_sorting_by_hand(tiny_gt, tmp_path):
     assert aps['hard'] == pytest.approx(0.25 + 0.25 + 0.25 * 0.6 + 0.25 * 4 / 7, abs=1e-12)
 
 
-def one_face_ap(tmp_path, face, pred):
+def one_face_ap(tmp_path, face, pred, arithmetic='matlab'):
     d = write_gt(str(tmp_path / 'gt1'), [('0--Parade', 'a', [face], {s: [1] for s in SETTINGS})])
     gt = load_ground_truth(d)
     far = [-900, -900, 10, 10, 0.0]   # a false positive at normalised score 0 (kept at threshold 0.0 only)
-    return evaluate_detections([np.array([pred, far], dtype=float)], gt)[0]['hard']
+    return evaluate_detections([np.array([pred, far], dtype=float)], gt, arithmetic=arithmetic)[0]['hard']
 
 
-def test_iou_exactly_half_with_the_plus_one_convention_is_a_hit(tmp_path):
+@pytest.mark.parametrize('arithmetic', ['matlab', 'double'])
+def test_iou_exactly_half_with_the_plus_one_convention_is_a_hit(tmp_path, arithmetic):
     # Face (0,0,9,9): corners 0..9, area 10*10 = 100. Prediction (0,0,9,4): area 10*5 = 50, all
     # inside: IoU exactly 0.5 -> hit. Without the +1 (or with x2 = x + w - 1) it would be 36/81.
-    assert one_face_ap(tmp_path, [0, 0, 9, 9], [0, 0, 9, 4, 0.9]) == 1.0
-    assert one_face_ap(tmp_path, [0, 0, 9, 9], [0, 0, 9, 3, 0.9]) == 0.0       # 40/100
-    # Shift by 3.5 px of a 10 px face: +1 convention IoU (11-3.5)/(11+3.5) = 0.517 -> hit
-    # (plain IoU 6.5/13.5 = 0.48 would miss); 4 px: 7/15 -> miss.
-    assert one_face_ap(tmp_path, [20, 20, 10, 10], [23.5, 20, 10, 10, 0.9]) == 1.0
-    assert one_face_ap(tmp_path, [20, 20, 10, 10], [24, 20, 10, 10, 0.9]) == 0.0
+    assert one_face_ap(tmp_path, [0, 0, 9, 9], [0, 0, 9, 4, 0.9], arithmetic) == 1.0
+    assert one_face_ap(tmp_path, [0, 0, 9, 9], [0, 0, 9, 3, 0.9], arithmetic) == 0.0       # 40/100
+    # Shift by 4 px of a 10 px face: 7/15 -> miss either way.
+    assert one_face_ap(tmp_path, [20, 20, 10, 10], [24, 20, 10, 10, 0.9], arithmetic) == 0.0
+    # Shift by 3.5 px: in float64 the +1 convention IoU is (11-3.5)/(11+3.5) = 0.517 -> hit.
+    # MATLAB rounds the prediction's corners against the int32 face (23.5 -> 24, 33.5 -> 34):
+    # intersection 7 * 11 = 77, union round(121 + 121) - 77 = 165, 77/165 = 0.47 -> miss.
+    expected = {'matlab': 0.0, 'double': 1.0}[arithmetic]
+    assert one_face_ap(tmp_path, [20, 20, 10, 10], [23.5, 20, 10, 10, 0.9], arithmetic) == expected
+
+
+def test_matlab_rounds_small_offsets_and_takes_the_first_face_at_half(tmp_path):
+    # A 2 px face and a prediction half a pixel off: the float64 IoU (with +1 widths) is
+    # 6.25 / 11.75 = 0.53, a hit; MATLAB rounds 10.5 -> 11 and 12.5 -> 13: 4 / (9 + 9 - 4) = 0.29.
+    assert one_face_ap(tmp_path, [10, 10, 2, 2], [10.5, 10.5, 2, 2, 0.9], 'double') == 1.0
+    assert one_face_ap(tmp_path, [10, 10, 2, 2], [10.5, 10.5, 2, 2, 0.9], 'matlab') == 0.0
+    # Two overlapping faces; easy counts only the second. A prediction on exactly the second
+    # face: float64 takes it (IoU 1 vs 0.68), MATLAB's IoUs round to [1, 1] and max() takes
+    # the first, an ignored face in easy, so the prediction is ignored and nothing is found.
+    first, second = [100, 100, 20, 20], [104, 100, 20, 20]
+    gt = load_ground_truth(write_gt(str(tmp_path / 'gt3'), [
+        ('0--Parade', 'a', [first, second], {'easy': [2], 'medium': [1, 2], 'hard': [1, 2]})]))
+    dets = [np.array([second + [0.9], [-900, -900, 10, 10, 0.0]], dtype=float)]
+    assert evaluate_detections(dets, gt, arithmetic='double')[0]['easy'] == 1.0
+    assert evaluate_detections(dets, gt, arithmetic='matlab')[0]['easy'] == 0.0
+
+
+def test_matlab_normalises_scores_in_single_precision():
+    from utils.widerface_eval import THRESHOLDS, normalise_scores
+    # (0.0538 - 0.05) / 0.95 is 0.0039999999999999975 in float64 but 0.0040000011 in single:
+    # MATLAB keeps it from threshold 0.004 on, float64 only from 0.003.
+    scores = np.array([0.05, 0.0538, 1.0])
+    single = normalise_scores(scores, 0.05, 1.0, 'matlab')
+    double = normalise_scores(scores, 0.05, 1.0, 'double')
+    assert single.dtype == np.float64 and single[1] == float(np.float32(np.float32(0.0538) - np.float32(0.05))
+                                                              / np.float32(np.float32(1.0) - np.float32(0.05)))
+    assert single[1] >= THRESHOLDS[995] > double[1]
+    assert single[0] == double[0] == 0.0 and single[2] == double[2] == 1.0
 
 
 def score_case(tmp_path, scores, extra_image=None):
@@ -539,3 +613,9 @@ def test_cli_errors_are_one_line_without_traceback(tiny_case, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and 'Traceback' not in proc.stderr
     assert lines[0].startswith('error: ') and 'img.txt, line 7: not a number' in lines[0]
+
+
+def test_matlab_int32_conversion_rounds_half_away_saturates_and_zeroes_nan():
+    from utils.widerface_eval import _int32
+    x = np.array([0.5, -0.5, 1.5, -2.5, 2.4999, 0.49999999999999994, np.nan, np.inf, -np.inf, 3e10])
+    assert _int32(x).tolist() == [1, -1, 2, -3, 2, 0, 0, 2 ** 31 - 1, -2 ** 31, 2 ** 31 - 1]

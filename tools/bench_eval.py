@@ -8,7 +8,8 @@ to --boxes-per-image, S3FD's TOP_K of 750 by default; 0 keeps only ~20-40 false 
 image) in a temporary directory, then times, with OMP/MKL/OPENBLAS threads = 1 and the process
 pinned to one core:
   * ``wider_eval.py -p DIR -g GT --json`` as a subprocess (wall time, interpreter start included);
-  * in process: ground-truth loading, reading the prediction files, and the protocol itself.
+  * in process: ground-truth loading, reading the prediction files, and the protocol itself
+    (the official MATLAB arithmetic, and ``arithmetic='double'`` for comparison: ``ap_double``).
 Prints one JSON object (best of --repeats for each figure). The files are read from the page
 cache (they were just written). Skips, with a message, when the ground truth is absent.
 """
@@ -123,6 +124,8 @@ def main(args):
         gt_s, _ = best_time(lambda: load_ground_truth(args.gt), args.repeats)
         read_s, (dets, stats) = best_time(lambda: read_predictions(pred_dir, gt), args.repeats)
         eval_s, (aps, _) = best_time(lambda: evaluate_detections(dets, gt), args.repeats)
+        double_s, (aps_double, _) = best_time(lambda: evaluate_detections(dets, gt, arithmetic='double'),
+                                              args.repeats)
         command = [sys.executable, os.path.join(REPO, 'wider_eval.py'), '-p', pred_dir, '-g', args.gt, '--json']
 
         def run_cli():
@@ -141,7 +144,9 @@ def main(args):
         'load_gt_s': round(gt_s, 3), 'read_predictions_s': round(read_s, 3), 'protocol_s': round(eval_s, 3),
         'in_process_total_s': round(gt_s + read_s + eval_s, 3),
         'write_predictions_s': round(write_s, 2),
+        'protocol_double_s': round(double_s, 3),
         'ap': {k: round(v, 6) for k, v in aps.items()},
+        'ap_double': {k: round(v, 6) for k, v in aps_double.items()},
         'ap_cli_matches': all(abs(cli_aps[k] - aps[k]) < 1e-12 for k in aps),
     }))
     return 0

@@ -2,9 +2,13 @@
 
 This module reproduces the MATLAB ``eval_tools`` of WIDER FACE (``wider_eval.m`` with
 ``read_pred``, ``norm_score``, ``evaluation``, ``image_evaluation``, ``image_pr_info``,
-``dataset_pr_info``, ``boxoverlap`` and ``VOCap``), the semantics that the established
-Python port (WiderFace-Evaluation) also implements. Nothing here is a CLI; ``wider_eval.py``
-and ``wider_test.py`` call it.
+``dataset_pr_info``, ``boxoverlap`` and ``VOCap``), with MATLAB's class rules: the faces of
+the .mat files are int32, so ``boxoverlap`` runs in int32, and the score span starts from
+single-precision values, so ``norm_score`` runs in single precision (``arithmetic='matlab'``,
+the default). ``arithmetic='double'`` runs the same steps in float64, which is what the
+established Python port (WiderFace-Evaluation) computes; its APs differ from the official
+ones by up to about 0.1 points. Nothing here is a CLI; ``wider_eval.py`` and ``wider_test.py``
+call it.
 
 Ground truth (``load_ground_truth``)
     ``wider_face_val.mat`` holds ``event_list`` (61 events), ``file_list`` (image names per
@@ -33,7 +37,9 @@ Protocol (``evaluate_detections``), IoU threshold 0.5, 1000 score thresholds:
 1. Score normalisation (``norm_score``): over every prediction read (every image of the
    ground-truth list, with or without faces), ``s' = (s - lo) / (hi - lo)`` with
    ``lo = min(realmax('single'), min s)`` and ``hi = max(realmin('single'), max s)``. For scores
-   in ``[0, 1]`` this is plain min-max normalisation. (The Python port starts from
+   in ``[0, 1]`` this is plain min-max normalisation, computed in single precision ('matlab':
+   ``lo``, ``hi`` and the quotient are single, the result compared with the float64
+   thresholds) or in float64 ('double'). (The Python port starts from
    ``lo = 1, hi = 0`` instead, which only differs when every score is above 1 or below 0.)
    When all scores are equal the official code divides 0 by 0 and scores AP 0; here every
    score becomes 1.0 instead (one operating point) - the only deliberate scoring deviation.
@@ -43,7 +49,11 @@ Protocol (``evaluate_detections``), IoU threshold 0.5, 1000 score thresholds:
    takes the face of highest IoU among *all* faces of the image (first face on ties). IoU
    uses the MATLAB convention ``x2 = x + w``, ``y2 = y + h`` and pixel-inclusive ``+1`` widths:
    ``iw = min(x2) - max(x1) + 1``, area ``(x2 - x1 + 1) * (y2 - y1 + 1)``, IoU 0 when
-   ``iw <= 0`` or ``ih <= 0``. If that best IoU is ``>= 0.5``:
+   ``iw <= 0`` or ``ih <= 0``. With an int32 face ('matlab') the prediction's corners are
+   rounded (half away from zero) for ``iw`` and ``ih``, the union is
+   ``round(face area + prediction area) - intersection`` and the IoU itself is rounded to 0
+   or 1: a prediction takes the *first* face (in annotation order) at IoU ``>= 0.5``, not
+   the closest one. If that best IoU is ``>= 0.5``:
    a face that does not count -> the prediction is *ignored* (not a proposal);
    a counted face hit for the first time -> true positive;
    a counted face already hit -> false positive (a duplicate).
@@ -69,9 +79,9 @@ easy and medium reach 1.0.
 Because step 3 never depends on earlier matches other than "was this face hit before", the
 whole dataset is processed as flat arrays: one IoU matrix per image (the only per-image
 loop), then the first hit of every face, and the 1000-threshold sums as a cumulative
-histogram of each prediction's first threshold. The arithmetic of the IoU and of the
-normalisation is done in float64 in the same order as the MATLAB code, so decisions at
-exactly IoU 0.5 or exactly on a threshold are the official ones.
+histogram of each prediction's first threshold. The IoU and the normalisation follow the
+MATLAB code operation by operation, in its classes ('matlab') or in float64 ('double'), so
+decisions at exactly IoU 0.5 or exactly on a threshold are those of the code emulated.
 """
 import io
 import os
@@ -86,6 +96,9 @@ SETTINGS = ('easy', 'medium', 'hard')
 FACE_MAT = 'wider_face_val.mat'
 SETTING_MATS = {s: f'wider_{s}_val.mat' for s in SETTINGS}
 IOU_THRESH = 0.5
+# 'matlab': the official tools as MATLAB runs them (int32 faces, single-precision scores);
+# 'double': the same steps in float64, which is what the WiderFace-Evaluation Python port computes.
+ARITHMETICS = ('matlab', 'double')
 THRESH_NUM = 1000
 # Thresholds 1 - i/1000 for i = 1..1000, computed exactly as the MATLAB loop does.
 THRESHOLDS = 1.0 - np.arange(1, THRESH_NUM + 1, dtype=np.float64) / THRESH_NUM
@@ -441,20 +454,63 @@ def read_predictions(pred_dir, gt, warn=None):
 
 # ----------------------------------------------------------------------------- protocol
 
-def iou_matrix(pred, gt):
+def _int32(x):
+    """MATLAB's conversion of doubles to int32: round half away from zero, saturate, NaN -> 0.
+    Returns a new float64 array holding the integers."""
+    x = np.asarray(x, dtype=np.float64)
+    magnitude = np.abs(x)
+    out = magnitude + 0.5
+    np.floor(out, out=out)
+    # floor(|x| + 0.5) is one too high for the doubles just below a half where |x| + 0.5
+    # rounds up to the next whole number (0.49999999999999994 -> 1).
+    with np.errstate(invalid='ignore'):
+        out[out - 0.5 > magnitude] -= 1
+    np.copysign(out, x, out=out)
+    out[np.isnan(out)] = 0
+    return np.clip(out, -2.0 ** 31, 2.0 ** 31 - 1, out=out)
+
+
+def iou_matrix(pred, gt, arithmetic='matlab'):
     """Official WIDER IoU between predictions and faces (MATLAB ``boxoverlap``).
 
     Args:
-        pred: float64 ``[P, 4]`` boxes ``x, y, w, h``; gt: float64 ``[G, 4]`` boxes ``x, y, w, h``.
+        pred: float64 ``[P, 4]`` boxes ``x, y, w, h``; gt: float64 ``[G, 4]`` boxes ``x, y, w, h``
+            (whole numbers: the int32 ``face_bbx_list``).
+        arithmetic: 'matlab' or 'double' (see ``ARITHMETICS``).
     Returns:
-        float64 ``[P, G]``: corners ``x2 = x + w``, ``y2 = y + h``, pixel-inclusive ``+1`` widths,
-        0 where the boxes do not overlap. Operations in the MATLAB order, so that an IoU of
-        exactly 0.5 is decided as the official tools decide it.
+        float64 ``[P, G]``, 0 where the boxes do not overlap. Corners ``x2 = x + w``,
+        ``y2 = y + h``, pixel-inclusive ``+1`` widths. 'matlab': what ``boxoverlap`` computes
+        with an int32 face: the prediction's corners rounded for the intersection, the union
+        ``round(face area + prediction area) - intersection``, and the ratio itself rounded, so
+        1 where the IoU is ``>= 0.5`` and 0 below. 'double': the IoU in float64, in the MATLAB
+        order of operations.
     """
+    if arithmetic not in ARITHMETICS:
+        raise ValueError(f'arithmetic must be one of {ARITHMETICS}, not {arithmetic!r}')
     px1, py1 = pred[:, 0:1], pred[:, 1:2]
     px2, py2 = px1 + pred[:, 2:3], py1 + pred[:, 3:4]
     gx1, gy1 = gt[:, 0], gt[:, 1]
     gx2, gy2 = gx1 + gt[:, 2], gy1 + gt[:, 3]
+    if arithmetic == 'matlab':
+        # Every operation with an int32 operand gives int32 in MATLAB (rounded, saturated).
+        # The widths, heights and intersection are sums and products of whole numbers bounded
+        # by the face, exact in float64 and far from the int32 limits; the rest is rounded.
+        rx1, ry1, rx2, ry2 = _int32(px1), _int32(py1), _int32(px2), _int32(py2)
+        iw = np.minimum(rx2, gx2)
+        iw -= np.maximum(rx1, gx1)
+        iw += 1
+        ih = np.minimum(ry2, gy2)
+        ih -= np.maximum(ry1, gy1)
+        ih += 1
+        inter = iw * ih
+        face_area = (gx2 - gx1 + 1) * (gy2 - gy1 + 1)
+        union = _int32(face_area + (px2 - px1 + 1) * (py2 - py1 + 1))
+        union -= inter
+        with np.errstate(divide='ignore', invalid='ignore'):
+            inter /= union
+        overlap = _int32(inter)   # int32 division: 0/0 -> 0, x/0 -> intmax
+        overlap[(iw <= 0) | (ih <= 0)] = 0
+        return overlap
     iw = np.minimum(px2, gx2)
     iw -= np.maximum(px1, gx1)
     iw += 1
@@ -472,11 +528,22 @@ def iou_matrix(pred, gt):
     return inter
 
 
-def normalise_scores(scores, lo, hi):
-    """MATLAB ``norm_score``: ``(s - lo) / (hi - lo)``; all-equal scores (hi == lo) become 1.0."""
+def _score_span(lo, hi, arithmetic):
+    """(lo, hi) as ``norm_score`` holds them: single precision ('matlab') or float64."""
+    if arithmetic == 'matlab':
+        return np.float32(lo), np.float32(hi)
+    return np.float64(lo), np.float64(hi)
+
+
+def normalise_scores(scores, lo, hi, arithmetic='matlab'):
+    """MATLAB ``norm_score``: ``(s - lo) / (hi - lo)``, returned as float64. 'matlab' computes
+    it in single precision, as MATLAB does once ``lo`` and ``hi`` (started from
+    ``realmax``/``realmin('single')``) are single; 'double' in float64. All-equal scores
+    (hi == lo in that precision) become 1.0."""
+    lo, hi = _score_span(lo, hi, arithmetic)
     if hi == lo:
-        return np.ones_like(scores)
-    return (scores - lo) / (hi - lo)
+        return np.ones(len(scores), dtype=np.float64)
+    return ((np.asarray(scores).astype(lo.dtype) - lo) / (hi - lo)).astype(np.float64)
 
 
 def voc_ap(recall, precision):
@@ -488,7 +555,7 @@ def voc_ap(recall, precision):
     return float(np.sum((mrec[k] - mrec[k - 1]) * mpre[k]))
 
 
-def _match_all(dets, gt):
+def _match_all(dets, gt, arithmetic):
     """Per prediction of images with faces: raw score, best IoU, global id of the best face.
 
     Predictions are in per-image score order (stable, descending), images in .mat order.
@@ -510,7 +577,7 @@ def _match_all(dets, gt):
             continue
         order = np.argsort(-s, kind='stable')
         d = d[order]
-        iou = iou_matrix(d[:, :4], g)
+        iou = iou_matrix(d[:, :4], g, arithmetic)
         best = iou.argmax(axis=1)
         scores.append(d[:, 4])
         best_ious.append(iou[np.arange(len(d)), best])
@@ -521,7 +588,7 @@ def _match_all(dets, gt):
     return np.concatenate(scores), np.concatenate(best_ious), np.concatenate(best_faces), (lo, hi)
 
 
-def evaluate_detections(dets, gt, warn=None):
+def evaluate_detections(dets, gt, warn=None, arithmetic='matlab'):
     """Score detections with the official protocol (see the module docstring).
 
     Args:
@@ -529,6 +596,7 @@ def evaluate_detections(dets, gt, warn=None):
             (pixels, any row order) or None, or a dict ``(event, name) -> array`` (absent = none).
         gt: GroundTruth.
         warn: callable for one-line warnings (default ``warnings.warn``, WiderEvalWarning).
+        arithmetic: 'matlab' (the official tools' numbers) or 'double' (the Python port's).
     Returns:
         ``(aps, curves)``: ``aps`` dict setting -> AP (float); ``curves`` dict setting -> dict with
         float64 ``[1000]`` arrays ``precision``, ``recall``, ``thresholds`` (0.999 .. 0.0), int64
@@ -538,11 +606,13 @@ def evaluate_detections(dets, gt, warn=None):
         dets = [dets.get(key) for key in gt.images]
     elif len(dets) != len(gt.images):
         raise WiderEvalError(f'{len(dets)} detection arrays for {len(gt.images)} ground-truth images')
-    raw, best_iou, best_face, span = _match_all(dets, gt)
-    if span is not None and span[0] == span[1]:
+    if arithmetic not in ARITHMETICS:
+        raise ValueError(f'arithmetic must be one of {ARITHMETICS}, not {arithmetic!r}')
+    raw, best_iou, best_face, span = _match_all(dets, gt, arithmetic)
+    if span is not None and _score_span(*span, arithmetic)[0] == _score_span(*span, arithmetic)[1]:
         _warn(warn, 'every prediction has the same score: scored as one operating point '
                     '(the official tools divide 0 by 0 here and report AP 0)')
-    norm = normalise_scores(raw, *span) if span is not None else raw
+    norm = normalise_scores(raw, *span, arithmetic) if span is not None else raw
     # First threshold index (0-based) at which each prediction is kept: t_j <= score for j >= start.
     start = THRESH_NUM - np.searchsorted(_THRESHOLDS_ASCENDING, norm, side='right')
     hit = best_iou >= IOU_THRESH
@@ -568,7 +638,7 @@ def evaluate_detections(dets, gt, warn=None):
     return aps, curves
 
 
-def evaluate(pred_dir, gt, warn=None, return_curves=False):
+def evaluate(pred_dir, gt, warn=None, return_curves=False, arithmetic='matlab'):
     """Evaluate a prediction directory against the val ground truth.
 
     Args:
@@ -576,6 +646,7 @@ def evaluate(pred_dir, gt, warn=None, return_curves=False):
         gt: GroundTruth or the directory of the four official .mat files.
         warn: callable for one-line warnings (default ``warnings.warn``, WiderEvalWarning).
         return_curves: also return the PR curves (see ``evaluate_detections``).
+        arithmetic: 'matlab' (default, the official tools' numbers) or 'double' (see ``ARITHMETICS``).
     Returns:
         ``{'easy': AP, 'medium': AP, 'hard': AP}``, or ``(aps, curves)`` with ``return_curves``.
     """
@@ -584,7 +655,7 @@ def evaluate(pred_dir, gt, warn=None, return_curves=False):
     dets, _ = read_predictions(pred_dir, gt, warn=warn)
     if not any(d is not None and len(d) for d in dets):
         _warn(warn, f'the prediction files in {pred_dir} hold no detections: every AP is 0')
-    aps, curves = evaluate_detections(dets, gt, warn=warn)
+    aps, curves = evaluate_detections(dets, gt, warn=warn, arithmetic=arithmetic)
     return (aps, curves) if return_curves else aps
 
 
