@@ -23,7 +23,7 @@ from data.config import cfg
 from s3fd import VARIANTS
 from tools._common import run_cli
 from utils.checkpoint import load_model
-from utils.fileio import atomic_write_bytes
+from utils.fileio import atomic_write_bytes, make_output_dir
 from utils.image_io import ImageReadError, load_rgb
 from utils.inference import Detector, draw_detections, inference_device
 
@@ -88,7 +88,7 @@ def main(args):
     net = load_model(args.model, 'test', ctx.device, args.variant)
     # Each pass keeps the protocol's candidates; --thresh selects what is drawn and counted.
     detector = Detector(net, ctx.device, thresh=min(args.thresh, cfg.CONF_THRESH), max_size=args.max_size)
-    os.makedirs(out_dir, exist_ok=True)
+    make_output_dir(out_dir, '--out')
     results, skipped = [], []
     for path in files:
         try:

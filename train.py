@@ -28,6 +28,7 @@ from utils import device as devices
 from utils.augmentations import subtract_mean
 from utils.checkpoint import (CheckpointError, atomic_save, extract_state_dict, load_file,
                               load_weights)
+from utils.fileio import OutputDirError, make_output_dir
 
 CHECKPOINT_VERSION = 1
 
@@ -509,7 +510,10 @@ def main(args):
     ctx.share_cpu(args.num_workers, world)
     torch.manual_seed(args.seed)
     if devices.is_main_process():
-        os.makedirs(args.save_folder, exist_ok=True)
+        try:
+            make_output_dir(args.save_folder, '--save_folder')
+        except OutputDirError as e:
+            fail(str(e))
     log(f'Device: {ctx.describe()}' + (f' | {world} processes, batch {args.batch_size} each' if world > 1 else ''))
 
     train_loader, val_loader = build_loaders(args, ctx, rank, world)

@@ -48,6 +48,7 @@ from data.widerface import AnnotationError, annotation_path, image_root, read_wi
 from s3fd import VARIANTS
 from tools._common import run_cli
 from utils.checkpoint import load_model
+from utils.fileio import make_output_dir
 from utils.image_io import ImageReadError, load_rgb
 from utils.inference import Detector, inference_device, resize_rgb, single_scale, to_wider_rows
 from utils.widerface_eval import (WiderEvalError, evaluate, list_split_images,
@@ -257,13 +258,13 @@ def main(args):
         if not items:
             raise WiderTestError('--num_images selects no image')
     gt = load_ground_truth(args.eval) if args.eval else None   # fail before the long run
+    make_output_dir(args.out, '--out')
     ctx = inference_device(args.device, args.device_id, args.amp)
     net = load_model(args.model, 'test', ctx.device, args.variant)
     detector = Detector(net, ctx.device, thresh=args.thresh, max_size=args.max_size, autocast=ctx.autocast)
     print(f'wider_test: {len(items)} {args.split} images from {source}; model {args.model}; '
           f'{ctx.describe()}; mode {args.mode}'
           + (f'; longer side capped at {args.max_size}' if args.max_size else ''), flush=True)
-    os.makedirs(args.out, exist_ok=True)
     start = time.perf_counter()
     skipped = run(detector, items, args)
     elapsed = time.perf_counter() - start

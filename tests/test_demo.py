@@ -86,6 +86,10 @@ def test_bad_input_is_a_one_line_error(model, images, tmp_path, capsys):
     (broken / 'a.jpg').write_bytes(b'nothing')
     assert 'none of the 1 image(s) could be read' in cli_error(capsys, '--model', model, broken,
                                                                '--out', tmp_path / 'o', '--device', 'cpu')
+    a_file = tmp_path / 'a_file'
+    a_file.write_text('')
+    assert 'a file is in the way' in cli_error(capsys, '--model', model, images, '--out', a_file,
+                                               '--device', 'cpu')
 
 
 class _FixedScores(torch.nn.Module):

@@ -3,7 +3,8 @@ import stat
 
 import pytest
 
-from utils.fileio import atomic_path, atomic_write_bytes, atomic_write_text
+from utils.fileio import (OutputDirError, atomic_path, atomic_write_bytes, atomic_write_text,
+                          make_output_dir)
 
 
 def test_atomic_write_replaces_and_leaves_no_temporary(tmp_path):
@@ -27,3 +28,16 @@ def test_failure_keeps_the_previous_file(tmp_path):
             raise RuntimeError('killed mid-write')
     assert target.read_text() == 'previous'
     assert os.listdir(tmp_path) == ['out.txt']
+
+
+def test_make_output_dir_creates_nested_folders_or_names_the_option(tmp_path):
+    target = tmp_path / 'a' / 'b'
+    assert make_output_dir(str(target), '--out') == str(target) and target.is_dir()
+    make_output_dir(str(target), '--out')  # already there: fine
+    (tmp_path / 'f').write_text('')
+    for path in (tmp_path / 'f', tmp_path / 'f' / 'sub'):
+        with pytest.raises(OutputDirError) as info:
+            make_output_dir(str(path), '--save_folder')
+        message = str(info.value)
+        assert message.startswith(f'--save_folder {path}: ') and 'a file is in the way' in message
+        assert '\n' not in message and isinstance(info.value, OSError)

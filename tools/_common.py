@@ -5,6 +5,7 @@ import sys
 
 from utils.checkpoint import CheckpointError, describe_keys
 from utils.device import DeviceUnavailable
+from utils.fileio import OutputDirError
 
 
 class ToolError(RuntimeError):
@@ -65,12 +66,13 @@ def check_layout(state, expected, path, layout_name, hint=None):
 
 def run_cli(main, parse_args, argv=None, errors=()):
     """Run `main(parse_args(argv))` and return the exit status: 0, or 1 when it raised a
-    CheckpointError, DeviceUnavailable, ToolError or one of `errors` (the script's own bad-input
-    exceptions), printed as one line `error: ...` on stderr instead of a traceback."""
+    CheckpointError, DeviceUnavailable, OutputDirError, ToolError or one of `errors` (the
+    script's own bad-input exceptions), printed as one line `error: ...` on stderr instead of a
+    traceback."""
     args = parse_args(argv)
     try:
         main(args)
-    except (CheckpointError, DeviceUnavailable, ToolError, *errors) as e:
+    except (CheckpointError, DeviceUnavailable, OutputDirError, ToolError, *errors) as e:
         print(f'error: {e}', file=sys.stderr)
         return 1
     return 0

@@ -8,6 +8,22 @@ import os
 import tempfile
 
 
+class OutputDirError(OSError):
+    """An output directory that cannot be created; the message names the option and the path."""
+
+
+def make_output_dir(path, option):
+    """`os.makedirs(path, exist_ok=True)`, or `OutputDirError` in one line naming `option`
+    (e.g. '--out') and the path: a file in the way, no permission, a read-only file system."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        reason = 'a file is in the way' if isinstance(exc, (FileExistsError, NotADirectoryError)) \
+            else (exc.strerror or str(exc))
+        raise OutputDirError(f'{option} {path}: cannot create the directory ({reason})') from None
+    return path
+
+
 def _umask():
     mask = os.umask(0)
     os.umask(mask)
