@@ -26,11 +26,28 @@ from layers.modules.multibox_loss import MultiBoxLoss
 from s3fd import build_s3fd, init_weights_from_scratch, init_weights_xavier
 from utils import device as devices
 from utils.augmentations import subtract_mean
-from utils.checkpoint import (CheckpointError, atomic_save, extract_state_dict, load_file,
-                              load_weights)
+from utils.checkpoint import (CheckpointError, atomic_save, checkpoint_variant, extract_state_dict,
+                              load_file, load_weights)
 from utils.fileio import OutputDirError, make_output_dir
+from utils.inference import MIN_INPUT_SIDE
 
 CHECKPOINT_VERSION = 1
+# Options that define the order of a run's batches: a mid-epoch resume needs the same values.
+ORDER_OPTIONS = ('batch_size', 'seed')
+# Options a resume may change on purpose (e.g. a lower --lr after a divergence); a change is logged.
+TUNABLE_OPTIONS = ('lr', 'momentum', 'weight_decay', 'gamma', 'input_size', 'epochs', 'max_iter',
+                   'amp', 'amp_dtype', 'train_file', 'val_file')
+
+
+def _at_least(minimum):
+    """argparse type: an int >= minimum, else a one-line usage error."""
+    def parse(text):
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f'must be at least {minimum}, got {value}')
+        return value
+    parse.__name__ = 'int'
+    return parse
 
 
 def parse_args(argv=None):
@@ -40,10 +57,10 @@ def parse_args(argv=None):
     parser.add_argument('--basenet', default='vgg16_reducedfc.pth',
                         help="pretrained VGG16 trunk, a file in --save_folder (or a path); "
                              "'none' trains from scratch")
-    parser.add_argument('--batch_size', default=16, type=int, help='images per batch and per process')
+    parser.add_argument('--batch_size', default=16, type=_at_least(1), help='images per batch and per process')
     parser.add_argument('--resume', default=None, type=str,
                         help='checkpoint to continue from (sfd_face_checkpoint.pth for an exact resume)')
-    parser.add_argument('--num_workers', default=4, type=int, help='data loading processes')
+    parser.add_argument('--num_workers', default=4, type=_at_least(0), help='data loading processes')
     parser.add_argument('--device', default='gpu', choices=['gpu', 'npu', 'cpu'], help='where to train')
     parser.add_argument('--device_id', default=0, type=int,
                         help='GPU/NPU index (under torchrun the local rank is used)')
@@ -63,7 +80,8 @@ def parse_args(argv=None):
     parser.add_argument('--epochs', default=cfg.EPOCHES, type=int, help='epochs to train')
     parser.add_argument('--max_iter', default=cfg.MAX_STEPS, type=int,
                         help='stop after this many iterations in total, saving a checkpoint')
-    parser.add_argument('--input_size', default=cfg.INPUT_SIZE, type=int, help='training image side')
+    parser.add_argument('--input_size', default=cfg.INPUT_SIZE, type=_at_least(MIN_INPUT_SIDE),
+                        help='training image side')
     parser.add_argument('--train_file', default=cfg.FACE.TRAIN_FILE, help='training list (prepare_wider_data.py)')
     parser.add_argument('--val_file', default=cfg.FACE.VAL_FILE, help='validation list')
     parser.add_argument('--seed', default=0, type=int, help='seed of initialisation, order and augmentation')
@@ -119,6 +137,7 @@ class StopRequest:
 
     def __init__(self):
         self.signal = None
+        self._pid = os.getpid()
         self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def close(self):
@@ -126,6 +145,8 @@ class StopRequest:
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
+        if os.getpid() != self._pid:
+            return  # a DataLoader worker forked with this handler: the main process decides
         if self.signal is not None:  # a second signal: stop now
             raise KeyboardInterrupt
         self.signal = signal.Signals(signum).name
@@ -222,7 +243,7 @@ def build_loaders(args, ctx, rank, world):
     return train_loader, val_loader
 
 
-def save_checkpoint(path, model, optimizer, ctx, args, state):
+def save_checkpoint(path, model, optimizer, ctx, args, state, world_size=1):
     """The resumable checkpoint. 'weight' and 'epoch' keep the original repository's meaning
     (the weights, and the epoch being trained or just validated); 'state' holds the exact
     position, from which a resume continues."""
@@ -236,8 +257,9 @@ def save_checkpoint(path, model, optimizer, ctx, args, state):
         'state': dict(state),
         'step_index': lr_step_index(state['iteration']),
         'rng': {'torch': torch.get_rng_state(),
-                'cuda': torch.cuda.get_rng_state_all() if ctx.type == 'cuda' else []},
+                'cuda': torch.cuda.get_rng_state(ctx.device) if ctx.type == 'cuda' else None},
         'args': {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
+        'world_size': world_size,
         'cfg': _plain(cfg),
         'variant': cfg.MODEL_VARIANT,
     }, path)
@@ -259,14 +281,43 @@ def _plain(value):
     return value
 
 
-def resume(path, model, optimizer, ctx, batches_per_epoch):
-    """Load a checkpoint into model/optimizer/scaler; returns the loop state to continue from."""
+def check_resume_options(path, ckpt, args, world_size):
+    """Compare the run's options with those the checkpoint was trained with. A mid-epoch
+    position only means the same batches with the same batch size, seed and number of
+    processes: anything else is an error. Other changes are allowed and logged."""
+    saved = ckpt.get('args') if isinstance(ckpt.get('args'), dict) else {}
+    mid_epoch = isinstance(ckpt.get('state'), dict) and ckpt['state'].get('batch_in_epoch', 0) > 0
+    if mid_epoch:
+        now = {name: getattr(args, name) for name in ORDER_OPTIONS if name in saved}
+        then = {name: saved[name] for name in now}
+        if isinstance(ckpt.get('world_size'), int):
+            now['processes'], then['processes'] = world_size, ckpt['world_size']
+        changed = [name for name in now if now[name] != then[name]]
+        if changed:
+            fail(f'{path} stopped mid-epoch ({ckpt["state"]["batch_in_epoch"]} batches into epoch '
+                 f'{ckpt["state"].get("epoch")}); resuming it exactly needs the same '
+                 + ', '.join(f'{name} (checkpoint {then[name]}, now {now[name]})' for name in changed)
+                 + ': pass the checkpoint\'s values' + (' and run as many processes' if 'processes' in changed else ''))
+    changed = [name for name in TUNABLE_OPTIONS if name in saved and saved[name] != getattr(args, name)]
+    if changed:
+        log('Resuming with changed options: ' + ', '.join(
+            f'--{name} {getattr(args, name)} (checkpoint {saved[name]})' for name in changed))
+
+
+def resume(path, model, optimizer, ctx, batches_per_epoch, args, world_size=1):
+    """Load a checkpoint into model/optimizer/scaler (after `ctx.initialize`, as Apex requires);
+    returns the loop state to continue from."""
     log(f'Resuming training, loading {path}...')
     try:
         ckpt = load_file(path)
+        variant = checkpoint_variant(ckpt)
+        if variant is not None and variant != cfg.MODEL_VARIANT:
+            fail(f'{path} holds a {variant!r} model, this run builds {cfg.MODEL_VARIANT!r} '
+                 '(cfg.MODEL_VARIANT)')
         load_weights(model, extract_state_dict(ckpt, path), path)
     except CheckpointError as e:
         fail(str(e))
+    check_resume_options(path, ckpt, args, world_size)
     if 'state' not in ckpt or 'optimizer' not in ckpt:
         # Weights only (the original repository's checkpoint, or a plain state_dict).
         epoch = int(ckpt.get('epoch', -1)) + 1 if isinstance(ckpt.get('epoch'), int) else 0
@@ -281,8 +332,11 @@ def resume(path, model, optimizer, ctx, batches_per_epoch):
     rng = ckpt.get('rng', {})
     if 'torch' in rng:
         torch.set_rng_state(rng['torch'])
-    if rng.get('cuda') and ctx.type == 'cuda':
-        torch.cuda.set_rng_state_all(rng['cuda'])
+    cuda_rng = rng.get('cuda')
+    if isinstance(cuda_rng, (list, tuple)):  # older checkpoints: every visible device's state
+        cuda_rng = cuda_rng[ctx.device.index or 0] if len(cuda_rng) > (ctx.device.index or 0) else None
+    if cuda_rng is not None and ctx.type == 'cuda':
+        torch.cuda.set_rng_state(cuda_rng, ctx.device)
     state = new_state()
     state.update(ckpt['state'])
     return state
@@ -363,8 +417,8 @@ class Trainer:
                     self.validate(epoch)
                 self.state.update(epoch=epoch + 1, batch_in_epoch=0, loss_sum=0.0, loss_count=0)
                 self.save_checkpoint()
-                if self.stop.signal:
-                    log(f'{self.stop.signal}: checkpoint saved to {self.checkpoint_path}')
+                if self.stop.requested(self.ctx.device, sync_now=True):  # every process stops
+                    log(f'{self.stop.signal or "stop requested"}: checkpoint saved to {self.checkpoint_path}')
                     return
         finally:
             self.stop.close()
@@ -376,7 +430,8 @@ class Trainer:
                  f'a gradient went non-finite. Not saved over {self.checkpoint_path}: its last state is kept '
                  'to resume from (with a lower --lr)')
         if self.main:
-            save_checkpoint(self.checkpoint_path, self.model, self.optimizer, self.ctx, self.args, self.state)
+            save_checkpoint(self.checkpoint_path, self.model, self.optimizer, self.ctx, self.args, self.state,
+                            self.world)
             if reason:
                 log(f'{reason}: checkpoint saved to {self.checkpoint_path} (iteration {self.state["iteration"]})')
 
@@ -436,7 +491,12 @@ class Trainer:
         state = self.state
         start, data_wait, iters = self.window
         elapsed = time.time() - start
-        tloss = state['loss_sum'] / max(state['loss_count'], 1)
+        loss_sum, loss_count = state['loss_sum'], state['loss_count']
+        if self.world > 1:  # the mean over every process's batches, as validation reports it
+            totals = torch.tensor([loss_sum, loss_count], dtype=torch.float32, device=self.ctx.device)
+            dist.all_reduce(totals)
+            loss_sum, loss_count = totals.tolist()
+        tloss = loss_sum / max(loss_count, 1)
         lr = self.optimizer.param_groups[0]['lr']
         log('Timer: %.4f' % ((elapsed - data_wait) / iters))
         log('epoch:' + repr(epoch) + ' || iter:' + repr(iteration) + ' || Loss:%.4f' % tloss)
@@ -521,11 +581,12 @@ def main(args):
     if args.channels_last:
         net = net.to(memory_format=torch.channels_last)
     optimizer = ctx.make_optimizer(net.parameters(), args.lr, args.momentum, args.weight_decay)
-    state = new_state()
-    if args.resume:
-        state = resume(args.resume, net, optimizer, ctx, train_loader.batch_sampler.batches_per_epoch)
     model = net  # the bare module: its state_dict has the plain key names
     net, optimizer = ctx.initialize(net, optimizer)
+    state = new_state()
+    if args.resume:
+        state = resume(args.resume, model, optimizer, ctx, train_loader.batch_sampler.batches_per_epoch,
+                       args, world)
     if args.compile:
         net = torch.compile(net)
     if world > 1:
@@ -539,13 +600,13 @@ def main(args):
     start = time.time()
     try:
         Trainer(args, ctx, net, model, criterion, optimizer, train_loader, val_loader, state, writer).run()
+        log(f'Finished: iteration {state["iteration"]}, epoch {state["epoch"]}, '
+            f'best validation loss {state["best_loss"]:.4f}, {time.time() - start:.1f}s; '
+            f'weights in {args.save_folder}')  # before the process group goes: main process only
     finally:
         if writer is not None:
             writer.close()
         devices.cleanup_distributed()
-    log(f'Finished: iteration {state["iteration"]}, epoch {state["epoch"]}, '
-        f'best validation loss {state["best_loss"]:.4f}, {time.time() - start:.1f}s; '
-        f'weights in {args.save_folder}')
     if args.demo:
         from utils.demo import finish_demo
         finish_demo(args)

@@ -123,9 +123,58 @@ def test_torchrun_two_processes_one_log_stream(lists, tmp_path):
     assert sum(line.startswith('epoch:0 || iter:0 ') for line in out) == 1, everything
     assert sum(line.startswith('test epoch:0 ') for line in out) == 1, everything
     assert '2 processes, batch 2 each' in proc.stdout, everything
+    assert sum(line.startswith('Finished: ') for line in out) == 1, everything
     ckpt = load_file(str(tmp_path / 'sfd_face_checkpoint.pth'))
     assert ckpt['state']['iteration'] == 2  # 9 images / (2 processes x 2) -> 2 iterations
-    assert 'module.vgg.0.weight' not in ckpt['weight']
+    assert 'module.vgg.0.weight' not in ckpt['weight'] and ckpt['world_size'] == 2
+
+
+def test_resume_loads_after_initialize_and_checks_what_defines_the_batches(lists, tmp_path, capsys, monkeypatch):
+    checkpoint = str(tmp_path / 'sfd_face_checkpoint.pth')
+    run_main(lists, tmp_path, '--epochs', '2', '--max_iter', '3')  # stops inside epoch 0
+    capsys.readouterr()
+    # Apex reads its loss scalers only after amp.initialize: weights, optimizer and amp state
+    # are loaded after the device context's initialize.
+    order = []
+    from utils import device as devices
+    initialize, load_amp = devices.DeviceContext.initialize, devices.DeviceContext.load_state_dict
+    monkeypatch.setattr(devices.DeviceContext, 'initialize',
+                        lambda self, *a: order.append('initialize') or initialize(self, *a))
+    monkeypatch.setattr(devices.DeviceContext, 'load_state_dict',
+                        lambda self, *a: order.append('amp state') or load_amp(self, *a))
+    load_weights = train.load_weights
+    monkeypatch.setattr(train, 'load_weights', lambda *a: order.append('weights') or load_weights(*a))
+    run_main(lists, tmp_path, '--epochs', '2', '--max_iter', '4', '--lr', '5e-4', '--resume', checkpoint)
+    assert order == ['initialize', 'weights', 'amp state']
+    assert 'Resuming with changed options: --lr 0.0005 (checkpoint 0.001)' in capsys.readouterr().out
+    run_main(lists, tmp_path, '--epochs', '2', '--max_iter', '5', '--resume', checkpoint)  # stops mid-epoch 1
+    for changed, words in ((['--batch_size', '3'], 'batch_size (checkpoint 2, now 3)'),
+                           (['--seed', '1'], 'seed (checkpoint 0, now 1)')):
+        with pytest.raises(SystemExit) as exc:
+            run_main(lists, tmp_path, '--epochs', '2', '--resume', checkpoint, *changed)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith('train.py: error: ') and 'stopped mid-epoch (1 batches into epoch 1)' in err
+        assert words in err
+    ckpt = load_file(checkpoint)
+    ckpt['variant'] = 'caffe'
+    atomic_save(ckpt, str(tmp_path / 'caffe.pth'))
+    with pytest.raises(SystemExit):
+        run_main(lists, tmp_path, '--epochs', '2', '--resume', str(tmp_path / 'caffe.pth'))
+    assert "holds a 'caffe' model, this run builds 'reference'" in capsys.readouterr().err
+
+
+def test_a_stop_signal_reaching_a_forked_worker_is_left_to_the_main_process(monkeypatch):
+    stop = train.StopRequest()
+    try:
+        monkeypatch.setattr(train.os, 'getpid', lambda: -1)  # as in a DataLoader worker
+        stop._handle(signal.SIGINT, None)
+        assert stop.signal is None
+        monkeypatch.undo()
+        stop._handle(signal.SIGINT, None)
+        assert stop.signal == 'SIGINT'
+    finally:
+        stop.close()
 
 
 def _run_cli(*args):
