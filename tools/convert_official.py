@@ -18,7 +18,10 @@ and demo.py pick the variant from the file.
 
 Input: the released model takes BGR minus (104, 117, 123); this repository feeds RGB minus
 (123, 117, 104), the same per-colour means. The input channels of conv1_1 are reversed, so
-the converted model gives the released model's outputs on the same image.
+the converted model gives the released model's outputs on the same image when its sides are
+multiples of 32. Elsewhere a pooling layer can round a map's size differently: Caffe rounds
+up at every pool, the PyTorch port down, and this repository rounds up at pool3 only (as its
+reference variant does), so a source map may have one row or column more or less.
 """
 import argparse
 import os
