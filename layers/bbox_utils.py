@@ -184,7 +184,8 @@ def match_batch(truths, labels, segment, num_images, priors, variances, threshol
         thresholds: (t1, t2, t3) = cfg.FACE.OVERLAP_THRESH, normally (0.1, 0.35, 0.5).
         mode: scale-compensation rule of stage 2, 'image' or 'face'.
         grid: optional PriorGrid of `priors`; with it only the IoUs that can matter are
-            computed (see PriorGrid.window_sizes), else all G x P of them. Same result.
+            computed (see PriorGrid.window_sizes), else all G x P of them. Same result for
+            every face with area that overlaps some prior; MultiBoxLoss refuses the others.
         truths_cpu: `truths` on the host, if already there (saves a copy with `grid`).
         max_faces: largest face count of one image, if known on the host.
 

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from layers.modules.l2norm import L2Norm, L2NormFunction
@@ -104,3 +105,14 @@ def test_compiled_gradients_equal_eager():
     cx, cw = torch.autograd.grad((compiled(x) * grad_out).sum(), (x, norm.weight))
     torch.testing.assert_close(cx, gx)
     torch.testing.assert_close(cw, gw)
+
+
+def test_a_second_derivative_is_refused_not_silently_wrong():
+    # The hand-written backward uses the saved norm as a constant: differentiating it again
+    # would miss d(norm)/dx, so it must raise instead.
+    from layers.modules.l2norm import L2NormFunction
+    x = torch.rand(1, 4, 2, 2, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(4, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(L2NormFunction.apply(x, w, 1e-10).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        grad.sum().backward()

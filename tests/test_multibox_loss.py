@@ -141,3 +141,13 @@ def test_hard_negatives_ignore_the_scores_of_non_negatives(device):
     assert torch.equal(masked, loud)
     assert not (loud & ~negative).any()
     assert loud.sum(1).tolist() == [5, 60, int(negative[2].sum())]
+
+
+@pytest.mark.parametrize('box', [[0.2, 0.2, 0.2, 0.3], [0.2, 0.3, 0.4, 0.3], [5.0, 5.0, 5.1, 5.1],
+                                 [0.1, 0.1, float('nan'), 0.2]])
+def test_a_target_that_is_no_face_box_is_a_clear_error_not_a_nan_loss(box):
+    priors = _priors()
+    good = torch.tensor([[0.1, 0.1, 0.3, 0.3, 1.0]])
+    bad = torch.tensor([[0.5, 0.5, 0.7, 0.7, 1.0], box + [1.0]])
+    with pytest.raises(ValueError, match='target 1 of image 1 is no face box inside the image'):
+        MultiBoxLoss(cfg)((torch.zeros(2, len(priors), 4), torch.zeros(2, len(priors), 2), priors), [good, bad])

@@ -59,6 +59,7 @@ class L2NormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
         x, weight, r = ctx.saved_tensors
         n = r + ctx.eps

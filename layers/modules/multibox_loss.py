@@ -47,7 +47,9 @@ class MultiBoxLoss(nn.Module):
         """Matched (loc_t [B, P, 4], conf_t [B, P]) for a list of per-image targets.
 
         Targets normally arrive on the host from the data loader; the face sizes are read
-        there, so matching on an accelerator needs no host synchronisation.
+        there, so matching on an accelerator needs no host synchronisation. A face without
+        area or outside the image (x2 <= x1, y2 <= y1, not finite, or beyond [0, 1]) raises
+        ValueError: its log-size offsets would make the loss NaN.
         """
         device = priors.device
         counts = [int(t.shape[0]) for t in targets]
@@ -56,6 +58,16 @@ class MultiBoxLoss(nn.Module):
         else:
             flat_cpu = torch.zeros((0, 5))
         segment = torch.repeat_interleave(torch.arange(num_images), torch.tensor(counts, dtype=torch.long))
+        x1, y1, x2, y2 = flat_cpu[:, :4].unbind(1)
+        bad = ~((x2 > x1) & (y2 > y1) & (x1 < 1) & (y1 < 1) & (x2 > 0) & (y2 > 0)
+                & torch.isfinite(flat_cpu[:, :4]).all(1))
+        if bad.any():
+            k = int(bad.nonzero()[0])
+            image = int(segment[k])
+            face = k - sum(counts[:image])
+            raise ValueError(f'target {face} of image {image} is no face box inside the image: '
+                             f'(x1, y1, x2, y2) = {[round(v, 4) for v in flat_cpu[k, :4].tolist()]} '
+                             '(normalised; needs x2 > x1, y2 > y1 and some area in [0, 1])')
         if device.type == 'cuda':
             # A copy from pageable memory would wait for the GPU's queue; pinned memory does not.
             flat, segment = flat_cpu.pin_memory(), segment.pin_memory()
