@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -77,3 +79,25 @@ def test_profile_train_splits_the_step_by_phase_and_kind(tmp_path):
     assert out['top_ops'][0]['kind'] == 'convolution'
     assert {op['phase'] for op in out['top_ops']} >= {'forward', 'backward'}
     assert trace.stat().st_size > 0
+
+
+def test_profile_device_times_count_each_kernel_once():
+    """On a GPU the profiler lists a kernel as its launching operator's device time and again
+    as a device event of its own: only the first is attributed, the second is the check sum."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from tools.profile_train import device_times
+    label = SimpleNamespace(name='S3FD|backward|vgg.0|Conv2d', cpu_parent=None, device_type=DeviceType.CPU,
+                            self_device_time_total=0.0, self_cpu_time_total=5.0)
+    conv = SimpleNamespace(name='aten::convolution_backward', cpu_parent=label, device_type=DeviceType.CPU,
+                           self_device_time_total=3000.0, self_cpu_time_total=40.0)
+    kernel = SimpleNamespace(name='sm90_xmma_dgrad', cpu_parent=None, device_type=DeviceType.CUDA,
+                             self_device_time_total=3000.0, self_cpu_time_total=0.0)
+    prof = SimpleNamespace(events=lambda: [label, conv, kernel])
+    times, kernels_ms = device_times(prof, on_device=True)
+    assert sum(times.values()) == pytest.approx(3.0) and kernels_ms == pytest.approx(3.0)
+    assert list(times) == [('backward', 'convolution', 'aten::convolution_backward')]
+    times, kernels_ms = device_times(prof, on_device=False)
+    assert kernels_ms is None and sum(times.values()) == pytest.approx(0.04)

@@ -27,6 +27,7 @@ PY=${PYTHON:-python3}
 LIMIT=${BENCH_LIMIT_S:-150}
 TOTAL=${BENCH_TOTAL_S:-480}
 ONLY=${BENCH_ONLY:-}
+KNOWN=""  # every step name seen, to report BENCH_ONLY names that match none
 DATA_DIR=${BENCH_DATA_DIR:-/tmp/s3fd_bench_wider}
 mkdir -p "$OUT_DIR"
 RESULTS="$OUT_DIR/results.jsonl"
@@ -37,18 +38,20 @@ export PYTHONUNBUFFERED=1
 step() {
     local name=$1
     shift
+    KNOWN="$KNOWN $name"
     if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then
         return
     fi
     local start=$SECONDS out rc line limit=$((TOTAL - SECONDS))
-    [ "$limit" -gt "$LIMIT" ] && limit=$LIMIT
     if [ "$limit" -lt 20 ]; then
         echo "{\"name\": \"$name\", \"rc\": null, \"skipped\": \"BENCH_TOTAL_S reached\"}" >>"$RESULTS"
         echo "$name skipped: BENCH_TOTAL_S reached"
         return
     fi
+    [ "$limit" -gt "$LIMIT" ] && limit=$LIMIT
     echo "== $name: $*" >>"$LOG"
-    out=$(timeout "$limit" "$@" 2>>"$LOG")
+    # -k: a step that handles SIGTERM (train.py saves first) is killed 15 s later at the latest.
+    out=$(timeout -k 15 "$limit" "$@" 2>>"$LOG")
     rc=$?
     line=$(printf '%s\n' "$out" | tail -n 1)
     "$PY" - "$name" "$rc" "$((SECONDS - start))" "$*" "$line" >>"$RESULTS" <<'EOF'
@@ -69,16 +72,17 @@ EOF
 train_script() {
     local dir=$DATA_DIR/train_smoke device=${SMOKE_DEVICE:-gpu}
     local wider=$DATA_DIR/smoke_wider lists=$DATA_DIR/smoke_lists
-    "$PY" -m data.synthetic --out "$wider" --train 512 --val 16 >&2 || return 1
-    "$PY" prepare_wider_data.py --dataset_dir "$wider" --out_dir "$lists" >&2 || return 1
+    "$PY" -m data.synthetic --out "$wider" --train 512 --val 16 >&2 || { echo '{"failed": "synthetic data"}'; return 1; }
+    "$PY" prepare_wider_data.py --dataset_dir "$wider" --out_dir "$lists" >&2 || { echo '{"failed": "prepare"}'; return 1; }
     local common=(--device "$device" --train_file "$lists/face_train.txt" --val_file "$lists/face_val.txt"
                   --num_workers 15 --lr 1e-4 --save_folder "$dir" ${SMOKE_ARGS:-})
     rm -rf "$dir"
-    "$PY" train.py "${common[@]}" --basenet none --max_iter "${SMOKE_ITERS:-60}" >&2 || return 1
+    "$PY" train.py "${common[@]}" --basenet none --max_iter "${SMOKE_ITERS:-60}" >&2 \
+        || { echo '{"failed": "train"}'; return 1; }
     "$PY" train.py "${common[@]}" --max_iter "$(( ${SMOKE_ITERS:-60} + 20 ))" \
-        --resume "$dir/sfd_face_checkpoint.pth" >&2 || return 1
+        --resume "$dir/sfd_face_checkpoint.pth" >&2 || { echo '{"failed": "resume"}'; return 1; }
     "$PY" wider_test.py --model "$dir/sfd_face_checkpoint.pth" --dataset_dir "$wider" --device "$device" \
-        --out "$dir/pred" --eval "$wider/eval_tools/ground_truth" >&2 || return 1
+        --out "$dir/pred" --eval "$wider/eval_tools/ground_truth" >&2 || { echo '{"failed": "wider_test"}'; return 1; }
     echo '{"train_resume_test": "ok"}'
 }
 export -f train_script
@@ -97,7 +101,7 @@ IMG=()
 [ -n "$IMAGE" ] && IMG=(--image "$IMAGE")
 
 # The CUDA paths against the CPU's, and no host synchronisation in the loss.
-step test_cuda "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
+step test_cuda "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_multibox_loss.py -k cuda
 step layers_gpu "$PY" tools/bench_layers.py --device cuda
 # The whole training pipeline: DataLoader workers decoding and augmenting synthetic WIDER
 # JPEGs. The timed steps far outnumber the batches the workers prefetch (16 x 4).
@@ -117,7 +121,7 @@ step train_fp32_b16 $T --batch_size 16 --amp off
 # Where the step's time goes: device time per phase and kind of operator, and the bytes each
 # kind moves (tools/profile_train.py); the Chrome traces land in OUT_DIR.
 step profile_bf16_b16_cl "$PY" tools/profile_train.py --device gpu --batch_size 16 --channels_last \
-    --steps 3 --trace "$OUT_DIR/trace_bf16_b16_cl.json"
+    --steps 3 --trace "$OUT_DIR/trace_bf16_b16_cl.json.gz"
 # bf16 against float32 (TF32 off) from the same weights on the same batches.
 step precision_bf16 "$PY" tools/check_precision.py --device gpu --amp_dtype bf16 --steps 20
 step precision_bf16_cl_compile "$PY" tools/check_precision.py --device gpu --amp_dtype bf16 --steps 20 \
@@ -134,7 +138,15 @@ step train_bf16_b16_cl_compile $T --batch_size 16 $BF16 --channels_last --compil
 # that lr a divergence would calm down, a compiler defect would not.
 step train_bf16_b16_cl_compile_lr1e-4 $T --batch_size 16 $BF16 --channels_last --compile --lr 1e-4
 step profile_bf16_b16_cl_compile "$PY" tools/profile_train.py --device gpu --batch_size 16 --channels_last \
-    --compile --steps 3 --trace "$OUT_DIR/trace_bf16_b16_cl_compile.json"
+    --compile --steps 3 --trace "$OUT_DIR/trace_bf16_b16_cl_compile.json.gz"
 step infer_bf16_cl_compile $I --amp bf16 --channels_last --compile --batch_sizes 16 "${IMG[@]}"
 # CUDA graphs (torch.compile's reduce-overhead mode): batch 1 is where launch overhead shows.
 step infer_bf16_cl_cudagraphs $I --amp bf16 --channels_last --compile_mode reduce-overhead "${IMG[@]}"
+
+# A BENCH_ONLY name that matches no step (a typo) would otherwise just not run.
+for name in $ONLY; do
+    if [[ " $KNOWN " != *" $name "* ]]; then
+        echo "{\"name\": \"$name\", \"rc\": null, \"skipped\": \"no such step\"}" >>"$RESULTS"
+        echo "BENCH_ONLY names no step called $name" >&2
+    fi
+done

@@ -32,6 +32,7 @@ import sys
 import time
 
 import torch
+from torch.autograd import DeviceType
 from torch.autograd.profiler import record_function
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -208,9 +209,18 @@ def scope_of(event):
 
 
 def device_times(prof, on_device):
-    """Self device time (ms) per (phase, kind, operator) over the profiled steps."""
+    """Self device time (ms) per (phase, kind, operator) over the profiled steps, and (on a
+    device) the kernels' own total, which the attributed times should add up to.
+
+    On a device the profiler lists each kernel twice: as the device time of the host operator
+    that launched it, and as an event of its own (device_type CUDA). Only the host operators
+    are attributed; summing both would count every kernel twice."""
     times = collections.Counter()
+    kernels_ms = 0.0
     for event in prof.events():
+        if on_device and event.device_type != DeviceType.CPU:
+            kernels_ms += event.self_device_time_total / 1e3
+            continue
         if on_device:
             ms = event.self_device_time_total / 1e3
         elif event.name.startswith('aten::'):
@@ -222,7 +232,7 @@ def device_times(prof, on_device):
         phase, scope, module_type = scope_of(event)
         op = event.name.removeprefix('aten::')
         times[(phase, kind_of(op, phase, scope, module_type), event.name)] += ms
-    return times
+    return times, (kernels_ms if on_device else None)
 
 
 def main(args):
@@ -273,7 +283,7 @@ def main(args):
         prof.export_chrome_trace(args.trace)
 
     parameter_storages = {p.untyped_storage().data_ptr() for p in net.parameters()}
-    times = device_times(prof, on_device)
+    times, kernels_ms = device_times(prof, on_device)
     per_step = {key: ms / args.steps for key, ms in times.items()}
     total = sum(per_step.values())
     name = torch.cuda.get_device_name(ctx.device) if on_device else ctx.type
@@ -294,6 +304,8 @@ def main(args):
         'input_size': args.input_size, 'channels_last': args.channels_last, 'compile': args.compile,
         'step_time_s': round(step_time, 4), 'profiled_step_s': round(profiled_step, 4),
         'device_ms_per_step': round(total, 3), 'device_busy': round(total / 1e3 / profiled_step, 3),
+        # The kernels' own device time per step; the attributed total above should match it.
+        'kernel_ms_per_step': None if kernels_ms is None else round(kernels_ms / args.steps, 3),
         'bandwidth_tbs': bandwidth,
         'phases_ms': {phase: round(sum(v for (p, _, _), v in per_step.items() if p == phase), 3)
                       for phase in PHASES},
