@@ -491,11 +491,8 @@ class Trainer:
         state = self.state
         start, data_wait, iters = self.window
         elapsed = time.time() - start
-        loss_sum, loss_count = state['loss_sum'], state['loss_count']
-        if self.world > 1:  # the mean over every process's batches, as validation reports it
-            totals = torch.tensor([loss_sum, loss_count], dtype=torch.float32, device=self.ctx.device)
-            dist.all_reduce(totals)
-            loss_sum, loss_count = totals.tolist()
+        # The mean over every process's batches, as validation reports it.
+        loss_sum, loss_count = devices.all_reduce_sum([state['loss_sum'], state['loss_count']], self.ctx.device)
         tloss = loss_sum / max(loss_count, 1)
         lr = self.optimizer.param_groups[0]['lr']
         log('Timer: %.4f' % ((elapsed - data_wait) / iters))

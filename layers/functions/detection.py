@@ -106,15 +106,16 @@ class Detect:
         image_idx, class_idx = image_idx[valid], class_idx[valid]
         boxes = decode(loc[image_idx, prior_idx], priors[prior_idx], self.variance)
         groups = image_idx * num_classes + class_idx
-        if (self.nms_mode or ('prefix' if loc.device.type == 'cpu' else 'full')) == 'prefix':
+        prefix = (self.nms_mode or ('prefix' if loc.device.type == 'cpu' else 'full')) == 'prefix'
+        if prefix:  # at most top_k per group already
             keep = nms_top_k(boxes, scores, groups, self.nms_thresh, self.top_k)
-            slot = _rank_in_group(groups[keep])
         else:
             keep = batched_nms(boxes, scores, groups, self.nms_thresh)
-            slot = _rank_in_group(groups[keep])
+        # keep is in score order, so a box's rank within its (image, class) is its row.
+        slot = _rank_in_group(groups[keep])
+        if not prefix:
             within = slot < self.top_k
             keep, slot = keep[within], slot[within]
-        # keep is in score order, so a box's rank within its (image, class) is its row.
         rows = torch.cat((scores[keep, None], boxes[keep]), dim=1)
         output[image_idx[keep], class_idx[keep], slot] = rows
         return output
