@@ -107,6 +107,21 @@ def test_per_face_mode_runs_and_adds_positives():
     assert (conf_face[1] == 0).all() and (conf_image[1] == 0).all()
 
 
+def test_original_call_signature_is_accepted_and_bad_modes_fail_at_construction():
+    priors = _priors()
+    g = torch.Generator().manual_seed(1)
+    loc = torch.randn(3, len(priors), 4, generator=g)
+    conf = torch.randn(3, len(priors), 2, generator=g)
+    expected = MultiBoxLoss(cfg)((loc, conf, priors), _targets())
+    for use_gpu in (True, False):   # the original train.py: MultiBoxLoss(cfg, args.dataset, args.cuda)
+        got = MultiBoxLoss(cfg, 'face', use_gpu)((loc, conf, priors), _targets())
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    with pytest.raises(TypeError, match='match_mode by keyword'):
+        MultiBoxLoss(cfg, 'face', 'image')
+    with pytest.raises(ValueError, match="unknown scale-compensation mode 'faces'"):
+        MultiBoxLoss(cfg, match_mode='faces')
+
+
 def test_hard_negatives_cpu_topk_equals_sort_selection():
     from layers.bbox_utils import top_n_per_row
     from layers.modules.multibox_loss import hard_negatives

@@ -40,6 +40,14 @@ def test_priors_are_not_clipped_by_default():
     assert priors.min() > 0
 
 
+def test_square_sizes_as_ints_match_pairs():
+    square = PriorBox(640, cfg.FEATURE_MAPS, cfg).forward()
+    pairs = PriorBox((640, 640), [(f, f) for f in cfg.FEATURE_MAPS], cfg).forward()
+    assert square.shape == (34125, 4) and torch.equal(square, pairs)
+    with pytest.raises(ValueError, match="feature map must be an int or an"):
+        PriorBox(640, [(160, 160, 1)] + cfg.FEATURE_MAPS[1:], cfg)
+
+
 def test_map_count_must_match_steps():
     with pytest.raises(ValueError):
         PriorBox((640, 640), [(160, 160)], cfg)

@@ -1,4 +1,6 @@
 """Anchor (prior) boxes of S3FD: one square anchor per feature-map cell."""
+import operator
+
 import torch
 
 
@@ -22,12 +24,27 @@ def prior_grid(input_size, feature_maps, steps, anchor_sizes, dtype=torch.float6
     return torch.cat(per_map, dim=0)
 
 
+def _pair(size, what):
+    """(h, w) ints from an int (square) or a pair."""
+    try:
+        side = operator.index(size)
+        return side, side
+    except TypeError:
+        pass
+    try:
+        h, w = size
+        return int(h), int(w)
+    except (TypeError, ValueError):
+        raise ValueError(f'{what} must be an int or an (h, w) pair, not {size!r}') from None
+
+
 class PriorBox:
     """Priors for one input size.
 
     Args:
-        input_size: (H, W) of the network input in pixels.
-        feature_maps: [(h_k, w_k), ...] the real sizes of the six source maps.
+        input_size: (H, W) of the network input in pixels, or one int for a square input.
+        feature_maps: [(h_k, w_k), ...] the real sizes of the six source maps; an int stands
+            for a square map, so `PriorBox(640, cfg.FEATURE_MAPS, cfg)` gives the 640x640 priors.
         cfg: provides STEPS, ANCHOR_SIZES and CLIP.
 
     `forward()` returns [P, 4] priors in normalised center form (cx, cy, w, h), ordered
@@ -36,8 +53,8 @@ class PriorBox:
     """
 
     def __init__(self, input_size, feature_maps, cfg, device=None, dtype=torch.float32):
-        self.imh, self.imw = int(input_size[0]), int(input_size[1])
-        self.feature_maps = [(int(h), int(w)) for h, w in feature_maps]
+        self.imh, self.imw = _pair(input_size, 'input_size')
+        self.feature_maps = [_pair(size, 'feature map') for size in feature_maps]
         self.steps = cfg.STEPS
         self.anchor_sizes = cfg.ANCHOR_SIZES
         self.clip = cfg.CLIP

@@ -23,17 +23,27 @@ class MultiBoxLoss(nn.Module):
 
     Everything is computed in float32 on the predictions' device, without a Python loop
     over images or anchors and without host synchronisation.
+
+    `use_gpu` is the original repository's third argument, kept so that its call
+    `MultiBoxLoss(cfg, args.dataset, args.cuda)` still works; it has no effect, since the loss
+    runs wherever its inputs are. `match_mode` ('image' or 'face', default
+    cfg.SCALE_COMPENSATION) is keyword-only.
     """
 
-    def __init__(self, cfg, dataset='face', match_mode=None):
+    def __init__(self, cfg, dataset='face', use_gpu=None, *, match_mode=None):
         super().__init__()
         if dataset != 'face':
             raise ValueError(f"dataset {dataset!r} is not supported; S3FD trains on 'face'")
+        if use_gpu is not None and not isinstance(use_gpu, bool):
+            raise TypeError(f'use_gpu must be a bool (it is ignored: the loss runs on its inputs\' device), '
+                            f'not {use_gpu!r}; pass match_mode by keyword')
         self.num_classes = cfg.NUM_CLASSES
         self.negpos_ratio = cfg.NEG_POS_RATIOS
         self.variance = cfg.VARIANCE
         self.thresholds = tuple(cfg.FACE.OVERLAP_THRESH)
         self.match_mode = match_mode or cfg.SCALE_COMPENSATION
+        if self.match_mode not in ('image', 'face'):
+            raise ValueError(f"unknown scale-compensation mode {self.match_mode!r}: use 'image' or 'face'")
         self._grid_for = (None, None)  # (priors tensor, its PriorGrid or None)
 
     def prior_grid(self, priors):
