@@ -91,6 +91,9 @@ def parse_args(argv=None):
     parser.add_argument('--compile', action='store_true',
                         help='torch.compile the network (experimental: non-finite losses on torch 2.11 + CUDA, '
                              'see the README)')
+    parser.add_argument('--log_speed', action='store_true',
+                        help='add a fifth line to each log block: images/s, data wait per iteration and ETA '
+                             '(off by default: the block stays the original four lines)')
     parser.add_argument('--tensorboard', default=None, metavar='DIR',
                         help='write TensorBoard scalars to DIR (needs the tensorboard package)')
     parser.add_argument('--demo', action='store_true',
@@ -487,7 +490,7 @@ class Trainer:
                  f'(state saved to {self.checkpoint_path})')
 
     def log_step(self, epoch, iteration, loss_l, loss_c):
-        """The original four log lines, plus speed, data wait and ETA."""
+        """The original four log lines; with --log_speed, a fifth with speed, data wait and ETA."""
         state = self.state
         start, data_wait, iters = self.window
         elapsed = time.time() - start
@@ -500,9 +503,10 @@ class Trainer:
         log('->> conf loss:{:.4f} || loc loss:{:.4f}'.format(float(loss_c), float(loss_l)))
         log('->>lr:{:.6f}'.format(lr))
         speed = iters * self.args.batch_size * self.world / max(elapsed, 1e-9)
-        eta = (self.total_iters - state['iteration']) * elapsed / iters
-        log('->> speed:{:.1f} img/s || data wait:{:.4f}s/iter || eta:{}'.format(
-            speed, data_wait / iters, format_eta(eta)))
+        if self.args.log_speed:
+            eta = (self.total_iters - state['iteration']) * elapsed / iters
+            log('->> speed:{:.1f} img/s || data wait:{:.4f}s/iter || eta:{}'.format(
+                speed, data_wait / iters, format_eta(eta)))
         if self.writer is not None:
             for name, value in (('loss', tloss), ('loss_conf', float(loss_c)), ('loss_loc', float(loss_l)),
                                 ('lr', lr), ('images_per_s', speed)):

@@ -56,12 +56,12 @@ def uninterrupted(lists, tmp_path_factory):
 
 def test_end_to_end_logs_and_files(uninterrupted):
     out, folder, state = uninterrupted
-    # The original four lines, in order, at iteration 0, then the added speed line.
+    # Exactly the original four lines, in order, at iteration 0 (no speed line without --log_speed).
     start = next(i for i, line in enumerate(out) if line.startswith('epoch:0 || iter:0 ')) - 1
-    for pattern, line in zip(LOG_PATTERNS, out[start:start + 4]):
+    for pattern, line in zip(LOG_PATTERNS, out[start:start + 5]):
         assert re.fullmatch(pattern, line), (pattern, line)
-    assert re.fullmatch(r'->> speed:\d+\.\d img/s \|\| data wait:\d+\.\d{4}s/iter \|\| eta:\d+:\d\d:\d\d',
-                        out[start + 4])
+    assert not out[start + 4].startswith('->>'), out[start + 4]
+    assert not any('speed:' in line for line in out)
     assert any(re.fullmatch(r'test epoch:1 \|\| Loss:\d+\.\d{4}', line) for line in out)
     assert 'Saving best state,epoch 0' in out
     assert state['epoch'] == 2 and state['iteration'] == 8  # 9 images with faces -> 4 batches of 2
@@ -74,10 +74,16 @@ def test_end_to_end_logs_and_files(uninterrupted):
     assert not [f for f in os.listdir(folder) if f.endswith('.tmp')]
 
 
-def test_resume_is_exact_mid_epoch_and_at_epoch_end(lists, uninterrupted, tmp_path):
+def test_resume_is_exact_mid_epoch_and_at_epoch_end(lists, uninterrupted, tmp_path, capsys):
     _, full, _ = uninterrupted
     checkpoint = str(tmp_path / 'sfd_face_checkpoint.pth')
-    run_main(lists, tmp_path, '--epochs', '2', '--max_iter', '3')  # stops inside epoch 0
+    run_main(lists, tmp_path, '--epochs', '2', '--max_iter', '3', '--log_speed')  # stops inside epoch 0
+    out = capsys.readouterr().out.splitlines()
+    start = next(i for i, line in enumerate(out) if line.startswith('epoch:0 || iter:0 ')) - 1
+    for pattern, line in zip(LOG_PATTERNS, out[start:start + 4]):
+        assert re.fullmatch(pattern, line), (pattern, line)
+    assert re.fullmatch(r'->> speed:\d+\.\d img/s \|\| data wait:\d+\.\d{4}s/iter \|\| eta:\d+:\d\d:\d\d',
+                        out[start + 4])
     stopped = load_file(checkpoint)
     assert stopped['state']['iteration'] == 3 and stopped['state']['batch_in_epoch'] == 3
     run_main(lists, tmp_path, '--epochs', '2', '--max_iter', '4', '--resume', checkpoint)  # epoch end

@@ -75,7 +75,7 @@ train_script() {
     "$PY" -m data.synthetic --out "$wider" --train 512 --val 16 >&2 || { echo '{"failed": "synthetic data"}'; return 1; }
     "$PY" prepare_wider_data.py --dataset_dir "$wider" --out_dir "$lists" >&2 || { echo '{"failed": "prepare"}'; return 1; }
     local common=(--device "$device" --train_file "$lists/face_train.txt" --val_file "$lists/face_val.txt"
-                  --num_workers 15 --lr 1e-4 --save_folder "$dir" ${SMOKE_ARGS:-})
+                  --num_workers 15 --lr 1e-4 --log_speed --save_folder "$dir" ${SMOKE_ARGS:-})
     rm -rf "$dir"
     "$PY" train.py "${common[@]}" --basenet none --max_iter "${SMOKE_ITERS:-60}" >&2 \
         || { echo '{"failed": "train"}'; return 1; }

@@ -11,7 +11,7 @@ DEMO_WIDER = os.path.join(DEMO_ROOT, 'WIDER')
 DEMO_TRAIN_IMAGES = 240
 DEMO_VAL_IMAGES = 40
 DEMO_RECIPE = dict(device='cpu', basenet='none', input_size=160, batch_size=8, epochs=5,
-                   lr=1e-3, num_workers=0, amp='off')
+                   lr=1e-3, num_workers=0, amp='off', log_speed=True)
 
 
 def prepare_demo(args):
