@@ -35,6 +35,7 @@ from s3fd import build_s3fd  # noqa: E402
 from tools._common import check_layout, describe_keys, run_cli  # noqa: E402
 from utils.checkpoint import (CheckpointError, atomic_save, extract_state_dict,  # noqa: E402
                               load_file, load_weights)
+from utils.fileio import check_output_file  # noqa: E402
 
 VARIANT = 'caffe'
 # Released name -> this repository's module, for every convolution (weight and bias).
@@ -110,6 +111,7 @@ def parse_args(argv=None):
 
 def main(args):
     """Convert args.src and write args.dst atomically; returns the saved checkpoint dict."""
+    check_output_file(args.dst, '--dst')
     state = extract_state_dict(load_file(args.src), args.src)
     converted = convert_state_dict(state, args.src)
     net = build_s3fd('train', variant=VARIANT)

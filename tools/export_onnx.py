@@ -43,7 +43,7 @@ from layers.functions.prior_box import prior_grid  # noqa: E402
 from s3fd import VARIANTS  # noqa: E402
 from tools._common import ToolError, run_cli  # noqa: E402
 from utils.checkpoint import load_model  # noqa: E402
-from utils.fileio import atomic_path  # noqa: E402
+from utils.fileio import atomic_path, check_output_file  # noqa: E402
 from utils.inference import MIN_INPUT_SIDE  # noqa: E402
 
 INPUT_NAME = 'image'
@@ -205,6 +205,7 @@ def main(args):
     height, width = args.input_size
     if min(height, width) < MIN_INPUT_SIDE:
         raise ToolError(f'--input_size {height} {width}: both sides must be at least {MIN_INPUT_SIDE} pixels')
+    check_output_file(args.out, '--out')
     net = load_model(args.model, phase='train', variant=args.variant).eval()
     generator = torch.Generator().manual_seed(args.seed)
     checks = [random_image(2, height, width, generator)]

@@ -43,6 +43,7 @@ from data.config import cfg  # noqa: E402
 from s3fd import VARIANTS, vgg  # noqa: E402
 from tools._common import check_layout, run_cli  # noqa: E402
 from utils.checkpoint import atomic_save, extract_state_dict, load_file, load_weights  # noqa: E402
+from utils.fileio import check_output_file  # noqa: E402
 
 FC6_INDEX, FC7_INDEX = 31, 33
 FC_CHANNEL_STEP = 4  # 4096 -> 1024 channels
@@ -160,6 +161,7 @@ def parse_args(argv=None):
 
 def main(args):
     """Write the basenet to args.dst (atomically); returns its state_dict."""
+    check_output_file(args.dst, '--dst')
     state = extract_state_dict(load_file(args.src), args.src)
     basenet = convert_vgg16(state, args.src_norm, args.src)
     # Proof that the file fits: strict load into the trunk of both model variants (built on
