@@ -18,7 +18,7 @@ import os
 from data.config import cfg
 from data.widerface import (ATTRIBUTE_NAMES, AnnotationError, annotation_path, image_root,
                             read_wider_annotations)
-from utils.fileio import atomic_write_text
+from utils.fileio import OutputDirError, atomic_write_text, make_output_dir
 
 SPLITS = ('train', 'val')
 INVALID = ATTRIBUTE_NAMES.index('invalid')
@@ -43,11 +43,16 @@ def _number(value):
 
 def convert_split(annotation_file, images_dir, drop_invalid=False):
     """Annotation file -> (list-file lines, stats dict with images, faces, dropped_size,
-    dropped_invalid, missing)."""
+    dropped_invalid, missing, first_missing (a path or None), repeated (images listed again)).
+    Raises AnnotationError for a malformed file or one without any image."""
     records = read_wider_annotations(annotation_file)
+    if not records:
+        raise AnnotationError(annotation_file, 0, 'no image in the file')
     images_dir = os.path.abspath(images_dir)
     lines = []
-    stats = dict(images=0, faces=0, dropped_size=0, dropped_invalid=0, missing=0)
+    stats = dict(images=0, faces=0, dropped_size=0, dropped_invalid=0, missing=0, first_missing=None,
+                 repeated=0)
+    seen = set()
     for rec in records:
         boxes = rec.boxes
         keep = (boxes[:, 2] > 0) & (boxes[:, 3] > 0)
@@ -60,6 +65,10 @@ def convert_split(annotation_file, images_dir, drop_invalid=False):
         path = os.path.join(images_dir, rec.name)
         if not os.path.isfile(path):
             stats['missing'] += 1
+            stats['first_missing'] = stats['first_missing'] or path
+        if path in seen:
+            stats['repeated'] += 1
+        seen.add(path)
         fields = [path, str(len(kept))]
         for x, y, w, h in kept.tolist():
             fields += [_number(x), _number(y), _number(w), _number(h), '1']
@@ -81,6 +90,10 @@ def main(args):
     if not present:
         raise SystemExit(f'error: no WIDER FACE annotation file found: looked for '
                          f'{found["train"]} and {found["val"]} (set --dataset_dir)')
+    try:
+        make_output_dir(args.out_dir, '--out_dir')
+    except OutputDirError as exc:
+        raise SystemExit(f'error: {exc}') from None
     results = {}
     for split in SPLITS:
         if split not in present:
@@ -96,8 +109,12 @@ def main(args):
         dropped = f'dropped {stats["dropped_size"]} faces with w<=0 or h<=0'
         if args.drop_invalid:
             dropped += f' and {stats["dropped_invalid"]} flagged invalid'
+        missing = f'{stats["missing"]} image files missing'
+        if stats['missing']:
+            missing += f', first: {stats["first_missing"]}'
+        repeated = f'; {stats["repeated"]} images listed more than once' if stats['repeated'] else ''
         print(f'{split}: {stats["images"]} images, {stats["faces"]} faces -> {out_file} '
-              f'({dropped}; {stats["missing"]} image files missing)')
+              f'({dropped}; {missing}{repeated})')
         results[split] = stats
     return results
 

@@ -14,6 +14,7 @@ order with `cfg.img_mean` subtracted (no scaling), target rows `(x1, y1, x2, y2,
 normalised to [0, 1] by the output size, label 1. With `normalize=False` the image is the
 uint8 RGB image and the mean is subtracted later, on the device.
 """
+import math
 import os
 import re
 import sys
@@ -29,8 +30,8 @@ from utils.augmentations import (TrainAugmentation, clip_boxes, fallback_plan, t
                                  to_uint8_tensor, val_transform)
 from utils.image_io import ImageReadError, load_rgb
 
-__all__ = ['ATTRIBUTE_NAMES', 'AnnotationError', 'WiderAnnotation', 'annotation_path', 'image_root',
-           'read_wider_annotations', 'read_face_list', 'WIDERDetection']
+__all__ = ['ATTRIBUTE_NAMES', 'AnnotationError', 'DatasetError', 'WiderAnnotation', 'annotation_path',
+           'image_root', 'read_text_lines', 'read_wider_annotations', 'read_face_list', 'WIDERDetection']
 
 # The six per-face flags of the official annotation files, in their column order.
 ATTRIBUTE_NAMES = ('blur', 'expression', 'illumination', 'invalid', 'occlusion', 'pose')
@@ -58,6 +59,10 @@ class AnnotationError(ValueError):
         return type(self), (self.path, self.line, self.reason)
 
 
+class DatasetError(RuntimeError):
+    """No readable image could be found for a sample (every replacement tried failed)."""
+
+
 class WiderAnnotation(NamedTuple):
     """One image of an official annotation file.
 
@@ -72,13 +77,19 @@ class WiderAnnotation(NamedTuple):
     line: int
 
 
-def _read_lines(path):
-    """The lines of a UTF-8 text file; `AnnotationError` naming the line of a byte that is
-    not UTF-8, `FileNotFoundError` when the file does not exist."""
-    with open(path, 'rb') as handle:
-        data = handle.read()
+def read_text_lines(path):
+    """The lines of a UTF-8 text file (a leading byte-order mark is dropped, as Windows editors
+    write one); `AnnotationError` naming the line of a byte that is not UTF-8 or a file that
+    cannot be read, `FileNotFoundError` when the file does not exist."""
     try:
-        return data.decode('utf-8').splitlines()
+        with open(path, 'rb') as handle:
+            data = handle.read()
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise AnnotationError(path, 0, f'cannot read the file ({exc.strerror or exc})') from None
+    try:
+        return data.decode('utf-8-sig').splitlines()
     except UnicodeDecodeError as exc:
         line = data.count(b'\n', 0, exc.start) + 1
         raise AnnotationError(path, line, f'not UTF-8 text (byte 0x{data[exc.start]:02x})') from None
@@ -86,9 +97,12 @@ def _read_lines(path):
 
 def _numbers(path, lineno, text, what):
     try:
-        return [float(tok) for tok in text.split()]
+        values = [float(tok) for tok in text.split()]
     except ValueError:
         raise AnnotationError(path, lineno, f'non-numeric field in {what}: {text.strip()!r}') from None
+    if not all(math.isfinite(v) for v in values):
+        raise AnnotationError(path, lineno, f'non-finite number (nan or inf) in {what}: {text.strip()!r}')
+    return values
 
 
 def read_wider_annotations(path):
@@ -99,7 +113,7 @@ def read_wider_annotations(path):
     numbers, or a file that ends inside an image's face list; `FileNotFoundError` when the
     file does not exist.
     """
-    lines = _read_lines(path)
+    lines = read_text_lines(path)
     records = []
     i, total = 0, len(lines)
     while i < total:
@@ -192,7 +206,7 @@ def read_face_list(list_file):
     `FileNotFoundError` when it does not exist.
     """
     paths, boxes = [], []
-    for lineno, line in enumerate(_read_lines(list_file), 1):
+    for lineno, line in enumerate(read_text_lines(list_file), 1):
         if not line.strip() or line.lstrip().startswith('#'):
             continue
         image, table = _parse_list_line(list_file, lineno, line)
@@ -237,7 +251,9 @@ class WIDERDetection(Dataset):
     another one chosen from (seed, epoch, i), warned about once per path and counted in
     `self.bad_images` (per process: each DataLoader worker counts its own). Faces that lie
     outside their image (less than a pixel inside) are left out, reported once per path and
-    counted per path in `self.faces_outside` (per process too).
+    counted per path in `self.faces_outside` (per process too). Listed images that do not
+    exist are left out when the dataset is built, with a count and the first path printed
+    (`self.missing_images`); `AnnotationError` when none of them exists.
     """
 
     def __init__(self, list_file, mode='train', input_size=None, seed=0, params=None, normalize=True):
@@ -258,6 +274,18 @@ class WIDERDetection(Dataset):
         self.faces_outside = {}
 
         paths, boxes = read_face_list(self.list_file)
+        exists = [os.path.isfile(p) for p in paths]
+        self.missing_images = exists.count(False)
+        if self.missing_images:
+            first = paths[exists.index(False)]
+            if self.missing_images == len(paths):
+                raise AnnotationError(self.list_file, 0, f'none of its {len(paths)} images exists '
+                                                         f'(first: {first}); were the images moved, or '
+                                                         f'the list written on another machine?')
+            _note(f'{self.list_file}: {self.missing_images} of {len(paths)} listed images do not '
+                  f'exist and are left out (first: {first})')
+            paths = [p for p, ok in zip(paths, exists) if ok]
+            boxes = [b for b, ok in zip(boxes, exists) if ok]
         bad_rows = 0
         for k, table in enumerate(boxes):
             ok = (table[:, 2] > table[:, 0]) & (table[:, 3] > table[:, 1])
@@ -377,7 +405,7 @@ class WIDERDetection(Dataset):
                 plan = fallback_plan(self.augment, boxes, width, height)
             out, out_boxes = self.augment.render(image, plan)
             return self._image_tensor(out), self._target(out_boxes, labels[plan.keep])
-        raise RuntimeError(f'{self.list_file}: no readable training image found in '
+        raise DatasetError(f'{self.list_file}: no readable training image found in '
                            f'{self.max_replacements} tries from sample {index}; last error: {last_error}')
 
     def _val_item(self, index):
@@ -390,4 +418,4 @@ class WIDERDetection(Dataset):
                 continue
             out, out_boxes = val_transform(image, boxes, self.input_size)
             return self._image_tensor(out), self._target(out_boxes, labels)
-        raise RuntimeError(f'{self.list_file}: no readable image found from sample {index} on')
+        raise DatasetError(f'{self.list_file}: no readable image found from sample {index} on')

@@ -94,9 +94,11 @@ def test_list_format_dropping_and_counts(tmp_path, capsys):
     assert lines == [f'{base}/0--Parade/a.jpg 2 10 20 30 40 1 50 60 7 8 1',
                      f'{base}/0--Parade/empty.jpg 0',
                      f'{base}/1--Handshaking/missing.jpg 1 1 2 3 4 1']
-    assert stats['train'] == dict(images=3, faces=3, dropped_size=1, dropped_invalid=0, missing=1)
+    assert stats['train'] == dict(images=3, faces=3, dropped_size=1, dropped_invalid=0, missing=1,
+                                  first_missing=f'{base}/1--Handshaking/missing.jpg', repeated=0)
     out = capsys.readouterr().out.splitlines()
-    assert len(out) == 2 and out[0].startswith('train: 3 images, 3 faces') and 'missing' in out[0]
+    assert len(out) == 2 and out[0].startswith('train: 3 images, 3 faces')
+    assert out[0].endswith(f'1 image files missing, first: {base}/1--Handshaking/missing.jpg)')
     stats = _run(root, tmp_path / 'out', '--drop_invalid')
     assert stats['val']['faces'] == 2 and stats['val']['dropped_invalid'] == 1
     assert (tmp_path / 'out' / 'face_val.txt').read_text().splitlines()[0].endswith(' 1 10 20 30 40 1')
@@ -109,6 +111,21 @@ def test_missing_split_is_skipped_and_both_missing_is_an_error(tmp_path, capsys)
     assert not (tmp_path / 'out' / 'face_train.txt').exists()
     with pytest.raises(SystemExit, match='no WIDER FACE annotation file found'):
         _run(tmp_path / 'nothing_here', tmp_path / 'out')
+
+
+def test_repeated_images_empty_files_and_bad_out_dir_are_reported(tmp_path, capsys):
+    root = _dataset(str(tmp_path / 'wider'), splits=('val',), text=ANNOTATIONS + ANNOTATIONS[:ANNOTATIONS.index('0--Parade/empty')])
+    stats = _run(root, tmp_path / 'out')
+    assert stats['val']['repeated'] == 1 and stats['val']['images'] == 4
+    assert '; 1 images listed more than once)' in capsys.readouterr().out
+    ann = os.path.join(root, 'wider_face_split', 'wider_face_val_bbx_gt.txt')
+    with open(ann, 'w') as handle:
+        handle.write('\n')
+    with pytest.raises(SystemExit, match=f'error: {ann}: no image in the file'):
+        _run(root, tmp_path / 'out')
+    (tmp_path / 'a_file').write_text('')
+    with pytest.raises(SystemExit, match='error: --out_dir .*a_file: cannot create the directory'):
+        _run(root, tmp_path / 'a_file')
 
 
 def test_malformed_annotation_names_file_and_line_and_keeps_old_output(tmp_path):

@@ -10,7 +10,7 @@ from PIL import Image
 
 from data.config import cfg
 from data.factory import EpochBatchSampler, dataset_factory, detection_collate, make_loader
-from data.widerface import (AnnotationError, WIDERDetection, read_face_list,
+from data.widerface import (AnnotationError, DatasetError, WIDERDetection, read_face_list,
                             read_wider_annotations)
 from utils.augmentations import subtract_mean
 
@@ -86,6 +86,7 @@ def test_count_zero_images_and_attributes(tmp_path):
     ('a/one.jpg\n3\n1 2 3 4 0 0 0 0 0 0\n', 4, 'truncated'),
     ('a/one.jpg\n', 2, 'face count'),
     (b'a/one.jpg\n1\n1 2 3 4 0 0 0 0 0 0\nb/caf\xe9.jpg\n0\n', 4, 'not UTF-8'),
+    (GOOD.replace('5 6 7 8 2 1 0 1 0 0', '5 nan 7 8 2 1 0 1 0 0'), 4, 'non-finite'),
 ])
 def test_bad_annotation_files_name_file_and_line(tmp_path, text, line, words):
     if isinstance(text, bytes):
@@ -96,6 +97,14 @@ def test_bad_annotation_files_name_file_and_line(tmp_path, text, line, words):
     with pytest.raises(AnnotationError, match=words) as info:
         read_wider_annotations(path)
     assert str(info.value).startswith(f'{path}:{line}: ')
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_name(tmp_path):
+    # Notepad and PowerShell's Out-File write one; it used to lose the first image silently.
+    (tmp_path / 'gt.txt').write_bytes(b'\xef\xbb\xbf' + GOOD.encode())
+    assert read_wider_annotations(str(tmp_path / 'gt.txt'))[0].name == 'a/one.jpg'
+    (tmp_path / 'l.txt').write_bytes(b'\xef\xbb\xbf/data/x.jpg 1 1 2 3 4 1\n')
+    assert read_face_list(str(tmp_path / 'l.txt'))[0] == ['/data/x.jpg']
 
 
 # -- list files ---------------------------------------------------------------------------
@@ -122,6 +131,7 @@ def test_list_file_parsing_with_spaces_comments_and_blank_lines(tmp_path):
     ('/a.jpg 1 1 2 3 4 2\n', 1, 'face 1 has label 2'),
     ('/a.jpg 1 1 2 3 4 1.5\n', 1, 'label 1.5'),
     (b'/a.jpg 1 1 2 3 4 1\n/caf\xe9.jpg 1 1 2 3 4 1\n', 2, 'not UTF-8 text .byte 0xe9'),
+    ('/a.jpg 1 1 2 3 4 1\n/b.jpg 1 1 2 inf 4 1\n', 2, 'non-finite'),
 ])
 def test_malformed_list_line_names_file_and_line(tmp_path, text, line, words):
     if isinstance(text, bytes):
@@ -220,14 +230,21 @@ def test_fallback_after_failed_redraws_is_deterministic_and_keeps_a_face(tmp_pat
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
 
 
-def test_unreadable_images_are_skipped_counted_and_warned_once(small_list, tmp_path):
+def test_unreadable_images_are_skipped_counted_and_warned_once(small_list, tmp_path, capsys):
     bad = str(tmp_path / 'corrupt.jpg')
     with open(bad, 'wb') as handle:
         handle.write(b'not a jpeg at all')
-    missing = str(tmp_path / 'missing.jpg')
+    missing = _image(tmp_path / 'missing.jpg', 64, 48)  # deleted once the dataset is built
+    never = str(tmp_path / 'never_there.jpg')
     with open(small_list, 'a') as handle:
-        handle.write(_line(bad, [(1, 1, 20, 20)]) + '\n' + _line(missing, [(1, 1, 20, 20)]) + '\n')
+        handle.write(_line(bad, [(1, 1, 20, 20)]) + '\n' + _line(missing, [(1, 1, 20, 20)]) + '\n'
+                     + _line(never, [(1, 1, 20, 20)]) + '\n')
     ds = WIDERDetection(small_list, 'train', input_size=SIZE)
+    # A listed image that does not exist is left out up front, counted and named.
+    assert ds.missing_images == 1 and never not in ds.paths
+    assert f'1 of 7 listed images do not exist and are left out (first: {never})' in capsys.readouterr().err
+    val = WIDERDetection(small_list, 'val', input_size=SIZE)
+    os.remove(missing)
     bad_index, missing_index = len(ds) - 2, len(ds) - 1
     with pytest.warns(RuntimeWarning, match='corrupt.jpg'):
         item = ds[(0, bad_index)]
@@ -239,7 +256,6 @@ def test_unreadable_images_are_skipped_counted_and_warned_once(small_list, tmp_p
     with pytest.warns(RuntimeWarning, match='missing.jpg'):
         ds[(1, missing_index)]
     assert set(ds.bad_images) == {bad, missing}
-    val = WIDERDetection(small_list, 'val', input_size=SIZE)
     with pytest.warns(RuntimeWarning) as record:
         _check_item(val[bad_index + 1], SIZE)  # val keeps the faceless image: one index later
     assert {bad, missing} <= {path for path in val.bad_images}
@@ -247,9 +263,14 @@ def test_unreadable_images_are_skipped_counted_and_warned_once(small_list, tmp_p
 
 
 def test_all_images_unreadable_is_a_clear_error_not_a_hang(tmp_path):
-    list_file = _write(tmp_path / 'l.txt', _line(str(tmp_path / 'gone.jpg'), [(1, 1, 9, 9)]) + '\n')
+    gone = str(tmp_path / 'gone.jpg')
+    list_file = _write(tmp_path / 'l.txt', (_line(gone, [(1, 1, 9, 9)]) + '\n') * 2)
+    with pytest.raises(AnnotationError, match=f'l.txt: none of its 2 images exists \\(first: {gone}\\)'):
+        WIDERDetection(list_file, 'val', input_size=SIZE)
+    with open(gone, 'wb') as handle:
+        handle.write(b'corrupt')
     ds = WIDERDetection(list_file, 'train', input_size=SIZE)
-    with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match='no readable training image'):
+    with pytest.warns(RuntimeWarning), pytest.raises(DatasetError, match='no readable training image'):
         ds[0]
 
 
