@@ -22,8 +22,10 @@ import torch.distributed as dist
 
 from data.config import cfg
 from data.factory import EpochBatchSampler, dataset_factory, make_loader
+from data.widerface import DatasetError
 from layers.modules.multibox_loss import MultiBoxLoss
 from s3fd import build_s3fd, init_weights_from_scratch, init_weights_xavier
+from tools._common import at_least
 from utils import device as devices
 from utils.augmentations import subtract_mean
 from utils.checkpoint import (CheckpointError, atomic_save, checkpoint_variant, extract_state_dict,
@@ -39,17 +41,6 @@ TUNABLE_OPTIONS = ('lr', 'momentum', 'weight_decay', 'gamma', 'input_size', 'epo
                    'amp', 'amp_dtype', 'train_file', 'val_file')
 
 
-def _at_least(minimum):
-    """argparse type: an int >= minimum, else a one-line usage error."""
-    def parse(text):
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f'must be at least {minimum}, got {value}')
-        return value
-    parse.__name__ = 'int'
-    return parse
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='S3FD face detector training',
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -57,17 +48,18 @@ def parse_args(argv=None):
     parser.add_argument('--basenet', default='vgg16_reducedfc.pth',
                         help="pretrained VGG16 trunk, a file in --save_folder (or a path); "
                              "'none' trains from scratch")
-    parser.add_argument('--batch_size', default=16, type=_at_least(1), help='images per batch and per process')
+    parser.add_argument('--batch_size', default=16, type=at_least(1), help='images per batch and per process')
     parser.add_argument('--resume', default=None, type=str,
                         help='checkpoint to continue from (sfd_face_checkpoint.pth for an exact resume)')
-    parser.add_argument('--num_workers', default=4, type=_at_least(0), help='data loading processes')
+    parser.add_argument('--num_workers', default=4, type=at_least(0), help='data loading processes')
     parser.add_argument('--device', default='gpu', choices=['gpu', 'npu', 'cpu'], help='where to train')
     parser.add_argument('--device_id', default=0, type=int,
                         help='GPU/NPU index (under torchrun the local rank is used)')
-    parser.add_argument('--lr', '--learning-rate', default=1e-3, type=float, help='initial learning rate')
-    parser.add_argument('--momentum', default=0.9, type=float, help='SGD momentum')
-    parser.add_argument('--weight_decay', default=5e-4, type=float, help='SGD weight decay')
-    parser.add_argument('--gamma', default=0.1, type=float,
+    parser.add_argument('--lr', '--learning-rate', default=1e-3, type=at_least(0.0, float),
+                        help='initial learning rate')
+    parser.add_argument('--momentum', default=0.9, type=at_least(0.0, float), help='SGD momentum')
+    parser.add_argument('--weight_decay', default=5e-4, type=at_least(0.0, float), help='SGD weight decay')
+    parser.add_argument('--gamma', default=0.1, type=at_least(0.0, float),
                         help=f'LR factor at each of the iterations cfg.LR_STEPS={tuple(cfg.LR_STEPS)}')
     parser.add_argument('--save_folder', default='weights/', help='where checkpoints are written')
     parser.add_argument('--amp', default='auto', choices=['auto', 'apex', 'native', 'off'],
@@ -80,11 +72,11 @@ def parse_args(argv=None):
     parser.add_argument('--epochs', default=cfg.EPOCHES, type=int, help='epochs to train')
     parser.add_argument('--max_iter', default=cfg.MAX_STEPS, type=int,
                         help='stop after this many iterations in total, saving a checkpoint')
-    parser.add_argument('--input_size', default=cfg.INPUT_SIZE, type=_at_least(MIN_INPUT_SIDE),
+    parser.add_argument('--input_size', default=cfg.INPUT_SIZE, type=at_least(MIN_INPUT_SIDE),
                         help='training image side')
     parser.add_argument('--train_file', default=cfg.FACE.TRAIN_FILE, help='training list (prepare_wider_data.py)')
     parser.add_argument('--val_file', default=cfg.FACE.VAL_FILE, help='validation list')
-    parser.add_argument('--seed', default=0, type=int, help='seed of initialisation, order and augmentation')
+    parser.add_argument('--seed', default=0, type=at_least(0), help='seed of initialisation, order and augmentation')
     parser.add_argument('--channels_last', action=argparse.BooleanOptionalAction, default=None,
                         help='channels-last memory format (default: on with --device gpu, where it trains '
                              '1.4x faster in bf16; off elsewhere)')
@@ -217,15 +209,32 @@ def build_model(args):
              f'--dst {path}`, or train from scratch with --basenet none')
     log(f'Load base network {path}')
     try:
-        load_weights(net.vgg, extract_state_dict(load_file(path), path), path)
+        state = extract_state_dict(load_file(path), path)
     except CheckpointError as e:
         fail(str(e))
+    try:
+        load_weights(net.vgg, state, path)
+    except CheckpointError as e:
+        fail(str(e) + _basenet_hint(state))
     log('Initializing weights...')
     init_weights_xavier([net.extras, net.loc, net.conf])
     return net
 
 
+def _basenet_hint(state):
+    """What a file that is not a basenet probably is, as advice for --basenet's error."""
+    keys = set(state or ())
+    if any(k.startswith('features.') for k in keys):
+        return '. It looks like a torchvision VGG16: convert it with tools/make_basenet.py'
+    if any(k.startswith(('loc.', 'conf.')) for k in keys):
+        return '. It looks like a whole S3FD model: continue from it with --resume'
+    return ''
+
+
 def build_loaders(args, ctx, rank, world):
+    if args.val_file != cfg.FACE.VAL_FILE and not os.path.isfile(args.val_file):
+        fail(f'--val_file {args.val_file}: no such file (without --val_file, a missing '
+             f'{cfg.FACE.VAL_FILE} means training without validation)')
     try:
         train_set, val_set = dataset_factory(args.dataset, input_size=args.input_size, seed=args.seed,
                                              train_file=args.train_file, val_file=args.val_file,
@@ -331,6 +340,11 @@ def resume(path, model, optimizer, ctx, batches_per_epoch, args, world_size=1):
         optimizer.load_state_dict(ckpt['optimizer'])
     except (ValueError, KeyError) as e:
         fail(f'{path}: optimizer state does not fit this model ({e})')
+    for param, param_state in optimizer.state.items():
+        buffer = param_state.get('momentum_buffer') if isinstance(param_state, dict) else None
+        if isinstance(buffer, torch.Tensor) and buffer.shape != param.shape:
+            fail(f'{path}: optimizer state does not fit this model (a momentum buffer of shape '
+                 f'{tuple(buffer.shape)} for a parameter of shape {tuple(param.shape)})')
     ctx.load_state_dict(ckpt.get('amp', {}))
     rng = ckpt.get('rng', {})
     if 'torch' in rng:
@@ -600,7 +614,10 @@ def main(args):
         f'{train_loader.batch_sampler.batches_per_epoch} iterations per epoch')
     start = time.time()
     try:
-        Trainer(args, ctx, net, model, criterion, optimizer, train_loader, val_loader, state, writer).run()
+        try:
+            Trainer(args, ctx, net, model, criterion, optimizer, train_loader, val_loader, state, writer).run()
+        except DatasetError as e:  # raised in a loader worker, it arrives with the worker's traceback
+            fail(str(e).strip().splitlines()[-1].split('DatasetError: ', 1)[-1])
         log(f'Finished: iteration {state["iteration"]}, epoch {state["epoch"]}, '
             f'best validation loss {state["best_loss"]:.4f}, {time.time() - start:.1f}s; '
             f'weights in {args.save_folder}')  # before the process group goes: main process only

@@ -196,7 +196,7 @@ def test_basenet_given_as_source_gets_a_hint(basenet, tmp_path):
 def test_not_a_checkpoint(tmp_path):
     src = tmp_path / 'vgg16.pth'
     src.write_text('this is not a checkpoint\n')
-    with pytest.raises(CheckpointError, match='not a readable PyTorch checkpoint') as e:
+    with pytest.raises(CheckpointError, match=r'not a PyTorch checkpoint \(neither a zip archive nor a pickle\)') as e:
         make_basenet.main(make_basenet.parse_args(['--src', str(src), '--dst', str(tmp_path / 'x.pth')]))
     assert str(src) in str(e.value)
     assert not (tmp_path / 'x.pth').exists()

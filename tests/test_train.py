@@ -256,6 +256,49 @@ def test_bad_resume_checkpoints(lists, tmp_path, capsys):
     assert 'conf.0.weight' in err and 'extra.weight' in err
 
 
+def _train_error(lists, tmp_path, capsys, *extra):
+    with pytest.raises(SystemExit) as exc:
+        run_main(lists, tmp_path, *extra)
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and 'Traceback' not in err, err
+    last = err.splitlines()[-1]
+    assert last.startswith('train.py: error: '), err
+    return last
+
+
+def test_bad_inputs_are_one_line_before_or_instead_of_a_traceback(lists, tmp_path, capsys):
+    err = _train_error(lists, tmp_path, capsys, '--val_file', str(tmp_path / 'val_typo.txt'))
+    assert 'val_typo.txt: no such file' in err
+    assert 'is a directory' in _train_error(lists, tmp_path, capsys, '--resume', str(tmp_path))
+    # --basenet given a torchvision VGG16, or a whole S3FD model: say what to do instead.
+    torchvision_vgg = {'features.0.weight': torch.zeros(64, 3, 3, 3), 'classifier.0.weight': torch.zeros(1)}
+    atomic_save(torchvision_vgg, str(tmp_path / 'vgg16.pth'))
+    err = _train_error(lists, tmp_path, capsys, '--basenet', str(tmp_path / 'vgg16.pth'))
+    assert 'torchvision VGG16: convert it with tools/make_basenet.py' in err
+    atomic_save(build_s3fd('train').state_dict(), str(tmp_path / 'model.pth'))
+    err = _train_error(lists, tmp_path, capsys, '--basenet', str(tmp_path / 'model.pth'))
+    assert 'whole S3FD model: continue from it with --resume' in err
+    # Optimizer state whose buffers do not fit the parameters (a hand-edited file).
+    run_main(lists, tmp_path, '--max_iter', '1')
+    checkpoint = str(tmp_path / 'sfd_face_checkpoint.pth')
+    ckpt = load_file(checkpoint)
+    ckpt['optimizer']['state'][0]['momentum_buffer'] = torch.zeros(3, 3)
+    atomic_save(ckpt, checkpoint)
+    err = _train_error(lists, tmp_path, capsys, '--max_iter', '2', '--resume', checkpoint)
+    assert 'a momentum buffer of shape (3, 3) for a parameter of shape (64, 3, 3, 3)' in err
+
+
+@pytest.mark.parametrize('workers', ['0', '1'])
+def test_a_list_of_unreadable_images_is_one_line(tmp_path, capsys, workers):
+    corrupt = tmp_path / 'corrupt.jpg'
+    corrupt.write_bytes(b'not an image')
+    (tmp_path / 'l.txt').write_text(f'{corrupt} 1 1 1 9 9 1\n' * 4)
+    lists = (str(tmp_path / 'l.txt'), str(tmp_path / 'none.txt'))
+    with pytest.warns(RuntimeWarning) if workers == '0' else contextlib.nullcontext():
+        err = _train_error(lists, tmp_path, capsys, '--num_workers', workers, '--val_file', train.cfg.FACE.VAL_FILE)
+    assert err.startswith(f'train.py: error: {tmp_path / "l.txt"}: no readable training image found'), err
+
+
 def test_empty_train_list(lists, tmp_path, capsys):
     empty = tmp_path / 'empty.txt'
     empty.write_text('')
@@ -389,3 +432,23 @@ def test_resume_from_an_original_repository_checkpoint(lists, tmp_path, capsys):
     state = run_main(lists, tmp_path, '--epochs', '2', '--resume', str(tmp_path / 'old.pth'))
     assert 'holds weights only' in capsys.readouterr().out
     assert state['epoch'] == 2 and state['iteration'] == 8  # epoch 1 only: iterations 4..7
+
+
+def test_demo_runs_the_whole_pipeline_and_a_short_stop_is_explained(tmp_path, monkeypatch, capsys):
+    import utils.demo as demo
+
+    def small_demo(root):
+        monkeypatch.setattr(demo, 'DEMO_ROOT', str(root))
+        monkeypatch.setattr(demo, 'DEMO_WIDER', str(root / 'WIDER'))
+        monkeypatch.setattr(demo, 'DEMO_TRAIN_IMAGES', 6)
+        monkeypatch.setattr(demo, 'DEMO_VAL_IMAGES', 3)
+        monkeypatch.setattr(demo, 'DEMO_RECIPE', dict(demo.DEMO_RECIPE, input_size=64, batch_size=2, epochs=1))
+
+    small_demo(tmp_path / 'full')
+    train.main(train.parse_args(['--demo']))
+    out = capsys.readouterr().out
+    assert re.search(r'->> speed:\d+\.\d img/s', out) and 'Hard   Val AP:' in out
+    assert f'Demo: done. Best checkpoint: {tmp_path / "full" / "weights" / "sfd_face.pth"}' in out
+    small_demo(tmp_path / 'short')
+    train.main(train.parse_args(['--demo', '--max_iter', '1']))
+    assert 'Demo: training stopped before its first validation, so there is no' in capsys.readouterr().out

@@ -1,6 +1,7 @@
 """Small helpers shared by the scripts: the command-line error handling of wider_test.py,
 demo.py and the tools, and the layout checks of the weight tools (make_basenet,
 convert_official, export_onnx)."""
+import argparse
 import sys
 
 from utils.checkpoint import CheckpointError, describe_keys
@@ -10,6 +11,21 @@ from utils.fileio import OutputDirError
 
 class ToolError(RuntimeError):
     """A user-facing failure of a tool (missing optional package, failed verification)."""
+
+
+def at_least(minimum, kind=int):
+    """argparse type: a `kind` number >= minimum, else argparse's one-line usage error."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'expected {"an integer" if kind is int else "a number"}, '
+                                             f'got {text!r}') from None
+        if not value >= minimum:  # also refuses nan
+            raise argparse.ArgumentTypeError(f'must be at least {minimum}, got {text}')
+        return value
+    parse.__name__ = kind.__name__
+    return parse
 
 
 # Per GPU: dense tensor-core peaks in TFLOP/s (no sparsity) for bf16/fp16 and fp32 (TF32 where

@@ -26,8 +26,16 @@ def atomic_save(obj, path):
 
 def load_file(path, map_location='cpu'):
     """Read a checkpoint with weights_only=True; CheckpointError on any failure."""
+    if os.path.isdir(path):
+        raise CheckpointError(f'{path}: is a directory, not a checkpoint file')
     if not os.path.isfile(path):
         raise CheckpointError(f'{path}: no such file')
+    with open(path, 'rb') as handle:
+        magic = handle.read(4)
+    # torch.save writes a zip archive; files of torch < 1.6 are a pickle (protocol 2: 0x80 0x02).
+    if magic != b'PK\x03\x04' and not magic.startswith(b'\x80'):
+        what = 'an empty file' if not magic else 'neither a zip archive nor a pickle'
+        raise CheckpointError(f'{path}: not a PyTorch checkpoint ({what})')
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for foreign or corrupt files

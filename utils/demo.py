@@ -39,6 +39,10 @@ def finish_demo(args):
     import wider_test
 
     best = os.path.join(args.save_folder, 'sfd_face.pth')
+    if not os.path.isfile(best):
+        print(f'Demo: training stopped before its first validation, so there is no {best} to score',
+              flush=True)
+        return
     pred_dir = os.path.join(DEMO_ROOT, 'predictions')
     gt_dir = os.path.join(DEMO_WIDER, 'eval_tools', 'ground_truth')
     aps = wider_test.main(wider_test.parse_args([
