@@ -142,10 +142,14 @@ class StopRequest:
     def _handle(self, signum, frame):
         if os.getpid() != self._pid:
             return  # a DataLoader worker forked with this handler: the main process decides
-        if self.signal is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.signal = signal.Signals(signum).name
-        print(f'\n{self.signal} received: saving a checkpoint after this iteration', file=sys.stderr, flush=True)
+        name = signal.Signals(signum).name
+        if self.signal is not None:  # a second signal: stop now, without a traceback
+            print(f'\n{name} received again: stopping now without saving (the last saved checkpoint '
+                  f'is kept)', file=sys.stderr, flush=True)
+            raise SystemExit(128 + signum)
+        self.signal = name
+        print(f'\n{self.signal} received: saving a checkpoint after this iteration (or, during '
+              f'validation, before it)', file=sys.stderr, flush=True)
 
     def requested(self, device, sync_now):
         """Whether any process was asked to stop (checked together when `sync_now`)."""
@@ -430,8 +434,10 @@ class Trainer:
                 epoch = self.state['epoch']
                 if not self.train_one_epoch(epoch):
                     return  # stopped mid-epoch; the checkpoint is saved
-                if self.val_loader is not None:
-                    self.validate(epoch)
+                if self.val_loader is not None and self.validate(epoch) is None:
+                    self.save_checkpoint(f'{self.stop.signal or "stop requested"} during validation: '
+                                         f'epoch {epoch} is trained, a resume validates it first')
+                    return
                 self.state.update(epoch=epoch + 1, batch_in_epoch=0, loss_sum=0.0, loss_count=0)
                 self.save_checkpoint()
                 if self.stop.requested(self.ctx.device, sync_now=True):  # every process stops
@@ -508,9 +514,11 @@ class Trainer:
         state = self.state
         start, data_wait, iters = self.window
         elapsed = time.time() - start
-        # The mean over every process's batches, as validation reports it.
-        loss_sum, loss_count = devices.all_reduce_sum([state['loss_sum'], state['loss_count']], self.ctx.device)
+        # Means over every process's batches, as validation reports it (one collective).
+        loss_sum, loss_count, loss_c, loss_l = devices.all_reduce_sum(
+            [state['loss_sum'], state['loss_count'], float(loss_c), float(loss_l)], self.ctx.device)
         tloss = loss_sum / max(loss_count, 1)
+        loss_c, loss_l = loss_c / self.world, loss_l / self.world
         lr = self.optimizer.param_groups[0]['lr']
         log('Timer: %.4f' % ((elapsed - data_wait) / iters))
         log('epoch:' + repr(epoch) + ' || iter:' + repr(iteration) + ' || Loss:%.4f' % tloss)
@@ -529,21 +537,27 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self, epoch):
-        """Validation loss over the val list (sharded over processes), best-checkpoint saving."""
+        """Validation loss over the val list (sharded over processes), best-checkpoint saving.
+        Returns the mean loss per batch, or None when a stop signal cut it short (on any process)."""
         args, ctx, state = self.args, self.ctx, self.state
         self.eval_net.eval()
         start = time.time()
         total = torch.zeros((), device=ctx.device)  # summed on the device, read once after the loop
-        batches = 0
+        batches, cut_short = 0, False
         for images, targets in self.val_loader:
+            if self.stop is not None and self.stop.signal is not None:
+                cut_short = True  # no collective in this loop: the shards may differ by one batch
+                break
             images, targets = to_device(images, targets, ctx.device, args.channels_last)
             with ctx.autocast():
                 out = self.eval_net(images)
             loss_l, loss_c = self.criterion(out, targets)
             total += (loss_l + loss_c).detach()
             batches += 1
-        total, batches = devices.all_reduce_sum([float(total), batches], ctx.device)
+        total, batches, cut_short = devices.all_reduce_sum([float(total), batches, int(cut_short)], ctx.device)
         self.net.train()
+        if cut_short:
+            return None
         tloss = total / max(batches, 1)
         log('Timer: %.4f' % (time.time() - start))
         log('test epoch:' + repr(epoch) + ' || Loss:%.4f' % tloss)
@@ -627,7 +641,7 @@ def main(args):
         devices.cleanup_distributed()
     if args.demo:
         from utils.demo import finish_demo
-        finish_demo(args)
+        finish_demo(args, state)
     return state
 
 

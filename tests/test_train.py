@@ -101,6 +101,50 @@ def test_resume_is_exact_mid_epoch_and_at_epoch_end(lists, uninterrupted, tmp_pa
     assert a['state']['loss_sum'] == pytest.approx(b['state']['loss_sum'], rel=1e-6)
 
 
+def test_a_stop_during_validation_saves_the_trained_epoch_and_resumes_exactly(lists, uninterrupted, tmp_path,
+                                                                            monkeypatch, capsys):
+    _, full, _ = uninterrupted
+    real_to_device, calls = train.to_device, []
+
+    def signal_at_the_first_validation_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:  # 4 training batches, then validation
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_to_device(*args, **kwargs)
+
+    monkeypatch.setattr(train, 'to_device', signal_at_the_first_validation_batch)
+    run_main(lists, tmp_path, '--epochs', '2')
+    monkeypatch.setattr(train, 'to_device', real_to_device)
+    out = capsys.readouterr()
+    assert 'SIGINT during validation: epoch 0 is trained, a resume validates it first' in out.out
+    assert 'test epoch' not in out.out and not (tmp_path / 'sfd_face.pth').exists()
+    checkpoint = str(tmp_path / 'sfd_face_checkpoint.pth')
+    stopped = load_file(checkpoint)['state']
+    assert (stopped['epoch'], stopped['iteration'], stopped['batch_in_epoch']) == (0, 4, 4)
+    run_main(lists, tmp_path, '--epochs', '2', '--resume', checkpoint)
+    assert re.search(r'^test epoch:0 \|\| Loss:', capsys.readouterr().out, re.M)
+    a, b = load_file(str(full / 'sfd_face_checkpoint.pth')), load_file(checkpoint)
+    assert a['state']['iteration'] == b['state']['iteration'] == 8
+    for key, value in a['weight'].items():
+        assert torch.equal(value, b['weight'][key]), key
+    assert a['state']['best_loss'] == pytest.approx(b['state']['best_loss'], rel=1e-6)
+
+
+def test_a_second_signal_stops_at_once_without_a_traceback(capsys):
+    stop = train.StopRequest()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert stop.signal == 'SIGINT'
+        with pytest.raises(SystemExit) as exc:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+        assert exc.value.code == 128 + signal.SIGINT
+    finally:
+        stop.close()
+    assert 'SIGINT received again: stopping now without saving' in capsys.readouterr().err
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(lists, tmp_path):
     cmd = [sys.executable, '-u', 'train.py', *run_args(lists, tmp_path, '--epochs', '50')]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -451,4 +495,10 @@ def test_demo_runs_the_whole_pipeline_and_a_short_stop_is_explained(tmp_path, mo
     assert f'Demo: done. Best checkpoint: {tmp_path / "full" / "weights" / "sfd_face.pth"}' in out
     small_demo(tmp_path / 'short')
     train.main(train.parse_args(['--demo', '--max_iter', '1']))
-    assert 'Demo: training stopped before its first validation, so there is no' in capsys.readouterr().out
+    checkpoint = tmp_path / 'short' / 'weights' / 'sfd_face_checkpoint.pth'
+    assert (f'Demo: training stopped at iteration 1, in epoch 0 of 1; continue it with '
+            f'`python train.py --demo --resume {checkpoint}`') in capsys.readouterr().out
+    state = train.main(train.parse_args(['--demo', '--resume', str(checkpoint)]))
+    out = capsys.readouterr().out
+    assert 'Resuming training' in out and 'Demo: done.' in out
+    assert state['epoch'] == 1 and state['iteration'] > 1

@@ -29,20 +29,21 @@ def prepare_demo(args):
     args.train_file = os.path.join(DEMO_ROOT, 'face_train.txt')
     args.val_file = os.path.join(DEMO_ROOT, 'face_val.txt')
     args.save_folder = os.path.join(DEMO_ROOT, 'weights')
-    args.resume = None
     print(f'Demo: training from scratch on the CPU at {args.input_size}x{args.input_size}, '
           f'batch {args.batch_size}, {args.epochs} epochs', flush=True)
 
 
-def finish_demo(args):
-    """Score the best checkpoint on the synthetic val split and say where the weights are."""
+def finish_demo(args, state):
+    """Score the best checkpoint on the synthetic val split and say where the weights are;
+    only when training ran to its end (`state` is train.py's loop state)."""
     import wider_test
 
-    best = os.path.join(args.save_folder, 'sfd_face.pth')
-    if not os.path.isfile(best):
-        print(f'Demo: training stopped before its first validation, so there is no {best} to score',
-              flush=True)
+    if state['epoch'] < args.epochs:
+        checkpoint = os.path.join(args.save_folder, 'sfd_face_checkpoint.pth')
+        print(f'Demo: training stopped at iteration {state["iteration"]}, in epoch {state["epoch"]} of '
+              f'{args.epochs}; continue it with `python train.py --demo --resume {checkpoint}`', flush=True)
         return
+    best = os.path.join(args.save_folder, 'sfd_face.pth')
     pred_dir = os.path.join(DEMO_ROOT, 'predictions')
     gt_dir = os.path.join(DEMO_WIDER, 'eval_tools', 'ground_truth')
     aps = wider_test.main(wider_test.parse_args([
