@@ -21,11 +21,11 @@ import torch
 
 from data.config import cfg
 from s3fd import VARIANTS
-from tools._common import run_cli
+from tools._common import at_least, run_cli
 from utils.checkpoint import load_model
 from utils.fileio import atomic_write_bytes, make_output_dir
 from utils.image_io import ImageReadError, load_rgb
-from utils.inference import Detector, draw_detections, inference_device
+from utils.inference import MIN_INPUT_SIDE, Detector, draw_detections, inference_device
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
 
@@ -43,7 +43,7 @@ def parse_args(argv=None):
     parser.add_argument('--thresh', type=float, default=0.6, help='draw and count faces scoring >= this (0.6)')
     parser.add_argument('--mode', default='single', choices=('single', 'multiscale'),
                         help='single pass (default) or the S3FD multi-scale + flip test')
-    parser.add_argument('--max_size', type=int, default=None,
+    parser.add_argument('--max_size', type=at_least(MIN_INPUT_SIDE), default=None,
                         help='cap the longer input side at N px (default: H*W <= 1700*1200)')
     parser.add_argument('--device', default='gpu' if torch.cuda.is_available() else 'cpu',
                         choices=('cpu', 'gpu', 'npu'))

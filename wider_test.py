@@ -44,13 +44,14 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from data.config import cfg
-from data.widerface import AnnotationError, annotation_path, image_root, read_wider_annotations
+from data.widerface import AnnotationError, annotation_path, image_root, read_text_lines, read_wider_annotations
 from s3fd import VARIANTS
-from tools._common import run_cli
+from tools._common import at_least, run_cli
 from utils.checkpoint import load_model
 from utils.fileio import make_output_dir
 from utils.image_io import ImageReadError, load_rgb
-from utils.inference import Detector, inference_device, resize_rgb, single_scale, to_wider_rows
+from utils.inference import (MIN_INPUT_SIDE, Detector, inference_device, resize_rgb, single_scale,
+                             to_wider_rows)
 from utils.widerface_eval import (WiderEvalError, evaluate, list_split_images,
                                   load_ground_truth, write_prediction_file)
 
@@ -80,17 +81,18 @@ def parse_args(argv=None):
     parser.add_argument('--device_id', type=int, default=0)
     parser.add_argument('--amp', default='off', choices=('off', 'bf16', 'fp16'),
                         help='autocast the network in this precision (default off: float32)')
-    parser.add_argument('--batch_size', type=int, default=1,
+    parser.add_argument('--batch_size', type=at_least(1), default=1,
                         help='single mode: images of the same input size run together (default 1)')
-    parser.add_argument('--workers', type=int, default=2, help='image decoding processes (0: in the main one)')
-    parser.add_argument('--max_size', type=int, default=None,
+    parser.add_argument('--workers', type=at_least(0), default=2,
+                        help='image decoding processes (0: in the main one; default 2)')
+    parser.add_argument('--max_size', type=at_least(MIN_INPUT_SIDE), default=None,
                         help='cap the longer input side of every pass at N px (quick runs; default: '
                              'only the official H*W <= 1700*1200 rule)')
     parser.add_argument('--thresh', type=float, default=cfg.CONF_THRESH,
                         help=f'keep detections with score >= this (default {cfg.CONF_THRESH})')
     parser.add_argument('--variant', default=None, choices=VARIANTS,
                         help='network variant (default: from the checkpoint, else cfg.MODEL_VARIANT)')
-    parser.add_argument('--num_images', type=int, default=None,
+    parser.add_argument('--num_images', type=at_least(1), default=None,
                         help='only the first N images of the list (a quick subset)')
     parser.add_argument('--eval', metavar='GT_DIR', default=None,
                         help='then score the predictions against the official ground truth in GT_DIR')
@@ -110,8 +112,10 @@ def _list_from_annotations(path):
 
 
 def _list_from_filelist(path):
-    with open(path, 'r', encoding='utf-8') as f:
-        return [line.strip() for line in f if line.strip()]
+    try:
+        return [line.strip() for line in read_text_lines(path) if line.strip()]
+    except AnnotationError as exc:
+        raise WiderTestError(str(exc)) from None
 
 
 def _list_from_mat(path):
@@ -157,6 +161,24 @@ def image_list(dataset_dir, split):
         name = os.path.splitext(os.path.basename(rel))[0]
         items.append((event, name, os.path.join(images_dir, *rel.split('/'))))
     return items, path
+
+
+def prediction_path(out_dir, event, name):
+    """Where the prediction file of image `name` of `event` goes (the official layout)."""
+    return os.path.join(out_dir, event, name + '.txt')
+
+
+def remove_predictions(out_dir, items):
+    """Delete the prediction files of `items` already in `out_dir` (an earlier or interrupted
+    run); returns how many. Only the files this split's images would get are touched, so
+    that a folder never mixes two runs' predictions and nothing else in it is deleted."""
+    removed = 0
+    for event, name, _ in items:
+        path = prediction_path(out_dir, event, name)
+        if os.path.isfile(path):
+            os.remove(path)
+            removed += 1
+    return removed
 
 
 # ----------------------------------------------------------------------------- loading
@@ -207,7 +229,7 @@ def run(detector, items, args):
 
     def write(index, dets, hw):
         event, name, path = items[index]
-        write_prediction_file(os.path.join(args.out, event, name + '.txt'), os.path.basename(path),
+        write_prediction_file(prediction_path(args.out, event, name), os.path.basename(path),
                               to_wider_rows(dets, *hw))
         bar.update(1)
 
@@ -219,10 +241,6 @@ def run(detector, items, args):
 
     for index, rgb, hw, error in loader:
         if error is not None:
-            event, name, _ = items[index]
-            stale = os.path.join(args.out, event, name + '.txt')
-            if os.path.exists(stale):
-                os.remove(stale)
             skipped.append(error)
             bar.write(f'skipped: {error}', file=sys.stderr)
             bar.update(1)
@@ -248,17 +266,16 @@ def main(args):
     Raises WiderTestError, CheckpointError, DeviceUnavailable or WiderEvalError (one-line
     messages) for bad input.
     """
-    if args.batch_size < 1:
-        raise WiderTestError(f'--batch_size must be at least 1, not {args.batch_size}')
-    if args.max_size is not None and args.max_size < 1:
-        raise WiderTestError(f'--max_size must be a positive number of pixels, not {args.max_size}')
     items, source = image_list(args.dataset_dir, args.split)
+    split_items = items
     if args.num_images is not None:
-        items = items[:max(0, args.num_images)]
-        if not items:
-            raise WiderTestError('--num_images selects no image')
+        items = items[:args.num_images]
     gt = load_ground_truth(args.eval) if args.eval else None   # fail before the long run
     make_output_dir(args.out, '--out')
+    removed = remove_predictions(args.out, split_items)
+    if removed:
+        print(f'wider_test: removed {removed} prediction files of an earlier run from {args.out}, so that '
+              f'it holds this run\'s only', flush=True)
     ctx = inference_device(args.device, args.device_id, args.amp)
     net = load_model(args.model, 'test', ctx.device, args.variant)
     detector = Detector(net, ctx.device, thresh=args.thresh, max_size=args.max_size, autocast=ctx.autocast)

@@ -90,6 +90,9 @@ def test_bad_input_is_a_one_line_error(model, images, tmp_path, capsys):
     a_file.write_text('')
     assert 'a file is in the way' in cli_error(capsys, '--model', model, images, '--out', a_file,
                                                '--device', 'cpu')
+    with pytest.raises(SystemExit):
+        demo.parse_args([str(images), '--max_size', '-5'])
+    assert 'argument --max_size: must be at least 32, got -5' in capsys.readouterr().err
 
 
 class _FixedScores(torch.nn.Module):

@@ -553,6 +553,10 @@ def test_ground_truth_dir_missing_a_mat_file_is_named(tmp_path):
         f.write(b'not a mat file')
     with pytest.raises(WiderEvalError, match=r'wider_hard_val.mat: cannot read it as a MATLAB file'):
         load_ground_truth(d)
+    with pytest.raises(WiderEvalError, match=r'wider_face_val.mat is a file: give the directory that holds it'):
+        load_ground_truth(os.path.join(d, 'wider_face_val.mat'))
+    with pytest.raises(WiderEvalError, match='is a file, not a directory'):
+        read_predictions(os.path.join(d, 'wider_face_val.mat'), None)
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -171,6 +171,28 @@ def test_unreadable_image_is_skipped_reported_and_counted_as_missed(wider, rando
     assert set(aps) == {'easy', 'medium', 'hard'}
 
 
+def test_a_prediction_folder_never_mixes_two_runs(wider, random_model, tmp_path, capsys):
+    out = tmp_path / 'pred'
+    run(random_model, wider, out)
+    names = [r.name for r in annotations(wider)]
+    unrelated = out / 'notes.txt'
+    unrelated.write_text('mine')
+    capsys.readouterr()
+    run(random_model, wider, out, '--num_images', '2')
+    assert f'removed {len(names)} prediction files of an earlier run from {out}' in capsys.readouterr().out
+    left = sorted(str(p.relative_to(out)) for p in out.rglob('*.txt') if p != unrelated)
+    assert left == sorted(name[:-4] + '.txt' for name in names[:2])
+    assert unrelated.read_text() == 'mine'   # only this split's prediction files are touched
+
+
+@pytest.mark.parametrize('option, value', [('--workers', '-1'), ('--batch_size', '0'), ('--max_size', '0'),
+                                           ('--num_images', '0')])
+def test_out_of_range_numbers_are_usage_errors(option, value, capsys):
+    with pytest.raises(SystemExit) as exc:
+        wider_test.parse_args([option, value])
+    assert exc.value.code == 2 and f'argument {option}: must be at least' in capsys.readouterr().err
+
+
 def test_image_list_falls_back_to_the_mat_file(wider, random_model, tmp_path):
     copy = tmp_path / 'WIDER'
     shutil.copytree(wider, copy)

@@ -239,6 +239,9 @@ def load_ground_truth(gt_dir):
     Returns:
         GroundTruth. Raises WiderEvalError naming the missing or malformed file.
     """
+    if os.path.isfile(gt_dir):
+        raise WiderEvalError(f'{gt_dir} is a file: give the directory that holds it and the other '
+                             f'ground-truth files ({os.path.dirname(gt_dir) or "."})')
     if not os.path.isdir(gt_dir):
         raise WiderEvalError(f'ground-truth directory {gt_dir} does not exist')
     needed = [FACE_MAT] + [SETTING_MATS[s] for s in SETTINGS]
@@ -418,7 +421,8 @@ def read_predictions(pred_dir, gt, warn=None):
         A partial match is scored and reported through ``warn`` with the counts.
     """
     if not os.path.isdir(pred_dir):
-        raise WiderEvalError(f'prediction directory {pred_dir} does not exist')
+        what = 'is a file, not a directory' if os.path.isfile(pred_dir) else 'does not exist'
+        raise WiderEvalError(f'prediction directory {pred_dir} {what}')
     present, n_files = {}, 0
     try:
         with os.scandir(pred_dir) as it:
