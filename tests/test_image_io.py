@@ -93,6 +93,8 @@ def test_unreadable_files_raise_one_line_error_naming_the_file(tmp_path, kind):
     assert err.path == str(path)
     copy = pickle.loads(pickle.dumps(err))  # crosses DataLoader worker boundaries intact
     assert str(copy) == str(err)
+    if kind == 'garbage':  # no Python object address in the message
+        assert str(err).endswith('not a decodable image (neither OpenCV nor Pillow knows its format)')
 
 
 @pytest.mark.parametrize('decoder', ['opencv', 'pillow'])

@@ -54,6 +54,8 @@ def _decode_pillow(data, exif_orientation):
             if exif_orientation:
                 im = ImageOps.exif_transpose(im)
             rgb = np.asarray(im.convert('RGB'))
+    except Image.UnidentifiedImageError:
+        return None, 'not a decodable image (neither OpenCV nor Pillow knows its format)'
     except Exception as exc:  # Pillow raises many types for corrupt data
         return None, f'not a decodable image ({type(exc).__name__}: {exc})'.replace('\n', ' ')
     return np.ascontiguousarray(rgb, dtype=np.uint8), ''
