@@ -148,8 +148,8 @@ class StopRequest:
                   f'is kept)', file=sys.stderr, flush=True)
             raise SystemExit(128 + signum)
         self.signal = name
-        print(f'\n{self.signal} received: saving a checkpoint after this iteration (or, during '
-              f'validation, before it)', file=sys.stderr, flush=True)
+        print(f'\n{self.signal} received: saving a checkpoint after this iteration (during validation: '
+              f'at once)', file=sys.stderr, flush=True)
 
     def requested(self, device, sync_now):
         """Whether any process was asked to stop (checked together when `sync_now`)."""
@@ -227,7 +227,7 @@ def build_model(args):
 
 def _basenet_hint(state):
     """What a file that is not a basenet probably is, as advice for --basenet's error."""
-    keys = set(state or ())
+    keys = set(state)
     if any(k.startswith('features.') for k in keys):
         return '. It looks like a torchvision VGG16: convert it with tools/make_basenet.py'
     if any(k.startswith(('loc.', 'conf.')) for k in keys):
