@@ -272,16 +272,17 @@ def main(args):
         items = items[:args.num_images]
     gt = load_ground_truth(args.eval) if args.eval else None   # fail before the long run
     make_output_dir(args.out, '--out')
-    removed = remove_predictions(args.out, split_items)
-    if removed:
-        print(f'wider_test: removed {removed} prediction files of an earlier run from {args.out}, so that '
-              f'it holds this run\'s only', flush=True)
     ctx = inference_device(args.device, args.device_id, args.amp)
     net = load_model(args.model, 'test', ctx.device, args.variant)
     detector = Detector(net, ctx.device, thresh=args.thresh, max_size=args.max_size, autocast=ctx.autocast)
     print(f'wider_test: {len(items)} {args.split} images from {source}; model {args.model}; '
           f'{ctx.describe()}; mode {args.mode}'
           + (f'; longer side capped at {args.max_size}' if args.max_size else ''), flush=True)
+    # Only now that the model has loaded: a mistyped --model must not cost the old predictions.
+    removed = remove_predictions(args.out, split_items)
+    if removed:
+        print(f'wider_test: removed {removed} prediction files of an earlier run from {args.out}, so that '
+              f'it holds this run\'s only', flush=True)
     start = time.perf_counter()
     skipped = run(detector, items, args)
     elapsed = time.perf_counter() - start

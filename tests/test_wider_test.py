@@ -15,6 +15,7 @@ from data.synthetic import generate
 from data.widerface import read_wider_annotations
 from layers.modules.multibox_loss import MultiBoxLoss
 from s3fd import build_s3fd, init_weights_from_scratch
+from utils.checkpoint import CheckpointError
 from utils.image_io import load_rgb
 from utils.inference import images_to_input, resize_rgb, single_scale
 from utils.widerface_eval import read_prediction_file, read_predictions, load_ground_truth
@@ -178,6 +179,9 @@ def test_a_prediction_folder_never_mixes_two_runs(wider, random_model, tmp_path,
     unrelated = out / 'notes.txt'
     unrelated.write_text('mine')
     capsys.readouterr()
+    with pytest.raises(CheckpointError):   # a mistyped --model leaves the old predictions alone
+        run(str(tmp_path / 'typo.pth'), wider, out, '--num_images', '2')
+    assert len(list(out.rglob('*.txt'))) == len(names) + 1
     run(random_model, wider, out, '--num_images', '2')
     assert f'removed {len(names)} prediction files of an earlier run from {out}' in capsys.readouterr().out
     left = sorted(str(p.relative_to(out)) for p in out.rglob('*.txt') if p != unrelated)
