@@ -365,9 +365,10 @@ def resume(path, model, optimizer, ctx, batches_per_epoch, args, world_size=1):
 
 def new_state(epoch=0, iteration=0):
     """The training loop's position. 'epoch' is the current epoch, 'batch_in_epoch' the batches
-    of it already done, 'loss_sum'/'loss_count' the running epoch loss of the log line."""
+    of it already done, 'loss_sum'/'loss_count' the running epoch loss of the log line,
+    'unvalidated_epoch' an epoch trained whose validation was cut short by a stop (else None)."""
     return {'epoch': epoch, 'iteration': iteration, 'batch_in_epoch': 0, 'best_loss': math.inf,
-            'loss_sum': 0.0, 'loss_count': 0, 'nonfinite_in_a_row': 0}
+            'loss_sum': 0.0, 'loss_count': 0, 'nonfinite_in_a_row': 0, 'unvalidated_epoch': None}
 
 
 # -- the loop ------------------------------------------------------------------------------------
@@ -430,21 +431,33 @@ class Trainer:
         self.stop = StopRequest()
         self.net.train()
         try:
+            pending = self.state['unvalidated_epoch']  # a stop came during its validation
+            if pending is not None and not self.finish_epoch(pending):
+                return
             while self.state['epoch'] < self.args.epochs and self.state['iteration'] < self.total_iters:
                 epoch = self.state['epoch']
                 if not self.train_one_epoch(epoch):
                     return  # stopped mid-epoch; the checkpoint is saved
-                if self.val_loader is not None and self.validate(epoch) is None:
-                    self.save_checkpoint(f'{self.stop.signal or "stop requested"} during validation: '
-                                         f'epoch {epoch} is trained, a resume validates it first')
-                    return
-                self.state.update(epoch=epoch + 1, batch_in_epoch=0, loss_sum=0.0, loss_count=0)
-                self.save_checkpoint()
-                if self.stop.requested(self.ctx.device, sync_now=True):  # every process stops
-                    log(f'{self.stop.signal or "stop requested"}: checkpoint saved to {self.checkpoint_path}')
+                self.state.update(epoch=epoch + 1, batch_in_epoch=0, loss_sum=0.0, loss_count=0,
+                                  unvalidated_epoch=epoch)
+                if not self.finish_epoch(epoch):
                     return
         finally:
             self.stop.close()
+
+    def finish_epoch(self, epoch):
+        """Validate the trained `epoch` and save the epoch-end checkpoint; False when the run stops
+        (a stop during validation saves the checkpoint at once, marked for a resume to validate)."""
+        if self.val_loader is not None and self.validate(epoch) is None:
+            self.save_checkpoint(f'{self.stop.signal or "stop requested"} during validation: '
+                                 f'epoch {epoch} is trained, a resume validates it first')
+            return False
+        self.state['unvalidated_epoch'] = None
+        self.save_checkpoint()
+        if self.stop.requested(self.ctx.device, sync_now=True):  # every process stops
+            log(f'{self.stop.signal or "stop requested"}: checkpoint saved to {self.checkpoint_path}')
+            return False
+        return True
 
     def save_checkpoint(self, reason=None):
         bad = nonfinite_parameters(self.model)  # the same on every process

@@ -101,26 +101,32 @@ def test_resume_is_exact_mid_epoch_and_at_epoch_end(lists, uninterrupted, tmp_pa
     assert a['state']['loss_sum'] == pytest.approx(b['state']['loss_sum'], rel=1e-6)
 
 
-def test_a_stop_during_validation_saves_the_trained_epoch_and_resumes_exactly(lists, uninterrupted, tmp_path,
-                                                                            monkeypatch, capsys):
-    _, full, _ = uninterrupted
+def _stop_at_the_first_validation_batch(monkeypatch, lists, folder, *extra):
+    """Train with SIGINT sent while the first validation batch is loaded; returns the checkpoint."""
     real_to_device, calls = train.to_device, []
 
-    def signal_at_the_first_validation_batch(*args, **kwargs):
+    def to_device(*args, **kwargs):
         calls.append(1)
         if len(calls) == 5:  # 4 training batches, then validation
             os.kill(os.getpid(), signal.SIGINT)
         return real_to_device(*args, **kwargs)
 
-    monkeypatch.setattr(train, 'to_device', signal_at_the_first_validation_batch)
-    run_main(lists, tmp_path, '--epochs', '2')
+    monkeypatch.setattr(train, 'to_device', to_device)
+    run_main(lists, folder, *extra)
     monkeypatch.setattr(train, 'to_device', real_to_device)
+    return str(folder / 'sfd_face_checkpoint.pth')
+
+
+def test_a_stop_during_validation_saves_the_trained_epoch_and_resumes_exactly(lists, uninterrupted, tmp_path,
+                                                                            monkeypatch, capsys):
+    _, full, _ = uninterrupted
+    checkpoint = _stop_at_the_first_validation_batch(monkeypatch, lists, tmp_path, '--epochs', '2')
     out = capsys.readouterr()
     assert 'SIGINT during validation: epoch 0 is trained, a resume validates it first' in out.out
     assert 'test epoch' not in out.out and not (tmp_path / 'sfd_face.pth').exists()
-    checkpoint = str(tmp_path / 'sfd_face_checkpoint.pth')
     stopped = load_file(checkpoint)['state']
-    assert (stopped['epoch'], stopped['iteration'], stopped['batch_in_epoch']) == (0, 4, 4)
+    assert (stopped['epoch'], stopped['iteration'], stopped['batch_in_epoch'], stopped['unvalidated_epoch']) \
+        == (1, 4, 0, 0)
     run_main(lists, tmp_path, '--epochs', '2', '--resume', checkpoint)
     assert re.search(r'^test epoch:0 \|\| Loss:', capsys.readouterr().out, re.M)
     a, b = load_file(str(full / 'sfd_face_checkpoint.pth')), load_file(checkpoint)
@@ -128,6 +134,17 @@ def test_a_stop_during_validation_saves_the_trained_epoch_and_resumes_exactly(li
     for key, value in a['weight'].items():
         assert torch.equal(value, b['weight'][key]), key
     assert a['state']['best_loss'] == pytest.approx(b['state']['best_loss'], rel=1e-6)
+
+
+def test_a_stop_during_the_last_validation_is_finished_by_a_resume(lists, tmp_path, monkeypatch, capsys):
+    checkpoint = _stop_at_the_first_validation_batch(monkeypatch, lists, tmp_path, '--epochs', '1')
+    capsys.readouterr()
+    # The epoch is trained: a resume may change the batch size, and it validates before finishing.
+    state = run_main(lists, tmp_path, '--epochs', '1', '--batch_size', '4', '--resume', checkpoint)
+    out = capsys.readouterr().out
+    assert re.search(r'^test epoch:0 \|\| Loss:', out, re.M) and 'Saving best state,epoch 0' in out
+    assert (tmp_path / 'sfd_face.pth').exists() and state['unvalidated_epoch'] is None
+    assert load_file(checkpoint)['state']['unvalidated_epoch'] is None
 
 
 def test_a_second_signal_stops_at_once_without_a_traceback(capsys):

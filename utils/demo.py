@@ -38,7 +38,7 @@ def finish_demo(args, state):
     only when training ran to its end (`state` is train.py's loop state)."""
     import wider_test
 
-    if state['epoch'] < args.epochs:
+    if state['epoch'] < args.epochs or state['unvalidated_epoch'] is not None:
         checkpoint = os.path.join(args.save_folder, 'sfd_face_checkpoint.pth')
         print(f'Demo: training stopped at iteration {state["iteration"]}, in epoch {state["epoch"]} of '
               f'{args.epochs}; continue it with `python train.py --demo --resume {checkpoint}`', flush=True)
