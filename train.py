@@ -76,7 +76,7 @@ def parse_args(argv=None):
                         help='training image side')
     parser.add_argument('--train_file', default=cfg.FACE.TRAIN_FILE, help='training list (prepare_wider_data.py)')
     parser.add_argument('--val_file', default=cfg.FACE.VAL_FILE, help='validation list')
-    parser.add_argument('--seed', default=0, type=at_least(0), help='seed of initialisation, order and augmentation')
+    parser.add_argument('--seed', default=0, type=at_least(0, maximum=2**32 - 1), help='seed of initialisation, order and augmentation')
     parser.add_argument('--channels_last', action=argparse.BooleanOptionalAction, default=None,
                         help='channels-last memory format (default: on with --device gpu, where it trains '
                              '1.4x faster in bf16; off elsewhere)')

@@ -72,7 +72,8 @@ def parse_args(argv=None):
                              f'(default cfg.FACE.WIDER_DIR = {cfg.FACE.WIDER_DIR})')
     parser.add_argument('--split', default='val', choices=SPLITS)
     parser.add_argument('--out', default=None,
-                        help='prediction directory (default eval_output/s3fd_<split>_<mode>)')
+                        help='prediction directory (default eval_output/s3fd_<split>_<mode>, with '
+                             '_first<N> added under --num_images N)')
     parser.add_argument('--mode', default='single', choices=('single', 'multiscale'),
                         help='single: one pass (1700x1200 budget); multiscale: the S3FD test with flip, '
                              'shrunk/enlarged passes and box voting')
@@ -97,8 +98,9 @@ def parse_args(argv=None):
     parser.add_argument('--eval', metavar='GT_DIR', default=None,
                         help='then score the predictions against the official ground truth in GT_DIR')
     args = parser.parse_args(argv)
-    if args.out is None:
-        args.out = os.path.join('eval_output', f's3fd_{args.split}_{args.mode}')
+    if args.out is None:  # a quick subset run never replaces a whole split's predictions
+        subset = f'_first{args.num_images}' if args.num_images else ''
+        args.out = os.path.join('eval_output', f's3fd_{args.split}_{args.mode}{subset}')
     return args
 
 

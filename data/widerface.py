@@ -88,8 +88,10 @@ def read_text_lines(path):
         raise
     except OSError as exc:
         raise AnnotationError(path, 0, f'cannot read the file ({exc.strerror or exc})') from None
+    if data.startswith(b'\xef\xbb\xbf'):
+        data = data[3:]
     try:
-        return data.decode('utf-8-sig').splitlines()
+        return data.decode('utf-8').splitlines()
     except UnicodeDecodeError as exc:
         line = data.count(b'\n', 0, exc.start) + 1
         raise AnnotationError(path, line, f'not UTF-8 text (byte 0x{data[exc.start]:02x})') from None
@@ -252,7 +254,7 @@ class WIDERDetection(Dataset):
     `self.bad_images` (per process: each DataLoader worker counts its own). Faces that lie
     outside their image (less than a pixel inside) are left out, reported once per path and
     counted per path in `self.faces_outside` (per process too). Listed images that do not
-    exist are left out when the dataset is built, with a count and the first path printed
+    exist are counted when the dataset is built, with the first path printed
     (`self.missing_images`); `AnnotationError` when none of them exists.
     """
 
@@ -274,6 +276,9 @@ class WIDERDetection(Dataset):
         self.faces_outside = {}
 
         paths, boxes = read_face_list(self.list_file)
+        # Reported now rather than an epoch later. They stay in the dataset (and are replaced
+        # when drawn): its length must not depend on what one machine's disk holds, since every
+        # process of a distributed run builds its own copy and they must agree on the batches.
         exists = [os.path.isfile(p) for p in paths]
         self.missing_images = exists.count(False)
         if self.missing_images:
@@ -283,9 +288,7 @@ class WIDERDetection(Dataset):
                                                          f'(first: {first}); were the images moved, or '
                                                          f'the list written on another machine?')
             _note(f'{self.list_file}: {self.missing_images} of {len(paths)} listed images do not '
-                  f'exist and are left out (first: {first})')
-            paths = [p for p, ok in zip(paths, exists) if ok]
-            boxes = [b for b, ok in zip(boxes, exists) if ok]
+                  f'exist (first: {first}); each is replaced by another image when drawn')
         bad_rows = 0
         for k, table in enumerate(boxes):
             ok = (table[:, 2] > table[:, 0]) & (table[:, 3] > table[:, 1])
@@ -409,7 +412,7 @@ class WIDERDetection(Dataset):
                            f'{self.max_replacements} tries from sample {index}; last error: {last_error}')
 
     def _val_item(self, index):
-        for r in range(min(self.max_replacements, len(self))):
+        for r in range(len(self)):  # a missing event folder can be a long run of unreadable images
             source = (index + r) % len(self)
             try:
                 image, boxes, labels = self._load(source)

@@ -360,6 +360,17 @@ def test_a_list_of_unreadable_images_is_one_line(tmp_path, capsys, workers):
     assert err.startswith(f'train.py: error: {tmp_path / "l.txt"}: no readable training image found'), err
 
 
+@pytest.mark.parametrize('option, value, words', [
+    ('--lr', '-1', 'must be at least 0.0'), ('--lr', 'nan', 'must be at least 0.0'),
+    ('--seed', '-1', 'must be at least 0'), ('--seed', str(2**32), 'must be at most 4294967295'),
+    ('--batch_size', '0', 'must be at least 1'), ('--momentum', 'fast', "expected a number, got 'fast'")])
+def test_out_of_range_options_are_usage_errors(option, value, words, capsys):
+    with pytest.raises(SystemExit) as exc:
+        train.parse_args([option, value])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and f'argument {option}' in err and words in err, err
+
+
 def test_empty_train_list(lists, tmp_path, capsys):
     empty = tmp_path / 'empty.txt'
     empty.write_text('')

@@ -189,6 +189,12 @@ def test_a_prediction_folder_never_mixes_two_runs(wider, random_model, tmp_path,
     assert unrelated.read_text() == 'mine'   # only this split's prediction files are touched
 
 
+def test_a_subset_run_gets_its_own_default_folder():
+    assert wider_test.parse_args([]).out == os.path.join('eval_output', 's3fd_val_single')
+    assert wider_test.parse_args(['--num_images', '50', '--mode', 'multiscale']).out == \
+        os.path.join('eval_output', 's3fd_val_multiscale_first50')
+
+
 @pytest.mark.parametrize('option, value', [('--workers', '-1'), ('--batch_size', '0'), ('--max_size', '0'),
                                            ('--num_images', '0')])
 def test_out_of_range_numbers_are_usage_errors(option, value, capsys):

@@ -105,6 +105,9 @@ def test_a_byte_order_mark_is_not_part_of_the_first_name(tmp_path):
     assert read_wider_annotations(str(tmp_path / 'gt.txt'))[0].name == 'a/one.jpg'
     (tmp_path / 'l.txt').write_bytes(b'\xef\xbb\xbf/data/x.jpg 1 1 2 3 4 1\n')
     assert read_face_list(str(tmp_path / 'l.txt'))[0] == ['/data/x.jpg']
+    (tmp_path / 'l.txt').write_bytes(b'\xef\xbb\xbf/a.jpg 1 1 2 3 4 1\n/\xe9.jpg 1 1 2 3 4 1\n')
+    with pytest.raises(AnnotationError, match=r'l.txt:2: not UTF-8 text \(byte 0xe9\)'):
+        read_face_list(str(tmp_path / 'l.txt'))
 
 
 # -- list files ---------------------------------------------------------------------------
@@ -240,12 +243,15 @@ def test_unreadable_images_are_skipped_counted_and_warned_once(small_list, tmp_p
         handle.write(_line(bad, [(1, 1, 20, 20)]) + '\n' + _line(missing, [(1, 1, 20, 20)]) + '\n'
                      + _line(never, [(1, 1, 20, 20)]) + '\n')
     ds = WIDERDetection(small_list, 'train', input_size=SIZE)
-    # A listed image that does not exist is left out up front, counted and named.
-    assert ds.missing_images == 1 and never not in ds.paths
-    assert f'1 of 7 listed images do not exist and are left out (first: {never})' in capsys.readouterr().err
+    # A listed image that does not exist is reported up front, but stays: every process of a
+    # distributed run must build a dataset of the same length.
+    assert ds.missing_images == 1 and ds.paths[-1] == never and len(ds) == 6
+    assert f'1 of 7 listed images do not exist (first: {never})' in capsys.readouterr().err
+    with pytest.warns(RuntimeWarning, match='never_there.jpg'):
+        _check_item(ds[(0, len(ds) - 1)], SIZE)
     val = WIDERDetection(small_list, 'val', input_size=SIZE)
     os.remove(missing)
-    bad_index, missing_index = len(ds) - 2, len(ds) - 1
+    bad_index, missing_index = len(ds) - 3, len(ds) - 2
     with pytest.warns(RuntimeWarning, match='corrupt.jpg'):
         item = ds[(0, bad_index)]
     assert len(_check_item(item, SIZE)) >= 1
@@ -255,11 +261,11 @@ def test_unreadable_images_are_skipped_counted_and_warned_once(small_list, tmp_p
     assert torch.equal(item[0], again[0])
     with pytest.warns(RuntimeWarning, match='missing.jpg'):
         ds[(1, missing_index)]
-    assert set(ds.bad_images) == {bad, missing}
+    assert set(ds.bad_images) == {bad, missing, never}
     with pytest.warns(RuntimeWarning) as record:
         _check_item(val[bad_index + 1], SIZE)  # val keeps the faceless image: one index later
-    assert {bad, missing} <= {path for path in val.bad_images}
-    assert len(record) == 2 and all(str(w.message).count('cannot read image') == 1 for w in record)
+    assert {bad, missing, never} == set(val.bad_images)
+    assert len(record) == 3 and all(str(w.message).count('cannot read image') == 1 for w in record)
 
 
 def test_all_images_unreadable_is_a_clear_error_not_a_hang(tmp_path):

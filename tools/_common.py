@@ -13,8 +13,9 @@ class ToolError(RuntimeError):
     """A user-facing failure of a tool (missing optional package, failed verification)."""
 
 
-def at_least(minimum, kind=int):
-    """argparse type: a `kind` number >= minimum, else argparse's one-line usage error."""
+def at_least(minimum, kind=int, maximum=None):
+    """argparse type: a `kind` number >= minimum (and <= maximum), else argparse's one-line
+    usage error."""
     def parse(text):
         try:
             value = kind(text)
@@ -23,6 +24,8 @@ def at_least(minimum, kind=int):
                                              f'got {text!r}') from None
         if not value >= minimum:  # also refuses nan
             raise argparse.ArgumentTypeError(f'must be at least {minimum}, got {text}')
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f'must be at most {maximum}, got {text}')
         return value
     parse.__name__ = kind.__name__
     return parse

@@ -30,8 +30,11 @@ def load_file(path, map_location='cpu'):
         raise CheckpointError(f'{path}: is a directory, not a checkpoint file')
     if not os.path.isfile(path):
         raise CheckpointError(f'{path}: no such file')
-    with open(path, 'rb') as handle:
-        magic = handle.read(4)
+    try:
+        with open(path, 'rb') as handle:
+            magic = handle.read(4)
+    except OSError as e:
+        raise CheckpointError(f'{path}: cannot read the file ({e.strerror or e})') from None
     # torch.save writes a zip archive; files of torch < 1.6 are a pickle (protocol 2: 0x80 0x02).
     if magic != b'PK\x03\x04' and not magic.startswith(b'\x80'):
         what = 'an empty file' if not magic else 'neither a zip archive nor a pickle'
