@@ -143,7 +143,12 @@ class StopRequest:
         if os.getpid() != self._pid:
             return  # a DataLoader worker forked with this handler: the main process decides
         name = signal.Signals(signum).name
-        if self.signal is not None:  # a second signal: stop now, without a traceback
+        if self.signal is not None:
+            if signum != signal.SIGINT:
+                # Schedulers deliver SIGTERM twice (to every process and again through torchrun's
+                # agent) and send SIGKILL after their grace period: keep on towards the save.
+                return
+            # A second Ctrl-C: the user wants out now, without a traceback.
             print(f'\n{name} received again: stopping now without saving (the last saved checkpoint '
                   f'is kept)', file=sys.stderr, flush=True)
             raise SystemExit(128 + signum)

@@ -159,6 +159,14 @@ def test_a_second_signal_stops_at_once_without_a_traceback(capsys):
         assert exc.value.code == 128 + signal.SIGINT
     finally:
         stop.close()
+    stop = train.StopRequest()
+    try:  # a repeated SIGTERM (a scheduler and torchrun both forward it) does not cancel the save
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert stop.signal == 'SIGTERM'
+    finally:
+        stop.close()
     assert 'SIGINT received again: stopping now without saving' in capsys.readouterr().err
 
 
