@@ -105,6 +105,7 @@ class Scopes:
         self.ranges = []
         self.node_scope = {}  # autograd node -> (module name, module type)
         self.hooked_leaves = set()  # the parameters' AccumulateGrad nodes live across steps
+        self.open_nodes = set()  # keys of the backward nodes whose range is open
         self.handles = []
 
     def current(self):
@@ -170,11 +171,23 @@ class Scopes:
                 self.hooked_leaves.add(node)
             scope, module_type = self.node_scope.get(node, ('compiled' if 'Compiled' in node.name() else
                                                             node.name(), node.name()))
+            key = len(self.handles)
             self.handles.append(node.register_prehook(
-                lambda grads, s=scope, t=module_type: self.enter('backward', s, t)))
-            self.handles.append(node.register_hook(lambda grad_in, grad_out: self.exit()))
+                lambda grads, k=key, s=scope, t=module_type: self._enter_node(k, s, t)))
+            self.handles.append(node.register_hook(lambda grad_in, grad_out, k=key: self._exit_node(k)))
             todo.extend(next_node for next_node, _ in node.next_functions)
         self.node_scope.clear()
+
+    def _enter_node(self, key, scope, module_type):
+        self.open_nodes.add(key)
+        self.enter('backward', scope, module_type)
+
+    def _exit_node(self, key):
+        # torch 2.5 and 2.6 skip the pre-hook of a parameter's AccumulateGrad node when the
+        # parameter was saved under saved-tensor hooks, but run its post-hook: close only what opened.
+        if key in self.open_nodes:
+            self.open_nodes.remove(key)
+            self.exit()
 
 
 class TrafficCounter(TorchDispatchMode):
