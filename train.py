@@ -644,7 +644,7 @@ def main(args):
     log(f'Loading dataset: {len(train_loader.dataset)} training images, '
         f'{len(val_loader.dataset) if val_loader else 0} validation images, '
         f'{train_loader.batch_sampler.batches_per_epoch} iterations per epoch')
-    start = time.time()
+    start, finished = time.time(), False
     try:
         try:
             Trainer(args, ctx, net, model, criterion, optimizer, train_loader, val_loader, state, writer).run()
@@ -653,10 +653,12 @@ def main(args):
         log(f'Finished: iteration {state["iteration"]}, epoch {state["epoch"]}, '
             f'best validation loss {state["best_loss"]:.4f}, {time.time() - start:.1f}s; '
             f'weights in {args.save_folder}')  # before the process group goes: main process only
+        finished = True
     finally:
         if writer is not None:
             writer.close()
-        devices.cleanup_distributed()
+        net = None  # DDP's reducer holds the process group: let it go first (see cleanup_distributed)
+        devices.cleanup_distributed(synchronize=finished)
     if args.demo:
         from utils.demo import finish_demo
         finish_demo(args, state)

@@ -15,6 +15,7 @@
 import contextlib
 import importlib
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -239,6 +240,15 @@ def all_reduce_sum(values, device):
     return t.tolist()
 
 
-def cleanup_distributed():
+def cleanup_distributed(synchronize=False):
+    """Destroy the process group. With `synchronize` (every process got here normally), first a
+    barrier and a pause: Gloo on torch < 2.8 destroys its group holding the GIL while its
+    worker threads may still be freeing the last collective's tensors, which needs the GIL,
+    and the process then never exits (seen with torch 2.4-2.6). The barrier's wait and the
+    pause release the GIL so that those threads finish. Free the DDP wrapper before this call,
+    so that the group is destroyed here and not later with DDP's reducer."""
     if dist.is_initialized():
+        if synchronize:
+            dist.barrier()
+            time.sleep(0.05)
         dist.destroy_process_group()
