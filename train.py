@@ -232,10 +232,9 @@ def build_model(args):
 
 def _basenet_hint(state):
     """What a file that is not a basenet probably is, as advice for --basenet's error."""
-    keys = set(state)
-    if any(k.startswith('features.') for k in keys):
+    if any(k.startswith('features.') for k in state):
         return '. It looks like a torchvision VGG16: convert it with tools/make_basenet.py'
-    if any(k.startswith(('loc.', 'conf.')) for k in keys):
+    if any(k.startswith(('loc.', 'conf.')) for k in state):
         return '. It looks like a whole S3FD model: continue from it with --resume'
     return ''
 
@@ -540,7 +539,7 @@ class Trainer:
         lr = self.optimizer.param_groups[0]['lr']
         log('Timer: %.4f' % ((elapsed - data_wait) / iters))
         log('epoch:' + repr(epoch) + ' || iter:' + repr(iteration) + ' || Loss:%.4f' % tloss)
-        log('->> conf loss:{:.4f} || loc loss:{:.4f}'.format(float(loss_c), float(loss_l)))
+        log('->> conf loss:{:.4f} || loc loss:{:.4f}'.format(loss_c, loss_l))
         log('->>lr:{:.6f}'.format(lr))
         speed = iters * self.args.batch_size * self.world / max(elapsed, 1e-9)
         if self.args.log_speed:
@@ -548,7 +547,7 @@ class Trainer:
             log('->> speed:{:.1f} img/s || data wait:{:.4f}s/iter || eta:{}'.format(
                 speed, data_wait / iters, format_eta(eta)))
         if self.writer is not None:
-            for name, value in (('loss', tloss), ('loss_conf', float(loss_c)), ('loss_loc', float(loss_l)),
+            for name, value in (('loss', tloss), ('loss_conf', loss_c), ('loss_loc', loss_l),
                                 ('lr', lr), ('images_per_s', speed)):
                 self.writer.add_scalar(f'train/{name}', value, iteration)
         self.window = [time.time(), 0.0, 0]

@@ -176,10 +176,11 @@ def remove_predictions(out_dir, items):
     that a folder never mixes two runs' predictions and nothing else in it is deleted."""
     removed = 0
     for event, name, _ in items:
-        path = prediction_path(out_dir, event, name)
-        if os.path.isfile(path):
-            os.remove(path)
-            removed += 1
+        try:
+            os.remove(prediction_path(out_dir, event, name))
+        except FileNotFoundError:
+            continue
+        removed += 1
     return removed
 
 

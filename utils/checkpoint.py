@@ -4,8 +4,6 @@ Every file that may come from elsewhere is read with `torch.load(..., weights_on
 so a pickle that would execute code is refused. Errors are `CheckpointError` with a
 one-line message that names the file.
 """
-import os
-
 import torch
 
 from utils.fileio import atomic_path
@@ -26,13 +24,13 @@ def atomic_save(obj, path):
 
 def load_file(path, map_location='cpu'):
     """Read a checkpoint with weights_only=True; CheckpointError on any failure."""
-    if os.path.isdir(path):
-        raise CheckpointError(f'{path}: is a directory, not a checkpoint file')
-    if not os.path.isfile(path):
-        raise CheckpointError(f'{path}: no such file')
     try:
         with open(path, 'rb') as handle:
             magic = handle.read(4)
+    except FileNotFoundError:
+        raise CheckpointError(f'{path}: no such file') from None
+    except IsADirectoryError:
+        raise CheckpointError(f'{path}: is a directory, not a checkpoint file') from None
     except OSError as e:
         raise CheckpointError(f'{path}: cannot read the file ({e.strerror or e})') from None
     # torch.save writes a zip archive; files of torch < 1.6 are a pickle (protocol 2: 0x80 0x02).
