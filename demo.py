@@ -21,7 +21,7 @@ import torch
 
 from data.config import cfg
 from s3fd import VARIANTS
-from tools._common import at_least, run_cli
+from utils.cli import UserError, at_least, run_cli
 from utils.checkpoint import load_model
 from utils.fileio import atomic_write_bytes, make_output_dir
 from utils.image_io import ImageReadError, load_rgb
@@ -30,7 +30,7 @@ from utils.inference import MIN_INPUT_SIDE, Detector, draw_detections, inference
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
 
 
-class DemoError(RuntimeError):
+class DemoError(UserError, RuntimeError):
     """Bad input of demo.py; the message is one line."""
 
 
@@ -121,7 +121,7 @@ def main(args):
 
 def cli(argv=None):
     """Command-line entry: one-line errors and exit status 1 instead of tracebacks."""
-    return run_cli(main, parse_args, argv, errors=(DemoError,))
+    return run_cli(main, parse_args, argv)
 
 
 if __name__ == '__main__':

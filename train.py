@@ -25,7 +25,7 @@ from data.factory import EpochBatchSampler, dataset_factory, make_loader
 from data.widerface import DatasetError
 from layers.modules.multibox_loss import MultiBoxLoss
 from s3fd import build_s3fd, init_weights_from_scratch, init_weights_xavier
-from tools._common import at_least
+from utils.cli import at_least
 from utils import device as devices
 from utils.augmentations import subtract_mean
 from utils.checkpoint import (CheckpointError, atomic_save, checkpoint_variant, extract_state_dict,

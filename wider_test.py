@@ -46,7 +46,7 @@ from tqdm import tqdm
 from data.config import cfg
 from data.widerface import AnnotationError, annotation_path, image_root, read_text_lines, read_wider_annotations
 from s3fd import VARIANTS
-from tools._common import at_least, run_cli
+from utils.cli import UserError, at_least, run_cli
 from utils.checkpoint import load_model
 from utils.fileio import make_output_dir
 from utils.image_io import ImageReadError, load_rgb
@@ -58,7 +58,7 @@ from utils.widerface_eval import (WiderEvalError, evaluate, list_split_images,
 SPLITS = ('train', 'val', 'test')
 
 
-class WiderTestError(RuntimeError):
+class WiderTestError(UserError, RuntimeError):
     """Bad input of wider_test.py (dataset layout, arguments); the message is one line."""
 
 
@@ -317,7 +317,7 @@ def main(args):
 
 def cli(argv=None):
     """Command-line entry: one-line errors and exit status 1 instead of tracebacks."""
-    return run_cli(main, parse_args, argv, errors=(WiderTestError, WiderEvalError))
+    return run_cli(main, parse_args, argv)
 
 
 if __name__ == '__main__':

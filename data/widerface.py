@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 from data.config import cfg
 from utils.augmentations import (TrainAugmentation, clip_boxes, fallback_plan, to_tensor,
                                  to_uint8_tensor, val_transform)
+from utils.cli import UserError
 from utils.image_io import ImageReadError, load_rgb
 
 __all__ = ['ATTRIBUTE_NAMES', 'AnnotationError', 'DatasetError', 'WiderAnnotation', 'annotation_path',
@@ -47,7 +48,7 @@ def image_root(dataset_dir, split):
     return os.path.join(dataset_dir, f'WIDER_{split}', 'images')
 
 
-class AnnotationError(ValueError):
+class AnnotationError(UserError, ValueError):
     """A malformed annotation or list file; the message is `<file>:<line>: <reason>`."""
 
     def __init__(self, path, line, reason):
@@ -59,7 +60,7 @@ class AnnotationError(ValueError):
         return type(self), (self.path, self.line, self.reason)
 
 
-class DatasetError(RuntimeError):
+class DatasetError(UserError, RuntimeError):
     """No readable image could be found for a sample (every replacement tried failed)."""
 
 

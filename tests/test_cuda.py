@@ -13,7 +13,7 @@ from layers.functions.prior_box import PriorBox
 from layers.modules.l2norm import L2Norm
 from layers.modules.multibox_loss import MultiBoxLoss
 from s3fd import build_s3fd, init_weights_from_scratch
-from tools.bench_layers import MAPS_640, random_faces
+from benchmarks.bench_layers import MAPS_640, random_faces
 from train import FiniteCheck, training_step
 from utils import device as devices
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from s3fd import build_s3fd, init_weights_from_scratch
 from tools import export_onnx
-from tools._common import ToolError
+from utils.cli import ToolError
 from utils.checkpoint import CheckpointError, load_model
 
 HAVE_ONNX = all(importlib.util.find_spec(m) is not None for m in ('onnx', 'onnxruntime'))

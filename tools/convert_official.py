@@ -32,9 +32,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from s3fd import build_s3fd  # noqa: E402
-from tools._common import check_layout, describe_keys, run_cli  # noqa: E402
-from utils.checkpoint import (CheckpointError, atomic_save, extract_state_dict,  # noqa: E402
-                              load_file, load_weights)
+from utils.cli import run_cli  # noqa: E402
+from utils.checkpoint import (CheckpointError, atomic_save, check_layout, describe_keys,  # noqa: E402
+                              extract_state_dict, load_file, load_weights)
 from utils.fileio import check_output_file  # noqa: E402
 
 VARIANT = 'caffe'

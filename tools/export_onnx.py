@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.config import cfg  # noqa: E402
 from layers.functions.prior_box import prior_grid  # noqa: E402
 from s3fd import VARIANTS  # noqa: E402
-from tools._common import ToolError, run_cli  # noqa: E402
+from utils.cli import ToolError, run_cli  # noqa: E402
 from utils.checkpoint import load_model  # noqa: E402
 from utils.fileio import atomic_path, check_output_file  # noqa: E402
 from utils.inference import MIN_INPUT_SIDE  # noqa: E402

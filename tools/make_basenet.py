@@ -41,8 +41,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data.config import cfg  # noqa: E402
 from s3fd import VARIANTS, vgg  # noqa: E402
-from tools._common import check_layout, run_cli  # noqa: E402
-from utils.checkpoint import atomic_save, extract_state_dict, load_file, load_weights  # noqa: E402
+from utils.cli import run_cli  # noqa: E402
+from utils.checkpoint import atomic_save, check_layout, extract_state_dict, load_file, load_weights  # noqa: E402
 from utils.fileio import check_output_file  # noqa: E402
 
 FC6_INDEX, FC7_INDEX = 31, 33

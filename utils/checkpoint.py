@@ -6,10 +6,11 @@ one-line message that names the file.
 """
 import torch
 
+from utils.cli import UserError
 from utils.fileio import atomic_path
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint file is missing, unreadable or does not fit the model."""
 
 
@@ -103,6 +104,28 @@ def load_weights(module, state_dict, path='<checkpoint>'):
     if problems:
         raise CheckpointError(f'{path}: does not fit {type(module).__name__}: ' + '; '.join(problems))
     module.load_state_dict(state_dict, strict=True)
+
+
+def check_layout(state, expected, path, layout_name, hint=None):
+    """Raise CheckpointError unless `state` holds every key of `expected` with its shape.
+
+    state: {key: tensor}; expected: {key: torch.Size}. The message names the file, lists
+    the missing keys and the shape mismatches, and ends with `hint` when given.
+    """
+    missing = [k for k in expected if k not in state]
+    wrong = [f'{k} {tuple(state[k].shape)} (expected {tuple(shape)})'
+             for k, shape in expected.items() if k in state and state[k].shape != shape]
+    if not missing and not wrong:
+        return
+    problems = []
+    if missing:
+        problems.append(f'missing {len(missing)} of {len(expected)} keys: {describe_keys(missing, 10)}')
+    if wrong:
+        problems.append(f'wrong shapes: {describe_keys(wrong, 4)}')
+    message = f'{path}: not the {layout_name} layout: ' + '; '.join(problems)
+    if hint:
+        message += f' ({hint})'
+    raise CheckpointError(message)
 
 
 def checkpoint_variant(obj):

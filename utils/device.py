@@ -20,8 +20,10 @@ import time
 import torch
 import torch.distributed as dist
 
+from utils.cli import UserError
 
-class DeviceUnavailable(RuntimeError):
+
+class DeviceUnavailable(UserError, RuntimeError):
     """The requested device, or a package it needs, is not available."""
 
 

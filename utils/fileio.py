@@ -7,8 +7,10 @@ import contextlib
 import os
 import tempfile
 
+from utils.cli import UserError
 
-class OutputDirError(OSError):
+
+class OutputDirError(UserError, OSError):
     """An output directory or file that cannot be written; the message names the path (and the
     option it came from)."""
 

@@ -14,10 +14,12 @@ import os
 import cv2
 import numpy as np
 
+from utils.cli import UserError
+
 __all__ = ['ImageReadError', 'load_rgb']
 
 
-class ImageReadError(OSError, ValueError):
+class ImageReadError(UserError, OSError, ValueError):
     """An image file that cannot be decoded. `path` and `reason` are kept as attributes."""
 
     def __init__(self, path, reason):

@@ -1,6 +1,6 @@
 """Face detection with a test-phase S3FD: device set-up, preprocessing, scales, box conversion,
 the S3FD multi-scale test with box voting, WIDER rows and drawing. Used by wider_test.py, demo.py
-and tools/bench_infer.py.
+and benchmarks/bench_infer.py.
 
 Coordinates
     Every box here is ``(x1, y1, x2, y2)`` in continuous pixel coordinates of the *original*

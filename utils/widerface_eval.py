@@ -91,6 +91,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from utils.cli import UserError
 from utils.fileio import atomic_path, atomic_write_text
 
 SETTINGS = ('easy', 'medium', 'hard')
@@ -109,7 +110,7 @@ _FLT_MAX = float(np.finfo(np.float32).max)    # MATLAB realmax('single')
 _FORMAT_HINT = 'expected line 1 the image name, line 2 the box count, then "x y w h score" lines'
 
 
-class WiderEvalError(ValueError):
+class WiderEvalError(UserError, ValueError):
     """Bad evaluation input (ground truth or predictions); the message names the file."""
 
 

@@ -1,8 +1,8 @@
 """Training-step throughput of S3FD: forward, loss with matching, backward, SGD update.
 
-    python tools/bench_train.py --device gpu --batch_size 16 --input_size 640 --amp native
-    python tools/bench_train.py --device gpu --data loader --num_workers 16 --channels_last --compile
-    python tools/bench_train.py --device cpu --batch_size 2 --input_size 320 --steps 3
+    python benchmarks/bench_train.py --device gpu --batch_size 16 --input_size 640 --amp native
+    python benchmarks/bench_train.py --device gpu --data loader --num_workers 16 --channels_last --compile
+    python benchmarks/bench_train.py --device cpu --batch_size 2 --input_size 320 --steps 3
 
 --data synthetic: batches made once and kept on the device (the model's speed alone);
 --data loader: the real DataLoader over synthetic WIDER JPEGs with the training augmentation
@@ -26,8 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.config import cfg  # noqa: E402
 from layers.modules.multibox_loss import MultiBoxLoss  # noqa: E402
 from s3fd import build_s3fd, init_weights_from_scratch  # noqa: E402
-from tools._common import add_step_arguments, device_spec  # noqa: E402
-from tools.bench_layers import random_faces  # noqa: E402
+from benchmarks._common import add_step_arguments, device_spec  # noqa: E402
+from benchmarks.bench_layers import random_faces  # noqa: E402
 from train import FiniteCheck, training_step  # noqa: E402
 from utils import device as devices  # noqa: E402
 from utils.fileio import atomic_write_text  # noqa: E402

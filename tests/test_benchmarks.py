@@ -1,4 +1,4 @@
-"""The benchmark and check scripts under tools/ run and print one JSON object (tiny sizes)."""
+"""The benchmark and check scripts under benchmarks/ run and print one JSON object (tiny sizes)."""
 import json
 import os
 import subprocess
@@ -16,12 +16,12 @@ def run_json(*args):
 
 
 def test_bench_train_synthetic_and_loader(tmp_path):
-    out = run_json('tools/bench_train.py', '--device', 'cpu', '--batch_size', '1', '--input_size', '64',
+    out = run_json('benchmarks/bench_train.py', '--device', 'cpu', '--batch_size', '1', '--input_size', '64',
                    '--steps', '2', '--warmup', '1')
     assert out['images_per_s'] > 0 and out['peak_fraction'] is None and out['precision'] == 'fp32'
     # 0.77 TFLOP per image at 640 (the issue's figure) scales with the pixel count.
     assert abs(out['train_tflop_per_image'] * (640 / 64) ** 2 - 0.77) < 0.03
-    out = run_json('tools/bench_train.py', '--device', 'cpu', '--batch_size', '2', '--input_size', '64',
+    out = run_json('benchmarks/bench_train.py', '--device', 'cpu', '--batch_size', '2', '--input_size', '64',
                    '--steps', '2', '--warmup', '1', '--data', 'loader', '--num_workers', '1',
                    '--images', '6', '--data_dir', str(tmp_path))
     assert out['data'] == 'loader' and out['images_per_s'] > 0
@@ -31,7 +31,7 @@ def test_check_precision_agrees_on_cpu():
     # Not 64: there conv7_2 sees a 1x1 map, and oneDNN's bf16 weight gradient of a stride-2
     # convolution on a 1x1 input has garbage (sometimes NaN) in the taps that see only padding
     # (torch 2.14 on CPU; float32 is right); first_nonfinite reports those weights.
-    out = run_json('tools/check_precision.py', '--device', 'cpu', '--input_size', '128', '--batch_size', '2',
+    out = run_json('benchmarks/check_precision.py', '--device', 'cpu', '--input_size', '128', '--batch_size', '2',
                    '--steps', '3')
     assert out['ok'] and len(out['fp32_losses']) == 3
     # bf16 gradients at the same weights: within a few percent of float32's
@@ -40,7 +40,7 @@ def test_check_precision_agrees_on_cpu():
 
 
 def test_check_compile_float32_compiled_step_equals_eager():
-    out = run_json('tools/check_compile.py', '--device', 'cpu', '--input_size', '64', '--batch_size', '2',
+    out = run_json('benchmarks/check_compile.py', '--device', 'cpu', '--input_size', '64', '--batch_size', '2',
                    '--steps', '2', '--amp', 'off', '--inductor', 'comprehensive_padding=False')
     assert out['ok'] and out['inductor'] == {'comprehensive_padding': False}
     assert out['grad_rel_diff'] < 1e-4 and out['loss_rel_diff'] < 1e-5
@@ -50,20 +50,20 @@ def test_check_compile_float32_compiled_step_equals_eager():
 
 
 def test_check_compile_rejects_an_unknown_inductor_option():
-    proc = subprocess.run([sys.executable, 'tools/check_compile.py', '--device', 'cpu', '--inductor', 'no_such=1'],
+    proc = subprocess.run([sys.executable, 'benchmarks/check_compile.py', '--device', 'cpu', '--inductor', 'no_such=1'],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1].startswith("check_compile.py: error: --inductor 'no_such=1'")
 
 
 def test_bench_layers_prints_timings():
-    out = run_json('tools/bench_layers.py', '--repeat', '1', '--batch_size', '2')
+    out = run_json('benchmarks/bench_layers.py', '--repeat', '1', '--batch_size', '2')
     assert out['priors'] == 34125 and out['loss_s'] > 0 and out['detect_kept'] == 750
 
 
 def test_profile_train_splits_the_step_by_phase_and_kind(tmp_path):
     trace = tmp_path / 'trace.json'
-    out = run_json('tools/profile_train.py', '--device', 'cpu', '--batch_size', '1', '--input_size', '160',
+    out = run_json('benchmarks/profile_train.py', '--device', 'cpu', '--batch_size', '1', '--input_size', '160',
                    '--steps', '1', '--warmup', '1', '--trace', str(trace))
     assert all(out['phases_ms'][phase] > 0 for phase in ('forward', 'loss', 'backward', 'optimizer'))
     kinds = out['kinds']
@@ -88,7 +88,7 @@ def test_profile_device_times_count_each_kernel_once():
 
     from torch.autograd import DeviceType
 
-    from tools.profile_train import device_times
+    from benchmarks.profile_train import device_times
     label = SimpleNamespace(name='S3FD|backward|vgg.0|Conv2d', cpu_parent=None, device_type=DeviceType.CPU,
                             self_device_time_total=0.0, self_cpu_time_total=5.0)
     conv = SimpleNamespace(name='aten::convolution_backward', cpu_parent=label, device_type=DeviceType.CPU,

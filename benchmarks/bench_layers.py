@@ -11,7 +11,7 @@ Prints one JSON object with median wall times in seconds:
             composition it replaces (pow, sum, sqrt, add, div, mul), with the bytes each keeps
             for the backward.
 
-    python tools/bench_layers.py [--threads 1] [--repeat 15] [--device cpu]
+    python benchmarks/bench_layers.py [--threads 1] [--repeat 15] [--device cpu]
 """
 import argparse
 import json

@@ -1,10 +1,10 @@
 """Does torch.compile train S3FD like eager mode? Same weights, same batches, same precision.
 
-    python tools/check_compile.py --device gpu --channels_last
-    python tools/check_compile.py --device gpu --channels_last --amp off      # float32, TF32 off
-    python tools/check_compile.py --device gpu --channels_last \\
+    python benchmarks/check_compile.py --device gpu --channels_last
+    python benchmarks/check_compile.py --device gpu --channels_last --amp off      # float32, TF32 off
+    python benchmarks/check_compile.py --device gpu --channels_last \\
         --inductor layout_optimization=False --inductor comprehensive_padding=False
-    python tools/check_compile.py --device cpu --input_size 128 --batch_size 2 --steps 3
+    python benchmarks/check_compile.py --device cpu --input_size 128 --batch_size 2 --steps 3
 
 First one step from the same initial weights, eager and compiled: the loss, the outputs and
 every parameter's gradient are compared. Then --steps SGD steps each way on the same batches.
@@ -33,9 +33,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from s3fd import build_s3fd, init_weights_from_scratch  # noqa: E402
-from tools._common import add_step_arguments  # noqa: E402
-from tools.bench_train import synthetic_batches  # noqa: E402
-from tools.check_precision import train_steps  # noqa: E402
+from benchmarks._common import add_step_arguments  # noqa: E402
+from benchmarks.bench_train import synthetic_batches  # noqa: E402
+from benchmarks.check_precision import train_steps  # noqa: E402
 from train import to_device  # noqa: E402
 from utils import device as devices  # noqa: E402
 

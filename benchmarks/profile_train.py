@@ -2,9 +2,9 @@
 torch.profiler, its device time split by phase and by kind of operator, next to the bytes
 each kind reads and writes.
 
-    python tools/profile_train.py --device gpu --batch_size 16 --channels_last
-    python tools/profile_train.py --device gpu --batch_size 16 --channels_last --compile
-    python tools/profile_train.py --device cpu --batch_size 1 --input_size 160 --steps 1
+    python benchmarks/profile_train.py --device gpu --batch_size 16 --channels_last
+    python benchmarks/profile_train.py --device gpu --batch_size 16 --channels_last --compile
+    python benchmarks/profile_train.py --device cpu --batch_size 1 --input_size 160 --steps 1
 
 Prints one JSON object:
   step_time_s      wall time of one step without the profiler (mean over --steps);
@@ -41,8 +41,8 @@ from torch.utils._pytree import tree_flatten
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from s3fd import build_s3fd, init_weights_from_scratch  # noqa: E402
-from tools._common import add_step_arguments, device_spec  # noqa: E402
-from tools.bench_train import prepare_training, synthetic_batches  # noqa: E402
+from benchmarks._common import add_step_arguments, device_spec  # noqa: E402
+from benchmarks.bench_train import prepare_training, synthetic_batches  # noqa: E402
 from train import training_step  # noqa: E402
 from utils import device as devices  # noqa: E402
 

@@ -1,9 +1,9 @@
 """Mixed precision must not change training: the same weights and batches trained for N steps
 in float32 and under autocast give losses within a tolerance.
 
-    python tools/check_precision.py --device gpu --amp_dtype bf16 --steps 20
-    python tools/check_precision.py --device gpu --channels_last --compile
-    python tools/check_precision.py --device cpu --input_size 128 --batch_size 2 --steps 5
+    python benchmarks/check_precision.py --device gpu --amp_dtype bf16 --steps 20
+    python benchmarks/check_precision.py --device gpu --channels_last --compile
+    python benchmarks/check_precision.py --device cpu --input_size 128 --batch_size 2 --steps 5
 
 Prints one JSON object with both loss sequences, the relative difference of the final losses
 (mean of the last 5 steps) and `ok` (difference <= --tolerance, 2% by default). Two figures
@@ -24,8 +24,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from s3fd import build_s3fd, init_weights_from_scratch  # noqa: E402
-from tools._common import add_step_arguments  # noqa: E402
-from tools.bench_train import prepare_training, synthetic_batches  # noqa: E402
+from benchmarks._common import add_step_arguments  # noqa: E402
+from benchmarks.bench_train import prepare_training, synthetic_batches  # noqa: E402
 from train import nonfinite_parameters, training_step  # noqa: E402
 from utils import device as devices  # noqa: E402
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU measurement behind the README's Performance table, in one run:
 #
-#     bash tools/gpu_benchmarks.sh [OUT_DIR] [IMAGE]
+#     bash benchmarks/gpu_benchmarks.sh [OUT_DIR] [IMAGE]
 #
 # OUT_DIR (default ./gpu_bench) receives results.jsonl (one JSON object per step, with its
 # name, exit status, seconds and command) and log.txt (everything the steps printed on
@@ -18,7 +18,7 @@
 # decide the way to the training target):
 #   BENCH_TOTAL_S=560 BENCH_ONLY="test_cuda profile_bf16_b16_cl compile_check_bf16_cl
 #     compile_check_fp32 train_bf16_b16_cl train_loader_bf16_b16_cl precision_bf16
-#     profile_bf16_b16_cl_compile infer_bf16_cl_cudagraphs" bash tools/gpu_benchmarks.sh OUT
+#     profile_bf16_b16_cl_compile infer_bf16_cl_cudagraphs" bash benchmarks/gpu_benchmarks.sh OUT
 # (steps run in the order of this file, not of BENCH_ONLY).
 set -u
 OUT_DIR=${1:-gpu_bench}
@@ -93,8 +93,8 @@ export PY DATA_DIR
   "cuDNN", torch.backends.cudnn.version(), torch.cuda.get_device_name(0))'
   nproc; } 2>&1 | tee -a "$LOG"
 
-T="$PY tools/bench_train.py --device gpu"
-I="$PY tools/bench_infer.py --device gpu"
+T="$PY benchmarks/bench_train.py --device gpu"
+I="$PY benchmarks/bench_infer.py --device gpu"
 BF16="--amp native --amp_dtype bf16"
 LOADER="--data loader --num_workers 16 --images 512 --data_dir $DATA_DIR --warmup 10"
 IMG=()
@@ -102,7 +102,7 @@ IMG=()
 
 # The CUDA paths against the CPU's, and no host synchronisation in the loss.
 step test_cuda "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_multibox_loss.py -k cuda
-step layers_gpu "$PY" tools/bench_layers.py --device cuda
+step layers_gpu "$PY" benchmarks/bench_layers.py --device cuda
 # The whole training pipeline: DataLoader workers decoding and augmenting synthetic WIDER
 # JPEGs. The timed steps far outnumber the batches the workers prefetch (16 x 4).
 step train_loader_bf16_b16_cl $T --batch_size 16 $BF16 --channels_last $LOADER --steps 200
@@ -119,25 +119,25 @@ step train_bf16_b16_cl_fused $T --batch_size 16 $BF16 --channels_last --sgd fuse
 step train_bf16_b32_cl $T --batch_size 32 $BF16 --channels_last
 step train_fp32_b16 $T --batch_size 16 --amp off
 # Where the step's time goes: device time per phase and kind of operator, and the bytes each
-# kind moves (tools/profile_train.py); the Chrome traces land in OUT_DIR.
-step profile_bf16_b16_cl "$PY" tools/profile_train.py --device gpu --batch_size 16 --channels_last \
+# kind moves (benchmarks/profile_train.py); the Chrome traces land in OUT_DIR.
+step profile_bf16_b16_cl "$PY" benchmarks/profile_train.py --device gpu --batch_size 16 --channels_last \
     --steps 3 --trace "$OUT_DIR/trace_bf16_b16_cl.json.gz"
 # bf16 against float32 (TF32 off) from the same weights on the same batches.
-step precision_bf16 "$PY" tools/check_precision.py --device gpu --amp_dtype bf16 --steps 20
-step precision_bf16_cl_compile "$PY" tools/check_precision.py --device gpu --amp_dtype bf16 --steps 20 \
+step precision_bf16 "$PY" benchmarks/check_precision.py --device gpu --amp_dtype bf16 --steps 20
+step precision_bf16_cl_compile "$PY" benchmarks/check_precision.py --device gpu --amp_dtype bf16 --steps 20 \
     --channels_last --compile
 # torch.compile last: its compilation is the slowest part. First whether a compiled step
 # computes what the eager one does (loss, outputs, every gradient at the same weights, then 10
 # steps each way), in bf16 and in float32, and without inductor's layout passes.
-step compile_check_bf16_cl "$PY" tools/check_compile.py --device gpu --channels_last
-step compile_check_fp32 "$PY" tools/check_compile.py --device gpu --amp off
-step compile_check_bf16_cl_no_layout "$PY" tools/check_compile.py --device gpu --channels_last \
+step compile_check_bf16_cl "$PY" benchmarks/check_compile.py --device gpu --channels_last
+step compile_check_fp32 "$PY" benchmarks/check_compile.py --device gpu --amp off
+step compile_check_bf16_cl_no_layout "$PY" benchmarks/check_compile.py --device gpu --channels_last \
     --inductor layout_optimization=False --inductor comprehensive_padding=False
 step train_bf16_b16_cl_compile $T --batch_size 16 $BF16 --channels_last --compile
 # The compiled runs of 2026-11-27 ended with NaN losses at lr 1e-3 from scratch; at a tenth of
 # that lr a divergence would calm down, a compiler defect would not.
 step train_bf16_b16_cl_compile_lr1e-4 $T --batch_size 16 $BF16 --channels_last --compile --lr 1e-4
-step profile_bf16_b16_cl_compile "$PY" tools/profile_train.py --device gpu --batch_size 16 --channels_last \
+step profile_bf16_b16_cl_compile "$PY" benchmarks/profile_train.py --device gpu --batch_size 16 --channels_last \
     --compile --steps 3 --trace "$OUT_DIR/trace_bf16_b16_cl_compile.json.gz"
 step infer_bf16_cl_compile $I --amp bf16 --channels_last --compile --batch_sizes 16 "${IMG[@]}"
 # CUDA graphs (torch.compile's reduce-overhead mode): batch 1 is where launch overhead shows.

@@ -1,6 +1,6 @@
 """Benchmark wider_eval.py on a full set of WIDER FACE val predictions, on one CPU core.
 
-    python tools/bench_eval.py [--gt GT_DIR] [--boxes-per-image 750] [--repeats 3]
+    python benchmarks/bench_eval.py [--gt GT_DIR] [--boxes-per-image 750] [--repeats 3]
 
 Builds 3,226 prediction files from the real val ground truth (deterministic: jittered faces
 with size-dependent recall and scores, some duplicates, false positives filling each image up

@@ -1,13 +1,13 @@
 """Data-pipeline throughput on one CPU core: decode + augmentation + to-tensor of WIDERDetection.
 
-    python tools/bench_data.py [--num 300] [--synthetic 40] [--wider_dir ../shared/widerface]
+    python benchmarks/bench_data.py [--num 300] [--synthetic 40] [--wider_dir ../shared/widerface]
 
 Prints one JSON object: training-mode samples per second on the real WIDER val image of
 `--wider_dir` (listed `--num` times, so every sample draws its own augmentation), on a
 synthetic WIDER made by data/synthetic.py (when available), plus validation-mode speed and
 the decode time alone. The target is >= 120 training samples/s on the real image.
 
-It measures the path train.py (and tools/bench_train.py) trains with: WIDERDetection with
+It measures the path train.py (and benchmarks/bench_train.py) trains with: WIDERDetection with
 `normalize=False`, i.e. uint8 [3, S, S] samples whose mean is subtracted later, on the device
 (the JSON's "sample" field says so). The float32 `to_tensor` path (normalize=True) is not timed.
 """

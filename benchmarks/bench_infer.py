@@ -1,6 +1,6 @@
 """Benchmark single-scale S3FD inference: images/s and per-image latency, post-processing included.
 
-    python tools/bench_infer.py [--device cpu|gpu|npu] [--device_id N] [--model weights/sfd_face.pth]
+    python benchmarks/bench_infer.py [--device cpu|gpu|npu] [--device_id N] [--model weights/sfd_face.pth]
         [--width 640 --height 480] [--batch_sizes 1,16] [--iters N] [--warmup N]
         [--amp off|bf16|fp16] [--channels_last] [--compile [--compile_mode reduce-overhead]]
         [--nms_mode auto|prefix|full]
@@ -34,9 +34,9 @@ import torch  # noqa: E402
 
 from data.config import cfg  # noqa: E402
 from s3fd import VARIANTS, build_s3fd, init_weights_from_scratch  # noqa: E402
-from tools._common import run_cli  # noqa: E402
+from utils.cli import run_cli  # noqa: E402
 from utils.checkpoint import load_model  # noqa: E402
-from utils.image_io import ImageReadError, load_rgb  # noqa: E402
+from utils.image_io import load_rgb  # noqa: E402
 from utils.inference import Detector, inference_device  # noqa: E402
 
 REAL_IMAGE = os.path.join(os.path.dirname(REPO), 'shared', 'widerface', 'WIDER_val', 'images', '0--Parade',
@@ -164,4 +164,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    sys.exit(run_cli(main, parse_args, errors=(ImageReadError,)))
+    sys.exit(run_cli(main, parse_args))

@@ -1,0 +1,60 @@
+"""Command-line plumbing shared by the scripts and the tools: argparse number types, the base
+class of the errors meant for the user, and the one place that prints such an error as one
+line and turns it into an exit status.
+
+It imports nothing heavy, so that a script's `--help` answers before PyTorch is loaded.
+"""
+import argparse
+import sys
+
+
+class UserError(Exception):
+    """An error whose message is written for the user: bad input, a missing file or package, a
+    failed check. `run_cli` prints it as one line instead of a traceback. Each module derives
+    its own errors from it (CheckpointError, DeviceUnavailable, OutputDirError, ...)."""
+
+
+class ToolError(UserError, RuntimeError):
+    """A failure of a tool (a missing optional package, a failed verification)."""
+
+
+def at_least(minimum, kind=int, maximum=None):
+    """argparse type: a `kind` number >= minimum (and <= maximum), else argparse's one-line
+    usage error."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'expected {"an integer" if kind is int else "a number"}, '
+                                             f'got {text!r}') from None
+        if not value >= minimum:  # also refuses nan
+            raise argparse.ArgumentTypeError(f'must be at least {minimum}, got {text}')
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f'must be at most {maximum}, got {text}')
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def one_line(error):
+    """The message of `error` as one line. An error raised in a DataLoader worker reaches the
+    main process with the worker's traceback in its message; its last line is the message."""
+    text = str(error).strip()
+    if '\n' not in text:
+        return text
+    last = text.splitlines()[-1]
+    prefix = f'{type(error).__name__}: '
+    return last[len(prefix):] if last.startswith(prefix) else last
+
+
+def run_cli(main, parse_args, argv=None, prog=None, status=1):
+    """Run `main(parse_args(argv))` and return the exit status: 0, or `status` when it raised a
+    UserError, printed as one line on stderr (`<prog>: error: ...`, or `error: ...`) instead of
+    a traceback."""
+    args = parse_args(argv)
+    try:
+        main(args)
+    except UserError as error:
+        print(f'{prog + ": " if prog else ""}error: {one_line(error)}', file=sys.stderr, flush=True)
+        return status
+    return 0
