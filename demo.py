@@ -25,7 +25,8 @@ from utils.cli import UserError, at_least, run_cli
 from utils.checkpoint import load_model
 from utils.fileio import atomic_write_bytes, make_output_dir
 from utils.image_io import ImageReadError, load_rgb
-from utils.inference import MIN_INPUT_SIDE, Detector, draw_detections, inference_device
+from s3fd import MIN_INPUT_SIDE
+from utils.inference import Detector, draw_detections, inference_device
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data.config import cfg
+from data.config import MODEL_VARIANTS, cfg
 from layers.functions.detection import Detect
 from layers.functions.prior_box import PriorBox
 from layers.modules.l2norm import L2Norm
@@ -19,7 +19,9 @@ EXTRAS_CFG = [(1024, 256, 1, 1, 0), (256, 512, 3, 2, 1), (512, 128, 1, 1, 0), (1
 SOURCE_CHANNELS = [256, 512, 512, 1024, 512, 256]
 # Index into `vgg` after which conv3_3, conv4_3 and conv5_3 (with their ReLU) are taken.
 VGG_SOURCE_ENDS = (16, 23, 30)
-VARIANTS = ('reference', 'caffe')
+VARIANTS = MODEL_VARIANTS
+# Smallest input side for which the five pooling stages of VGG keep at least one cell.
+MIN_INPUT_SIDE = 32
 
 
 def vgg(variant='reference'):

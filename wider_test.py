@@ -45,13 +45,12 @@ from tqdm import tqdm
 
 from data.config import cfg
 from data.widerface import AnnotationError, annotation_path, image_root, read_text_lines, read_wider_annotations
-from s3fd import VARIANTS
+from s3fd import MIN_INPUT_SIDE, VARIANTS
 from utils.cli import UserError, at_least, run_cli
 from utils.checkpoint import load_model
 from utils.fileio import make_output_dir
 from utils.image_io import ImageReadError, load_rgb
-from utils.inference import (MIN_INPUT_SIDE, Detector, inference_device, resize_rgb, single_scale,
-                             to_wider_rows)
+from utils.inference import Detector, inference_device, resize_rgb, single_scale, to_wider_rows
 from utils.widerface_eval import (WiderEvalError, evaluate, list_split_images,
                                   load_ground_truth, write_prediction_file)
 

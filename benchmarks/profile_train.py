@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from s3fd import build_s3fd, init_weights_from_scratch  # noqa: E402
 from benchmarks._common import add_step_arguments, device_spec  # noqa: E402
 from benchmarks.bench_train import prepare_training, synthetic_batches  # noqa: E402
-from train import training_step  # noqa: E402
+from utils.engine import training_step  # noqa: E402
 from utils import device as devices  # noqa: E402
 
 PHASES = ('forward', 'loss', 'backward', 'optimizer')

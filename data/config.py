@@ -19,6 +19,7 @@ _C.resize_height = 640
 _C.img_mean = (123.0, 117.0, 104.0)
 # 'reference': dilated fc6 of vgg16_reducedfc.pth; 'caffe': the released Caffe fc6
 # (3x3, pad 3, no dilation).
+MODEL_VARIANTS = ('reference', 'caffe')
 _C.MODEL_VARIANT = 'reference'
 
 # -- anchors ------------------------------------------------------------------------------

@@ -5,8 +5,8 @@ import torch
 import torch.nn as nn
 
 from data.config import cfg
-from s3fd import build_s3fd
-from utils.inference import (MIN_INPUT_SIDE, Detector, bbox_vote, draw_detections, images_to_input,
+from s3fd import MIN_INPUT_SIDE, build_s3fd
+from utils.inference import (Detector, bbox_vote, draw_detections, images_to_input,
                              max_shrink, multi_scale_plan, single_scale, to_pixel_boxes, to_wider_rows)
 
 

@@ -13,8 +13,11 @@ import torch
 
 import prepare_wider_data
 import train
+from data.config import cfg
+from layers.modules import multibox_loss
+from utils import engine
 from data.synthetic import generate
-from s3fd import build_s3fd
+from s3fd import build_s3fd, init_weights_from_scratch
 from utils.checkpoint import atomic_save, load_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,6 +41,11 @@ def run_args(lists, save_folder, *extra):
 
 def run_main(lists, save_folder, *extra):
     return train.main(train.parse_args(run_args(lists, save_folder, *extra)))
+
+
+def run_cli(lists, save_folder, *extra):
+    """train.py's command-line entry in this process: its exit status (errors are printed)."""
+    return train.cli(run_args(lists, save_folder, *extra))
 
 
 LOG_PATTERNS = [r'Timer: \d+\.\d{4}', r'epoch:\d+ \|\| iter:\d+ \|\| Loss:\d+\.\d{4}',
@@ -103,7 +111,7 @@ def test_resume_is_exact_mid_epoch_and_at_epoch_end(lists, uninterrupted, tmp_pa
 
 def _stop_at_the_first_validation_batch(monkeypatch, lists, folder, *extra):
     """Train with SIGINT sent while the first validation batch is loaded; returns the checkpoint."""
-    real_to_device, calls = train.to_device, []
+    real_to_device, calls = engine.to_device, []
 
     def to_device(*args, **kwargs):
         calls.append(1)
@@ -111,9 +119,9 @@ def _stop_at_the_first_validation_batch(monkeypatch, lists, folder, *extra):
             os.kill(os.getpid(), signal.SIGINT)
         return real_to_device(*args, **kwargs)
 
-    monkeypatch.setattr(train, 'to_device', to_device)
+    monkeypatch.setattr(engine, 'to_device', to_device)
     run_main(lists, folder, *extra)
-    monkeypatch.setattr(train, 'to_device', real_to_device)
+    monkeypatch.setattr(engine, 'to_device', real_to_device)
     return str(folder / 'sfd_face_checkpoint.pth')
 
 
@@ -148,7 +156,7 @@ def test_a_stop_during_the_last_validation_is_finished_by_a_resume(lists, tmp_pa
 
 
 def test_a_second_signal_stops_at_once_without_a_traceback(capsys):
-    stop = train.StopRequest()
+    stop = engine.StopRequest()
     try:
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.05)
@@ -159,7 +167,7 @@ def test_a_second_signal_stops_at_once_without_a_traceback(capsys):
         assert exc.value.code == 128 + signal.SIGINT
     finally:
         stop.close()
-    stop = train.StopRequest()
+    stop = engine.StopRequest()
     try:  # a repeated SIGTERM (a scheduler and torchrun both forward it) does not cancel the save
         os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGTERM)
@@ -217,32 +225,29 @@ def test_resume_loads_after_initialize_and_checks_what_defines_the_batches(lists
                         lambda self, *a: order.append('initialize') or initialize(self, *a))
     monkeypatch.setattr(devices.DeviceContext, 'load_state_dict',
                         lambda self, *a: order.append('amp state') or load_amp(self, *a))
-    load_weights = train.load_weights
-    monkeypatch.setattr(train, 'load_weights', lambda *a: order.append('weights') or load_weights(*a))
+    load_weights = engine.load_weights
+    monkeypatch.setattr(engine, 'load_weights', lambda *a: order.append('weights') or load_weights(*a))
     run_main(lists, tmp_path, '--epochs', '2', '--max_iter', '4', '--lr', '5e-4', '--resume', checkpoint)
     assert order == ['initialize', 'weights', 'amp state']
     assert 'Resuming with changed options: --lr 0.0005 (checkpoint 0.001)' in capsys.readouterr().out
     run_main(lists, tmp_path, '--epochs', '2', '--max_iter', '5', '--resume', checkpoint)  # stops mid-epoch 1
     for changed, words in ((['--batch_size', '3'], 'batch_size (checkpoint 2, now 3)'),
                            (['--seed', '1'], 'seed (checkpoint 0, now 1)')):
-        with pytest.raises(SystemExit) as exc:
-            run_main(lists, tmp_path, '--epochs', '2', '--resume', checkpoint, *changed)
-        assert exc.value.code == 2
+        assert run_cli(lists, tmp_path, '--epochs', '2', '--resume', checkpoint, *changed) == 2
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert err.startswith('train.py: error: ') and 'stopped mid-epoch (1 batches into epoch 1)' in err
         assert words in err
     ckpt = load_file(checkpoint)
     ckpt['variant'] = 'caffe'
     atomic_save(ckpt, str(tmp_path / 'caffe.pth'))
-    with pytest.raises(SystemExit):
-        run_main(lists, tmp_path, '--epochs', '2', '--resume', str(tmp_path / 'caffe.pth'))
+    assert run_cli(lists, tmp_path, '--epochs', '2', '--resume', str(tmp_path / 'caffe.pth')) == 2
     assert "holds a 'caffe' model, this run builds 'reference'" in capsys.readouterr().err
 
 
 def test_a_stop_signal_reaching_a_forked_worker_is_left_to_the_main_process(monkeypatch):
-    stop = train.StopRequest()
+    stop = engine.StopRequest()
     try:
-        monkeypatch.setattr(train.os, 'getpid', lambda: -1)  # as in a DataLoader worker
+        monkeypatch.setattr(engine.os, 'getpid', lambda: -1)  # as in a DataLoader worker
         stop._handle(signal.SIGINT, None)
         assert stop.signal is None
         monkeypatch.undo()
@@ -266,15 +271,15 @@ def test_channels_last_is_on_off_or_left_to_the_device():
 def test_loader_images_reach_the_device_as_float_minus_mean():
     images = torch.tensor([[[[0, 255]], [[117, 0]], [[104, 1]]]], dtype=torch.uint8)  # [1, 3, 1, 2]
     targets = [torch.zeros(0, 5)]
-    out, same_targets = train.to_device(images, targets, torch.device('cpu'))
+    out, same_targets = engine.to_device(images, targets, torch.device('cpu'))
     assert out.dtype == torch.float32 and same_targets is targets
     assert out.flatten().tolist() == [-123, 132, 0, -117, 0, -103]
     floats = torch.randn(1, 3, 1, 2)
-    assert torch.equal(train.to_device(floats, targets, torch.device('cpu'))[0], floats)
+    assert torch.equal(engine.to_device(floats, targets, torch.device('cpu'))[0], floats)
     wide = torch.randint(0, 256, (2, 3, 4, 5), dtype=torch.uint8)
-    last, _ = train.to_device(wide, targets, torch.device('cpu'), channels_last=True)
+    last, _ = engine.to_device(wide, targets, torch.device('cpu'), channels_last=True)
     assert last.is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(last, train.to_device(wide, targets, torch.device('cpu'))[0])
+    assert torch.equal(last, engine.to_device(wide, targets, torch.device('cpu'))[0])
 
 
 def test_device_errors_are_one_clear_line():
@@ -291,9 +296,7 @@ def test_device_errors_are_one_clear_line():
 
 
 def test_missing_basenet_says_where_and_how(lists, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exc:
-        train.main(train.parse_args(run_args(lists, tmp_path) + ['--basenet', 'vgg16_reducedfc.pth']))
-    assert exc.value.code == 2
+    assert run_cli(lists, tmp_path, '--basenet', 'vgg16_reducedfc.pth') == 2
     err = capsys.readouterr().err
     assert 'vgg16_reducedfc.pth' in err and 'tools/make_basenet.py' in err and '--basenet none' in err
 
@@ -311,25 +314,22 @@ def test_basenet_is_loaded_into_the_trunk(lists, tmp_path, capsys):
 def test_bad_resume_checkpoints(lists, tmp_path, capsys):
     garbage = tmp_path / 'garbage.pth'
     garbage.write_bytes(b'not a checkpoint at all')
-    with pytest.raises(SystemExit):
-        run_main(lists, tmp_path, '--resume', str(garbage))
+    assert run_cli(lists, tmp_path, '--resume', str(garbage)) == 2
     assert 'garbage.pth' in capsys.readouterr().err
     wrong = tmp_path / 'wrong.pth'
     sd = build_s3fd('train').state_dict()
     sd.pop('conf.0.weight')
     sd['extra.weight'] = torch.zeros(1)
     atomic_save(sd, str(wrong))
-    with pytest.raises(SystemExit):
-        run_main(lists, tmp_path, '--resume', str(wrong))
+    assert run_cli(lists, tmp_path, '--resume', str(wrong)) == 2
     err = capsys.readouterr().err
     assert 'conf.0.weight' in err and 'extra.weight' in err
 
 
 def _train_error(lists, tmp_path, capsys, *extra):
-    with pytest.raises(SystemExit) as exc:
-        run_main(lists, tmp_path, *extra)
+    status = run_cli(lists, tmp_path, *extra)
     err = capsys.readouterr().err.strip()
-    assert exc.value.code == 2 and 'Traceback' not in err, err
+    assert status == 2 and 'Traceback' not in err, err
     last = err.splitlines()[-1]
     assert last.startswith('train.py: error: '), err
     return last
@@ -364,7 +364,7 @@ def test_a_list_of_unreadable_images_is_one_line(tmp_path, capsys, workers):
     (tmp_path / 'l.txt').write_text(f'{corrupt} 1 1 1 9 9 1\n' * 4)
     lists = (str(tmp_path / 'l.txt'), str(tmp_path / 'none.txt'))
     with pytest.warns(RuntimeWarning) if workers == '0' else contextlib.nullcontext():
-        err = _train_error(lists, tmp_path, capsys, '--num_workers', workers, '--val_file', train.cfg.FACE.VAL_FILE)
+        err = _train_error(lists, tmp_path, capsys, '--num_workers', workers, '--val_file', cfg.FACE.VAL_FILE)
     assert err.startswith(f'train.py: error: {tmp_path / "l.txt"}: no readable training image found'), err
 
 
@@ -384,8 +384,7 @@ def test_empty_train_list(lists, tmp_path, capsys):
     empty.write_text('')
     args = run_args(lists, tmp_path)
     args[args.index('--train_file') + 1] = str(empty)
-    with pytest.raises(SystemExit):
-        train.main(train.parse_args(args))
+    assert train.cli(args) == 2
     assert 'empty.txt' in capsys.readouterr().err
 
 
@@ -399,16 +398,14 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(lists, tmp_path, capsys,
             nan = loc.sum() * float('nan')
             return nan, nan
 
-    monkeypatch.setattr(train, 'MultiBoxLoss', NanLoss)
-    with pytest.raises(SystemExit) as exc:
-        run_main(lists, tmp_path, '--epochs', '5')
-    assert exc.value.code == 2
+    monkeypatch.setattr(multibox_loss, 'MultiBoxLoss', NanLoss)
+    assert run_cli(lists, tmp_path, '--epochs', '5') == 2
     captured = capsys.readouterr()
     assert captured.out.count('step skipped') == 10 and '10 in a row' in captured.out
     ckpt = load_file(str(tmp_path / 'sfd_face_checkpoint.pth'))
     torch.manual_seed(0)
     reference = build_s3fd('train')
-    train.init_weights_from_scratch(reference)
+    init_weights_from_scratch(reference)
     for key, value in reference.state_dict().items():  # no step was applied
         assert torch.equal(value, ckpt['weight'][key]), key
 
@@ -424,14 +421,12 @@ def test_nonfinite_weights_are_never_saved_over_the_checkpoint(lists, tmp_path, 
             loc, conf = predictions[0], predictions[1]
             return (loc.float() * 0).sum().sqrt(), (conf.float() * 0).sum().sqrt()
 
-    monkeypatch.setattr(train, 'MultiBoxLoss', NanGradient)
-    with pytest.raises(SystemExit) as exc:
-        run_main(lists, tmp_path, '--epochs', '5')
-    assert exc.value.code == 2
+    monkeypatch.setattr(multibox_loss, 'MultiBoxLoss', NanGradient)
+    assert run_cli(lists, tmp_path, '--epochs', '5') == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert 'weight tensors hold NaN/inf (vgg.0.weight' in err and 'Not saved over' in err
     assert not (tmp_path / 'sfd_face_checkpoint.pth').exists()
-    assert train.nonfinite_parameters(torch.nn.Linear(2, 2)) == []
+    assert engine.nonfinite_parameters(torch.nn.Linear(2, 2)) == []
 
 
 # The stand-in torch_npu registers 'npu' as a torch device type, which cannot be undone in a
@@ -515,7 +510,7 @@ def test_resume_from_an_original_repository_checkpoint(lists, tmp_path, capsys):
 
 
 def test_demo_runs_the_whole_pipeline_and_a_short_stop_is_explained(tmp_path, monkeypatch, capsys):
-    import utils.demo as demo
+    import quickstart as demo
 
     def small_demo(root):
         monkeypatch.setattr(demo, 'DEMO_ROOT', str(root))

@@ -44,7 +44,7 @@ from s3fd import VARIANTS  # noqa: E402
 from utils.cli import ToolError, run_cli  # noqa: E402
 from utils.checkpoint import load_model  # noqa: E402
 from utils.fileio import atomic_path, check_output_file  # noqa: E402
-from utils.inference import MIN_INPUT_SIDE  # noqa: E402
+from s3fd import MIN_INPUT_SIDE  # noqa: E402
 
 INPUT_NAME = 'image'
 OUTPUT_NAMES = ('loc', 'conf', 'priors')

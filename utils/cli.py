@@ -37,14 +37,15 @@ def at_least(minimum, kind=int, maximum=None):
 
 
 def one_line(error):
-    """The message of `error` as one line. An error raised in a DataLoader worker reaches the
-    main process with the worker's traceback in its message; its last line is the message."""
+    """The message of `error` as one line: its first line, except for an error raised in a
+    DataLoader worker, which reaches the main process with the worker's traceback in its
+    message, ending with the original message."""
     text = str(error).strip()
-    if '\n' not in text:
-        return text
+    if 'Traceback (most recent call last)' not in text:
+        return text.splitlines()[0] if text else type(error).__name__
     last = text.splitlines()[-1]
-    prefix = f'{type(error).__name__}: '
-    return last[len(prefix):] if last.startswith(prefix) else last
+    name, _, message = last.partition(': ')  # 'data.widerface.DatasetError: message'
+    return message if message and name.rsplit('.', 1)[-1] == type(error).__name__ else last
 
 
 def run_cli(main, parse_args, argv=None, prog=None, status=1):

@@ -50,12 +50,11 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import box_iou
 
+from s3fd import MIN_INPUT_SIDE
 from utils.augmentations import clip_boxes, mirror_boxes, subtract_mean
 from utils.device import setup_device
 
 OFFICIAL_MAX_PIXELS = 1700 * 1200
-# Smallest input side for which the five pooling stages of VGG keep at least one cell.
-MIN_INPUT_SIDE = 32
 VOTE_IOU = 0.3
 VOTE_TOP_K = 750
 SHRUNK_MIN_SIDE = 30     # px, pixel-inclusive: shrunk passes keep boxes whose longer side is above

@@ -1,4 +1,5 @@
-"""`python train.py --demo`: the whole pipeline on a synthetic WIDER FACE, on the CPU.
+"""The quick start behind `python train.py --demo`: the whole pipeline on a synthetic WIDER
+FACE, on the CPU.
 
 Generates the synthetic dataset under data/demo/WIDER (once), writes its list files,
 trains from scratch at a reduced input size for a few minutes, validates every epoch, then
