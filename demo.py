@@ -16,23 +16,22 @@ import os
 import sys
 import time
 
-import cv2
-import torch
-
-from data.config import cfg
-from s3fd import VARIANTS
+from data.config import MODEL_VARIANTS, cfg
 from utils.cli import UserError, at_least, run_cli
-from utils.checkpoint import load_model
-from utils.fileio import atomic_write_bytes, make_output_dir
-from utils.image_io import ImageReadError, load_rgb
-from s3fd import MIN_INPUT_SIDE
-from utils.inference import Detector, draw_detections, inference_device
 
+# PyTorch, OpenCV and the model are imported inside the functions that use them, so that
+# `--help` and usage errors answer at once.
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
 
 
 class DemoError(UserError, RuntimeError):
     """Bad input of demo.py; the message is one line."""
+
+
+def input_side(text):
+    """argparse type of --max_size: an integer the network accepts."""
+    from s3fd import MIN_INPUT_SIDE
+    return at_least(MIN_INPUT_SIDE)(text)
 
 
 def parse_args(argv=None):
@@ -44,12 +43,12 @@ def parse_args(argv=None):
     parser.add_argument('--thresh', type=float, default=0.6, help='draw and count faces scoring >= this (0.6)')
     parser.add_argument('--mode', default='single', choices=('single', 'multiscale'),
                         help='single pass (default) or the S3FD multi-scale + flip test')
-    parser.add_argument('--max_size', type=at_least(MIN_INPUT_SIDE), default=None,
+    parser.add_argument('--max_size', type=input_side, default=None,
                         help='cap the longer input side at N px (default: H*W <= 1700*1200)')
-    parser.add_argument('--device', default='gpu' if torch.cuda.is_available() else 'cpu',
-                        choices=('cpu', 'gpu', 'npu'))
+    parser.add_argument('--device', default=None, choices=('cpu', 'gpu', 'npu'),
+                        help='default: gpu when CUDA is available, else cpu')
     parser.add_argument('--device_id', type=int, default=0)
-    parser.add_argument('--variant', default=None, choices=VARIANTS,
+    parser.add_argument('--variant', default=None, choices=MODEL_VARIANTS,
                         help='network variant (default: from the checkpoint, else cfg.MODEL_VARIANT)')
     return parser.parse_args(argv)
 
@@ -69,6 +68,10 @@ def list_inputs(path):
 
 def save_image(path, rgb):
     """Write ``rgb`` (uint8 [H, W, 3]) to ``path`` atomically, in the format of its extension."""
+    import cv2
+
+    from utils.fileio import atomic_write_bytes
+
     ext = os.path.splitext(path)[1].lower() or '.jpg'
     ok, data = cv2.imencode(ext, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     if not ok:
@@ -81,6 +84,11 @@ def main(args):
 
     Raises DemoError, CheckpointError or DeviceUnavailable (one-line messages) for bad input.
     """
+    from utils.checkpoint import load_model
+    from utils.fileio import make_output_dir
+    from utils.image_io import ImageReadError, load_rgb
+    from utils.inference import Detector, draw_detections, inference_device
+
     files = list_inputs(args.path)
     out_dir = os.path.abspath(args.out)
     if any(os.path.dirname(os.path.abspath(f)) == out_dir for f in files):

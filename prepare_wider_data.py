@@ -16,12 +16,12 @@ import os
 
 
 from data.config import cfg
-from data.widerface import (ATTRIBUTE_NAMES, AnnotationError, annotation_path, image_root,
-                            read_wider_annotations)
 from utils.fileio import OutputDirError, atomic_write_text, make_output_dir
 
+# The annotation parser (data/widerface.py, which loads PyTorch for its dataset) is imported
+# inside the functions that use it, so that `--help` answers at once.
+
 SPLITS = ('train', 'val')
-INVALID = ATTRIBUTE_NAMES.index('invalid')
 
 
 def parse_args(argv=None):
@@ -45,6 +45,8 @@ def convert_split(annotation_file, images_dir, drop_invalid=False):
     """Annotation file -> (list-file lines, stats dict with images, faces, dropped_size,
     dropped_invalid, missing, first_missing (a path or None), repeated (images listed again)).
     Raises AnnotationError for a malformed file or one without any image."""
+    from data.widerface import ATTRIBUTE_NAMES, AnnotationError, read_wider_annotations
+
     records = read_wider_annotations(annotation_file)
     if not records:
         raise AnnotationError(annotation_file, 0, 'no image in the file')
@@ -58,7 +60,7 @@ def convert_split(annotation_file, images_dir, drop_invalid=False):
         keep = (boxes[:, 2] > 0) & (boxes[:, 3] > 0)
         stats['dropped_size'] += int((~keep).sum())
         if drop_invalid:
-            invalid = keep & (rec.attributes[:, INVALID] != 0)
+            invalid = keep & (rec.attributes[:, ATTRIBUTE_NAMES.index('invalid')] != 0)
             stats['dropped_invalid'] += int(invalid.sum())
             keep &= ~invalid
         kept = boxes[keep]
@@ -85,6 +87,8 @@ def write_atomic(path, lines):
 
 def main(args):
     """Convert every split whose annotation file exists; returns {split: stats}."""
+    from data.widerface import AnnotationError, annotation_path, image_root
+
     found = {s: annotation_path(args.dataset_dir, s) for s in SPLITS}
     present = {s: p for s, p in found.items() if os.path.isfile(p)}
     if not present:

@@ -38,27 +38,24 @@ import os
 import sys
 import time
 
-import cv2
-import torch
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
-
-from data.config import cfg
-from data.widerface import AnnotationError, annotation_path, image_root, read_text_lines, read_wider_annotations
-from s3fd import MIN_INPUT_SIDE, VARIANTS
+from data.config import MODEL_VARIANTS, cfg
 from utils.cli import UserError, at_least, run_cli
-from utils.checkpoint import load_model
-from utils.fileio import make_output_dir
-from utils.image_io import ImageReadError, load_rgb
-from utils.inference import Detector, inference_device, resize_rgb, single_scale, to_wider_rows
-from utils.widerface_eval import (WiderEvalError, evaluate, list_split_images,
-                                  load_ground_truth, write_prediction_file)
+
+# PyTorch, OpenCV and the model are imported inside the functions that use them, so that
+# `--help` and usage errors answer at once. The input side limit of --max_size is the
+# network's (s3fd.MIN_INPUT_SIDE), checked when the option is given.
 
 SPLITS = ('train', 'val', 'test')
 
 
 class WiderTestError(UserError, RuntimeError):
     """Bad input of wider_test.py (dataset layout, arguments); the message is one line."""
+
+
+def input_side(text):
+    """argparse type of --max_size: an integer the network accepts."""
+    from s3fd import MIN_INPUT_SIDE
+    return at_least(MIN_INPUT_SIDE)(text)
 
 
 def parse_args(argv=None):
@@ -76,8 +73,8 @@ def parse_args(argv=None):
     parser.add_argument('--mode', default='single', choices=('single', 'multiscale'),
                         help='single: one pass (1700x1200 budget); multiscale: the S3FD test with flip, '
                              'shrunk/enlarged passes and box voting')
-    parser.add_argument('--device', default='gpu' if torch.cuda.is_available() else 'cpu',
-                        choices=('cpu', 'gpu', 'npu'))
+    parser.add_argument('--device', default=None, choices=('cpu', 'gpu', 'npu'),
+                        help='default: gpu when CUDA is available, else cpu')
     parser.add_argument('--device_id', type=int, default=0)
     parser.add_argument('--amp', default='off', choices=('off', 'bf16', 'fp16'),
                         help='autocast the network in this precision (default off: float32)')
@@ -85,12 +82,12 @@ def parse_args(argv=None):
                         help='single mode: images of the same input size run together (default 1)')
     parser.add_argument('--workers', type=at_least(0), default=2,
                         help='image decoding processes (0: in the main one; default 2)')
-    parser.add_argument('--max_size', type=at_least(MIN_INPUT_SIDE), default=None,
+    parser.add_argument('--max_size', type=input_side, default=None,
                         help='cap the longer input side of every pass at N px (quick runs; default: '
                              'only the official H*W <= 1700*1200 rule)')
     parser.add_argument('--thresh', type=float, default=cfg.CONF_THRESH,
                         help=f'keep detections with score >= this (default {cfg.CONF_THRESH})')
-    parser.add_argument('--variant', default=None, choices=VARIANTS,
+    parser.add_argument('--variant', default=None, choices=MODEL_VARIANTS,
                         help='network variant (default: from the checkpoint, else cfg.MODEL_VARIANT)')
     parser.add_argument('--num_images', type=at_least(1), default=None,
                         help='only the first N images of the list (a quick subset)')
@@ -106,6 +103,7 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------- image list
 
 def _list_from_annotations(path):
+    from data.widerface import AnnotationError, read_wider_annotations
     try:
         return [r.name for r in read_wider_annotations(path)]
     except AnnotationError as exc:
@@ -113,6 +111,7 @@ def _list_from_annotations(path):
 
 
 def _list_from_filelist(path):
+    from data.widerface import AnnotationError, read_text_lines
     try:
         return [line.strip() for line in read_text_lines(path) if line.strip()]
     except AnnotationError as exc:
@@ -120,6 +119,7 @@ def _list_from_filelist(path):
 
 
 def _list_from_mat(path):
+    from utils.widerface_eval import WiderEvalError, list_split_images
     try:
         return [f'{event}/{name}.jpg' for event, name in list_split_images(path)]
     except WiderEvalError as exc:
@@ -133,6 +133,8 @@ def image_list(dataset_dir, split):
     name without extension (the evaluation key is ``(event, name)``) and ``path`` the image
     file; ``source`` the list file used. Raises WiderTestError when the split is absent.
     """
+    from data.widerface import annotation_path, image_root
+
     if not os.path.isdir(dataset_dir):
         raise WiderTestError(f'dataset directory {dataset_dir} does not exist')
     split_dir = os.path.join(dataset_dir, 'wider_face_split')
@@ -183,81 +185,29 @@ def remove_predictions(out_dir, items):
     return removed
 
 
-# ----------------------------------------------------------------------------- loading
-
-class _Images(Dataset):
-    """Decodes (and in single mode resizes) the images; errors come back as messages."""
-
-    def __init__(self, items, resize, max_size):
-        self.items = items
-        self.resize = resize
-        self.max_size = max_size
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, index):
-        path = self.items[index][2]
-        try:
-            rgb = load_rgb(path)
-        except ImageReadError as exc:
-            return index, None, None, str(exc)
-        hw = rgb.shape[:2]
-        if self.resize:
-            rgb = resize_rgb(rgb, single_scale(*hw, max_size=self.max_size))
-        return index, rgb, hw, None
-
-
-def _as_is(sample):
-    return sample
-
-
 # ----------------------------------------------------------------------------- main
 
 def run(detector, items, args):
     """Detect every image and write its prediction file; returns the skip messages."""
-    single = args.mode == 'single'
-    if args.workers > 0:
-        # The worker processes decode in parallel already; a forked worker whose parent used
-        # OpenCV's thread pool can deadlock inside OpenCV, so the parent runs it single-threaded.
-        cv2.setNumThreads(1)
-    loader = DataLoader(_Images(items, single, args.max_size), batch_size=None, shuffle=False,
-                        num_workers=args.workers, collate_fn=_as_is)
+    from tqdm import tqdm
+
+    from utils.batch_detect import detect_files
+    from utils.inference import to_wider_rows
+    from utils.widerface_eval import write_prediction_file
+
     skipped = []
-    pending = {}  # input size -> [(index, resized image, original hw)], oldest size first
-    max_pending = 4 * args.batch_size
     bar = tqdm(total=len(items), unit='img', desc=f'{args.split} ({args.mode})', file=sys.stderr,
                dynamic_ncols=True)
-
-    def write(index, dets, hw):
-        event, name, path = items[index]
-        write_prediction_file(prediction_path(args.out, event, name), os.path.basename(path),
-                              to_wider_rows(dets, *hw))
-        bar.update(1)
-
-    def flush(key):
-        group = pending.pop(key)
-        dets = detector.detect_resized([g[1] for g in group], [g[2] for g in group])
-        for (index, _, hw), d in zip(group, dets):
-            write(index, d, hw)
-
-    for index, rgb, hw, error in loader:
+    for index, dets, hw, error in detect_files(detector, [path for _, _, path in items], args.mode,
+                                               args.batch_size, args.workers):
         if error is not None:
             skipped.append(error)
             bar.write(f'skipped: {error}', file=sys.stderr)
-            bar.update(1)
-            continue
-        if not single:
-            write(index, detector.multi_scale_detect(rgb), hw)
-            continue
-        key = rgb.shape
-        pending.setdefault(key, []).append((index, rgb, hw))
-        if len(pending[key]) >= args.batch_size:
-            flush(key)
-        elif sum(len(g) for g in pending.values()) >= max_pending:
-            flush(next(iter(pending)))
-    while pending:
-        flush(next(iter(pending)))
+        else:
+            event, name, path = items[index]
+            write_prediction_file(prediction_path(args.out, event, name), os.path.basename(path),
+                                  to_wider_rows(dets, *hw))
+        bar.update(1)
     bar.close()
     return skipped
 
@@ -268,6 +218,11 @@ def main(args):
     Raises WiderTestError, CheckpointError, DeviceUnavailable or WiderEvalError (one-line
     messages) for bad input.
     """
+    from utils.checkpoint import load_model
+    from utils.fileio import make_output_dir
+    from utils.inference import Detector, inference_device
+    from utils.widerface_eval import evaluate, load_ground_truth
+
     items, source = image_list(args.dataset_dir, args.split)
     split_items = items
     if args.num_images is not None:

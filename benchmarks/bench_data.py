@@ -18,21 +18,9 @@ import sys
 import tempfile
 import time
 
-import cv2
-import torch
-
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
-
-from data.widerface import WIDERDetection  # noqa: E402
-from data.widerface import annotation_path, image_root  # noqa: E402
-from prepare_wider_data import convert_split, write_atomic  # noqa: E402
-from utils.image_io import load_rgb  # noqa: E402
-
-REAL_NAME = '0--Parade/0_Parade_marchingband_1_465.jpg'
-TARGET = 120.0
-NORMALIZE = False  # as train.py: uint8 samples, the mean subtracted on the device
 
 
 def parse_args(argv=None):
@@ -45,6 +33,23 @@ def parse_args(argv=None):
     parser.add_argument('--input_size', type=int, default=640)
     parser.add_argument('--seed', type=int, default=0)
     return parser.parse_args(argv)
+
+
+if __name__ == '__main__':
+    parse_args()  # --help and usage errors answer here, before PyTorch is imported below
+
+
+import cv2  # noqa: E402
+import torch  # noqa: E402
+
+from data.widerface import WIDERDetection  # noqa: E402
+from data.widerface import annotation_path, image_root  # noqa: E402
+from prepare_wider_data import convert_split, write_atomic  # noqa: E402
+from utils.image_io import load_rgb  # noqa: E402
+
+REAL_NAME = '0--Parade/0_Parade_marchingband_1_465.jpg'
+TARGET = 120.0
+NORMALIZE = False  # as train.py: uint8 samples, the mean subtracted on the device
 
 
 def _time_samples(dataset, indices):

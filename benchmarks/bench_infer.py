@@ -24,20 +24,12 @@ import statistics
 import sys
 import time
 
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from data.config import cfg  # noqa: E402
-from s3fd import VARIANTS, build_s3fd, init_weights_from_scratch  # noqa: E402
-from utils.cli import run_cli  # noqa: E402
-from utils.checkpoint import load_model  # noqa: E402
-from utils.image_io import load_rgb  # noqa: E402
-from utils.inference import Detector, inference_device  # noqa: E402
+from data.config import MODEL_VARIANTS  # noqa: E402
 
 REAL_IMAGE = os.path.join(os.path.dirname(REPO), 'shared', 'widerface', 'WIDER_val', 'images', '0--Parade',
                           '0_Parade_marchingband_1_465.jpg')
@@ -48,7 +40,7 @@ def parse_args(argv=None):
     parser.add_argument('--device', default='cpu', choices=('cpu', 'gpu', 'npu'))
     parser.add_argument('--device_id', type=int, default=0)
     parser.add_argument('--model', default=None, help='weights to load (default: random initialisation)')
-    parser.add_argument('--variant', default=None, choices=VARIANTS)
+    parser.add_argument('--variant', default=None, choices=MODEL_VARIANTS)
     parser.add_argument('--image', default=None,
                         help=f'image to resize and repeat (default {REAL_IMAGE}, else a synthetic scene)')
     parser.add_argument('--width', type=int, default=640)
@@ -77,6 +69,22 @@ def parse_args(argv=None):
     if not args.batch_sizes or min(args.batch_sizes) < 1:
         parser.error('--batch_sizes needs positive integers')
     return args
+
+
+if __name__ == '__main__':
+    parse_args()  # --help and usage errors answer here, before PyTorch is imported below
+
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from data.config import cfg  # noqa: E402
+from s3fd import build_s3fd, init_weights_from_scratch  # noqa: E402
+from utils.cli import run_cli  # noqa: E402
+from utils.checkpoint import load_model  # noqa: E402
+from utils.image_io import load_rgb  # noqa: E402
+from utils.inference import Detector, inference_device  # noqa: E402
 
 
 def bench_image(path, width, height):

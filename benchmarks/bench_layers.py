@@ -20,19 +20,7 @@ import statistics
 import sys
 import time
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from data.config import cfg  # noqa: E402
-from layers.functions.detection import Detect  # noqa: E402
-from layers.functions.prior_box import PriorBox  # noqa: E402
-from layers.modules.l2norm import L2Norm  # noqa: E402
-from layers.modules.multibox_loss import MultiBoxLoss  # noqa: E402
-
-MAPS_640 = [(160, 160), (80, 80), (40, 40), (20, 20), (10, 10), (5, 5)]
-L2NORM_SHAPES_640 = [(256, 160, 160, 10), (512, 80, 80, 8), (512, 40, 40, 5)]  # channels, H, W, scale
-
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -42,6 +30,22 @@ def parse_args():
     parser.add_argument('--l2norm_batch', type=int, default=4)
     parser.add_argument('--device', default='cpu')
     return parser.parse_args()
+
+
+if __name__ == '__main__':
+    parse_args()  # --help and usage errors answer here, before PyTorch is imported below
+
+
+import torch  # noqa: E402
+
+from data.config import cfg  # noqa: E402
+from layers.functions.detection import Detect  # noqa: E402
+from layers.functions.prior_box import PriorBox  # noqa: E402
+from layers.modules.l2norm import L2Norm  # noqa: E402
+from layers.modules.multibox_loss import MultiBoxLoss  # noqa: E402
+
+MAPS_640 = [(160, 160), (80, 80), (40, 40), (20, 20), (10, 10), (5, 5)]
+L2NORM_SHAPES_640 = [(256, 160, 160, 10), (512, 80, 80, 8), (512, 40, 40, 5)]  # channels, H, W, scale
 
 
 def random_faces(gen, n, input_size=640):

@@ -19,18 +19,10 @@ import sys
 import tempfile
 import time
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data.config import cfg  # noqa: E402
-from layers.modules.multibox_loss import MultiBoxLoss  # noqa: E402
-from s3fd import build_s3fd, init_weights_from_scratch  # noqa: E402
 from benchmarks._common import add_step_arguments, device_spec  # noqa: E402
-from benchmarks.bench_layers import random_faces  # noqa: E402
-from utils.engine import FiniteCheck, training_step  # noqa: E402
-from utils import device as devices  # noqa: E402
-from utils.fileio import atomic_write_text  # noqa: E402
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -54,6 +46,20 @@ def parse_args(argv=None):
     p.add_argument('--data_dir', default=None, help='reuse/keep the synthetic WIDER here (--data loader)')
     return p.parse_args(argv)
 
+
+if __name__ == '__main__':
+    parse_args()  # --help and usage errors answer here, before PyTorch is imported below
+
+
+import torch  # noqa: E402
+
+from data.config import cfg  # noqa: E402
+from layers.modules.multibox_loss import MultiBoxLoss  # noqa: E402
+from s3fd import build_s3fd, init_weights_from_scratch  # noqa: E402
+from benchmarks.bench_layers import random_faces  # noqa: E402
+from utils.engine import FiniteCheck, training_step  # noqa: E402
+from utils import device as devices  # noqa: E402
+from utils.fileio import atomic_write_text  # noqa: E402
 
 def train_flops_per_image(input_size):
     """Multiply-adds of every convolution at this input size, x2 for FLOPs, x3 for

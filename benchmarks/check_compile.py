@@ -28,16 +28,9 @@ import math
 import os
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from s3fd import build_s3fd, init_weights_from_scratch  # noqa: E402
 from benchmarks._common import add_step_arguments  # noqa: E402
-from benchmarks.bench_train import synthetic_batches  # noqa: E402
-from benchmarks.check_precision import train_steps  # noqa: E402
-from utils.engine import to_device  # noqa: E402
-from utils import device as devices  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -51,6 +44,19 @@ def parse_args(argv=None):
                    help='set torch._inductor.config.KEY to the Python literal VALUE (repeatable)')
     p.add_argument('--tolerance', default=0.05, type=float)
     return p.parse_args(argv)
+
+
+if __name__ == '__main__':
+    parse_args()  # --help and usage errors answer here, before PyTorch is imported below
+
+
+import torch  # noqa: E402
+
+from s3fd import build_s3fd, init_weights_from_scratch  # noqa: E402
+from benchmarks.bench_train import synthetic_batches  # noqa: E402
+from benchmarks.check_precision import train_steps  # noqa: E402
+from utils.engine import to_device  # noqa: E402
+from utils import device as devices  # noqa: E402
 
 
 def set_inductor_options(pairs):

@@ -19,15 +19,9 @@ import math
 import os
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from s3fd import build_s3fd, init_weights_from_scratch  # noqa: E402
 from benchmarks._common import add_step_arguments  # noqa: E402
-from benchmarks.bench_train import prepare_training, synthetic_batches  # noqa: E402
-from utils.engine import nonfinite_parameters, training_step  # noqa: E402
-from utils import device as devices  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -40,6 +34,18 @@ def parse_args(argv=None):
     p.add_argument('--compile', action='store_true',
                    help='torch.compile the network of the mixed-precision run (checks compile as well)')
     return p.parse_args(argv)
+
+
+if __name__ == '__main__':
+    parse_args()  # --help and usage errors answer here, before PyTorch is imported below
+
+
+import torch  # noqa: E402
+
+from s3fd import build_s3fd, init_weights_from_scratch  # noqa: E402
+from benchmarks.bench_train import prepare_training, synthetic_batches  # noqa: E402
+from utils.engine import nonfinite_parameters, training_step  # noqa: E402
+from utils import device as devices  # noqa: E402
 
 
 def train_steps(model, ctx, batches, steps, lr, channels_last=False, compile_net=False, compile_mode=None,

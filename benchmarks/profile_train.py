@@ -31,29 +31,9 @@ import os
 import sys
 import time
 
-import torch
-from torch.autograd import DeviceType
-from torch.autograd.profiler import record_function
-from torch.profiler import ProfilerActivity, profile
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from s3fd import build_s3fd, init_weights_from_scratch  # noqa: E402
 from benchmarks._common import add_step_arguments, device_spec  # noqa: E402
-from benchmarks.bench_train import prepare_training, synthetic_batches  # noqa: E402
-from utils.engine import training_step  # noqa: E402
-from utils import device as devices  # noqa: E402
-
-PHASES = ('forward', 'loss', 'backward', 'optimizer')
-KINDS = ('convolution', 'relu', 'pooling', 'cast', 'l2norm', 'heads', 'loss', 'optimizer', 'compiled', 'other')
-LABEL = 'S3FD|'  # prefix of the profiler ranges this tool opens: S3FD|phase|scope|module type
-# aten operators that only make views or read metadata: they move no bytes.
-NO_TRAFFIC_OPS = {'detach', 'view', '_unsafe_view', 'expand', 'permute', 't', 'alias', 'slice', 'select',
-                  'unsqueeze', 'squeeze', 'transpose', 'as_strided', 'reshape', 'split', 'unbind',
-                  'split_with_sizes', 'empty', 'empty_like', 'empty_strided', 'lift_fresh', 'set_', 'resize_',
-                  '_local_scalar_dense', 'is_nonzero', 'size', 'stride'}
 
 
 def parse_args(argv=None):
@@ -67,6 +47,32 @@ def parse_args(argv=None):
     p.add_argument('--top', default=15, type=int, help='operators listed in top_ops')
     p.add_argument('--trace', default=None, help='write a Chrome trace of the profiled steps to this file')
     return p.parse_args(argv)
+
+
+if __name__ == '__main__':
+    parse_args()  # --help and usage errors answer here, before PyTorch is imported below
+
+
+import torch  # noqa: E402
+from torch.autograd import DeviceType  # noqa: E402
+from torch.autograd.profiler import record_function  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_flatten  # noqa: E402
+
+from s3fd import build_s3fd, init_weights_from_scratch  # noqa: E402
+from benchmarks.bench_train import prepare_training, synthetic_batches  # noqa: E402
+from utils.engine import training_step  # noqa: E402
+from utils import device as devices  # noqa: E402
+
+PHASES = ('forward', 'loss', 'backward', 'optimizer')
+KINDS = ('convolution', 'relu', 'pooling', 'cast', 'l2norm', 'heads', 'loss', 'optimizer', 'compiled', 'other')
+LABEL = 'S3FD|'  # prefix of the profiler ranges this tool opens: S3FD|phase|scope|module type
+# aten operators that only make views or read metadata: they move no bytes.
+NO_TRAFFIC_OPS = {'detach', 'view', '_unsafe_view', 'expand', 'permute', 't', 'alias', 'slice', 'select',
+                  'unsqueeze', 'squeeze', 'transpose', 'as_strided', 'reshape', 'split', 'unbind',
+                  'split_with_sizes', 'empty', 'empty_like', 'empty_strided', 'lift_fresh', 'set_', 'resize_',
+                  '_local_scalar_dense', 'is_nonzero', 'size', 'stride'}
 
 
 def kind_of(op, phase, scope, module_type):

@@ -50,9 +50,30 @@ import shutil
 import sys
 import time
 
-import cv2
-import numpy as np
-import scipy.io
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog='python -m data.synthetic',
+        description='Generate a synthetic WIDER FACE (images, bbx_gt annotation files, evaluation '
+                    '.mat files) in the real dataset\'s on-disk layout.')
+    parser.add_argument('--out', required=True,
+                        help='output directory, the WIDER root (e.g. data/WIDER_synthetic)')
+    parser.add_argument('--train', type=int, default=200, help='number of training images (0: none)')
+    parser.add_argument('--val', type=int, default=50, help='number of validation images (0: none)')
+    parser.add_argument('--seed', type=int, default=0,
+                        help='random seed; the same seed and counts give identical files')
+    parser.add_argument('--overwrite', action='store_true',
+                        help='replace a synthetic dataset made with other arguments '
+                             '(never a folder without the synthetic manifest)')
+    return parser.parse_args(argv)
+
+
+if __name__ == '__main__':
+    parse_args()  # --help and usage errors answer here, before PyTorch is imported below
+
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import scipy.io  # noqa: E402
 
 from data.widerface import ATTRIBUTE_NAMES, annotation_path, image_root
 from utils.fileio import atomic_write_bytes
@@ -720,24 +741,6 @@ def generate(out_dir, num_train, num_val, seed=0, overwrite=False, progress=Fals
     atomic_write_bytes(os.path.join(out_dir, MANIFEST_NAME), _manifest_bytes(params, True, summary), sync=True)
     summary.update(out_dir=out_dir, reused=False, seconds=round(time.perf_counter() - start, 3))
     return summary
-
-
-# ----------------------------------------------------------------------------- command line
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        prog='python -m data.synthetic',
-        description='Generate a synthetic WIDER FACE (images, bbx_gt annotation files, evaluation '
-                    '.mat files) in the real dataset\'s on-disk layout.')
-    parser.add_argument('--out', required=True,
-                        help='output directory, the WIDER root (e.g. data/WIDER_synthetic)')
-    parser.add_argument('--train', type=int, default=200, help='number of training images (0: none)')
-    parser.add_argument('--val', type=int, default=50, help='number of validation images (0: none)')
-    parser.add_argument('--seed', type=int, default=0,
-                        help='random seed; the same seed and counts give identical files')
-    parser.add_argument('--overwrite', action='store_true',
-                        help='replace a synthetic dataset made with other arguments '
-                             '(never a folder without the synthetic manifest)')
-    return parser.parse_args(argv)
 
 
 def main(args):

@@ -8,6 +8,7 @@ import torch
 
 import demo
 from s3fd import build_s3fd
+from utils import checkpoint
 
 
 @pytest.fixture(scope='module')
@@ -113,7 +114,7 @@ def test_a_thresh_below_the_per_pass_threshold_keeps_the_low_scoring_faces(monke
     # demo.py lowers the detector's per-pass threshold (cfg.CONF_THRESH) to --thresh when that is lower.
     from data.config import cfg
     low = cfg.CONF_THRESH / 2
-    monkeypatch.setattr(demo, 'load_model', lambda *a, **k: _FixedScores([0.9, low]))
+    monkeypatch.setattr(checkpoint, 'load_model', lambda *a, **k: _FixedScores([0.9, low]))  # demo.main's import
     image = images / 'im0.png'
     (_, _, faces, _), = run('--model', 'model.pth', image, '--out', tmp_path / 'a', '--thresh', low / 2, '--device', 'cpu')
     assert faces == 2

@@ -166,7 +166,7 @@ def test_draw_detections_marks_boxes_above_the_threshold():
 
 def test_bench_infer_prints_one_json_object(capsys):
     import json
-    from tools import bench_infer
+    from benchmarks import bench_infer
     report = bench_infer.main(bench_infer.parse_args(['--width', '64', '--height', '48', '--batch_sizes', '1,2',
                                                       '--iters', '1', '--warmup', '0', '--threads', '2']))
     printed = json.loads(capsys.readouterr().out)

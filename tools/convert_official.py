@@ -27,9 +27,21 @@ import argparse
 import os
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--src', required=True, help='released S3FD weights in the PyTorch-port layout')
+    parser.add_argument('--dst', required=True, help='output checkpoint for this repository')
+    return parser.parse_args(argv)
+
+
+if __name__ == '__main__':
+    parse_args()  # --help and usage errors answer here, before PyTorch is imported below
+
+
+import torch  # noqa: E402
 
 from s3fd import build_s3fd  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
@@ -100,13 +112,6 @@ def convert_state_dict(state, path='<checkpoint>'):
             tensor = tensor.flip(1)  # input channel order B, G, R -> R, G, B
         out[dst] = tensor.contiguous().clone()
     return out
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--src', required=True, help='released S3FD weights in the PyTorch-port layout')
-    parser.add_argument('--dst', required=True, help='output checkpoint for this repository')
-    return parser.parse_args(argv)
 
 
 def main(args):

@@ -32,23 +32,48 @@ import os
 import sys
 import warnings
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data.config import cfg  # noqa: E402
+from data.config import MODEL_VARIANTS, cfg  # noqa: E402
+
+EXPORTERS = ('dynamo', 'torchscript')
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--model', required=True, help='S3FD checkpoint (train.py output or converted weights)')
+    parser.add_argument('--out', default='s3fd.onnx', help='output ONNX file')
+    parser.add_argument('--input_size', type=int, nargs=2, default=[640, 640], metavar=('H', 'W'),
+                        help='input height and width (fixed, or the example size with --dynamic)')
+    parser.add_argument('--dynamic', action='store_true', help='any input height and width')
+    parser.add_argument('--check_size', type=int, nargs=2, metavar=('H', 'W'),
+                        help='second size checked with --dynamic (default: about 3/4 of --input_size)')
+    parser.add_argument('--opset', type=int, default=18, help='ONNX opset (default 18)')
+    parser.add_argument('--exporter', choices=EXPORTERS, default='dynamo', help='default: dynamo')
+    parser.add_argument('--variant', choices=MODEL_VARIANTS, help='model variant (default: from the checkpoint)')
+    parser.add_argument('--atol', type=float, default=1e-4,
+                        help='accepted max abs difference: atol + rtol * max|output| (default 1e-4)')
+    parser.add_argument('--rtol', type=float, default=1e-5, help='see --atol (default 1e-5)')
+    parser.add_argument('--seed', type=int, default=0, help='seed of the random check images')
+    return parser.parse_args(argv)
+
+
+if __name__ == '__main__':
+    parse_args()  # --help and usage errors answer here, before PyTorch is imported below
+
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
 from layers.functions.prior_box import prior_grid  # noqa: E402
-from s3fd import VARIANTS  # noqa: E402
+from s3fd import MIN_INPUT_SIDE  # noqa: E402
 from utils.cli import ToolError, run_cli  # noqa: E402
 from utils.checkpoint import load_model  # noqa: E402
 from utils.fileio import atomic_path, check_output_file  # noqa: E402
-from s3fd import MIN_INPUT_SIDE  # noqa: E402
 
 INPUT_NAME = 'image'
 OUTPUT_NAMES = ('loc', 'conf', 'priors')
-EXPORTERS = ('dynamo', 'torchscript')
 MIN_DYNAMIC_EXAMPLE = 256
 INSTALL_HINT = 'install the optional ONNX packages: pip install -r requirements-onnx.txt'
 
@@ -178,25 +203,6 @@ def random_image(batch, height, width, generator):
     """A mean-subtracted RGB image batch [B, 3, H, W], pixel values uniform in 0..255."""
     pixels = torch.rand(batch, 3, height, width, generator=generator) * 255
     return pixels - torch.tensor(cfg.img_mean)[:, None, None]
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--model', required=True, help='S3FD checkpoint (train.py output or converted weights)')
-    parser.add_argument('--out', default='s3fd.onnx', help='output ONNX file')
-    parser.add_argument('--input_size', type=int, nargs=2, default=[640, 640], metavar=('H', 'W'),
-                        help='input height and width (fixed, or the example size with --dynamic)')
-    parser.add_argument('--dynamic', action='store_true', help='any input height and width')
-    parser.add_argument('--check_size', type=int, nargs=2, metavar=('H', 'W'),
-                        help='second size checked with --dynamic (default: about 3/4 of --input_size)')
-    parser.add_argument('--opset', type=int, default=18, help='ONNX opset (default 18)')
-    parser.add_argument('--exporter', choices=EXPORTERS, default='dynamo', help='default: dynamo')
-    parser.add_argument('--variant', choices=VARIANTS, help='model variant (default: from the checkpoint)')
-    parser.add_argument('--atol', type=float, default=1e-4,
-                        help='accepted max abs difference: atol + rtol * max|output| (default 1e-4)')
-    parser.add_argument('--rtol', type=float, default=1e-5, help='see --atol (default 1e-5)')
-    parser.add_argument('--seed', type=int, default=0, help='seed of the random check images')
-    return parser.parse_args(argv)
 
 
 def main(args):

@@ -34,8 +34,29 @@ import os
 import sys
 import warnings
 
-import torch
-import torch.nn as nn
+# How each source was trained: source input channel k reads RGB channel order[k] as
+# (pixel / scale - mean[k]) / std[k], pixel in 0..255.
+SOURCE_NORMS = {
+    'torchvision': dict(order=(0, 1, 2), scale=255.0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+    'caffe': dict(order=(2, 1, 0), scale=1.0, mean=(103.939, 116.779, 123.68), std=(1.0, 1.0, 1.0)),
+}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--src', required=True, help='local VGG16 state_dict in torchvision layout')
+    parser.add_argument('--dst', default='weights/vgg16_reducedfc.pth', help='output basenet file')
+    parser.add_argument('--src_norm', choices=sorted(SOURCE_NORMS), default='torchvision',
+                        help='input normalisation the VGG16 was trained with (default: torchvision)')
+    return parser.parse_args(argv)
+
+
+if __name__ == '__main__':
+    parse_args()  # --help and usage errors answer here, before PyTorch is imported below
+
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -50,13 +71,6 @@ FC_CHANNEL_STEP = 4  # 4096 -> 1024 channels
 FC6_TAP_STEP = 3  # 7x7 -> 3x3 taps (0, 3, 6)
 POOL5_SHAPE = (512, 7, 7)
 FC_WIDTH = 4096
-
-# How each source was trained: source input channel k reads RGB channel order[k] as
-# (pixel / scale - mean[k]) / std[k], pixel in 0..255.
-SOURCE_NORMS = {
-    'torchvision': dict(order=(0, 1, 2), scale=255.0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
-    'caffe': dict(order=(2, 1, 0), scale=1.0, mean=(103.939, 116.779, 123.68), std=(1.0, 1.0, 1.0)),
-}
 
 
 def _trunk_shapes():
@@ -148,15 +162,6 @@ def convert_vgg16(state, src_norm='torchvision', path='<vgg16>'):
     out[f'{FC6_INDEX}.weight'], out[f'{FC6_INDEX}.bias'] = fc6, fc6_b
     out[f'{FC7_INDEX}.weight'], out[f'{FC7_INDEX}.bias'] = fc7, fc7_b
     return out
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--src', required=True, help='local VGG16 state_dict in torchvision layout')
-    parser.add_argument('--dst', default='weights/vgg16_reducedfc.pth', help='output basenet file')
-    parser.add_argument('--src_norm', choices=sorted(SOURCE_NORMS), default='torchvision',
-                        help='input normalisation the VGG16 was trained with (default: torchvision)')
-    return parser.parse_args(argv)
 
 
 def main(args):

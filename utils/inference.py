@@ -72,11 +72,14 @@ def inference_device(name, device_id=0, amp='off', fixed_size=False):
     DeviceUnavailable with a one-line message).
 
     Args:
-        name, device_id: ``--device`` ('gpu', 'npu', 'cpu') and ``--device_id``.
+        name, device_id: ``--device`` ('gpu', 'npu', 'cpu'; None: 'gpu' when CUDA is
+            available, else 'cpu') and ``--device_id``.
         amp: 'off' (float32), 'bf16' or 'fp16' (the network autocast in that precision).
         fixed_size: every input has the same size. Otherwise cuDNN autotuning is turned
             off: it would tune again for every new image size.
     """
+    if name is None:
+        name = 'gpu' if torch.cuda.is_available() else 'cpu'
     ctx = setup_device(name, device_id, amp='off' if amp == 'off' else 'native',
                        amp_dtype='fp16' if amp == 'fp16' else 'bf16')
     if ctx.type == 'cuda' and not fixed_size:

@@ -1,0 +1,114 @@
+"""Draw a training run's curves from the metrics file train.py writes in its --save_folder.
+
+    python tools/plot_training.py weights/metrics.jsonl [--out weights/training.png]
+
+Left: the training loss (mean over the epoch) and the validation loss, per epoch. Right: the
+WIDER AP of each epoch evaluated with --val_ap (Easy/Medium/Hard, or one AP over all faces
+when the official ground truth was not found), with the epoch that sfd_face.pth holds marked.
+A run that was resumed may list an epoch twice: its last row counts. Needs matplotlib
+(pip install matplotlib).
+"""
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from utils.cli import ToolError, run_cli  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('metrics', help='metrics.jsonl written by train.py in its --save_folder')
+    parser.add_argument('--out', default=None, help='image file (png, pdf, svg; default: training.png '
+                                                    'beside the metrics file)')
+    return parser.parse_args(argv)
+
+
+def read_metrics(path):
+    """The rows of a metrics file, one per epoch (the last row of an epoch written twice), in
+    epoch order. A last line cut short by a crash is left out; any other bad line is an error."""
+    try:
+        with open(path, encoding='utf-8-sig') as handle:
+            lines = handle.read().splitlines()
+    except FileNotFoundError:
+        raise ToolError(f'{path}: no such file (train.py writes metrics.jsonl in its --save_folder)') from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ToolError(f'{path}: cannot read the file ({exc})') from None
+    rows = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                continue  # a write cut short by a crash
+            raise ToolError(f'{path}:{number}: not a JSON object') from None
+        if not isinstance(row, dict) or not isinstance(row.get('epoch'), int):
+            raise ToolError(f'{path}:{number}: a row without an integer "epoch"')
+        rows[row['epoch']] = row
+    if not rows:
+        raise ToolError(f'{path}: holds no epoch yet')
+    return [rows[epoch] for epoch in sorted(rows)]
+
+
+def plot(rows, out):
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ToolError('drawing needs matplotlib, which is not installed: pip install matplotlib') from None
+    from utils.fileio import atomic_path
+
+    epochs = [row['epoch'] for row in rows]
+    fig = Figure(figsize=(12, 4.5))
+    FigureCanvasAgg(fig)
+    loss_ax, ap_ax = fig.subplots(1, 2)
+    for key, label in (('train_loss', 'training loss (epoch mean)'), ('val_loss', 'validation loss')):
+        points = [(e, row[key]) for e, row in zip(epochs, rows) if row.get(key) is not None]
+        if points:
+            loss_ax.plot(*zip(*points), marker='o', label=label)
+    loss_ax.set_xlabel('epoch')
+    loss_ax.set_ylabel('loss (loc + conf)')
+    loss_ax.grid(True, alpha=0.3)
+    loss_ax.legend()
+    settings = []
+    for row in rows:
+        for name in (row.get('ap') or {}):
+            if name not in settings:
+                settings.append(name)
+    for name in settings:
+        points = [(e, row['ap'][name]) for e, row in zip(epochs, rows) if (row.get('ap') or {}).get(name) is not None]
+        ap_ax.plot(*zip(*points), marker='o', label=f'{name} AP')
+    kept = [row for row in rows if row.get('best_saved')]
+    if kept:
+        last = kept[-1]
+        ap_ax.axvline(last['epoch'], color='grey', linestyle='--',
+                      label=f'sfd_face.pth: epoch {last["epoch"]} (best {last.get("best_by", "loss")})')
+    ap_ax.set_xlabel('epoch')
+    ap_ax.set_ylabel('WIDER AP (official protocol)')
+    ap_ax.set_ylim(0, 1)
+    ap_ax.grid(True, alpha=0.3)
+    if settings or kept:
+        ap_ax.legend(loc='lower right')
+    else:
+        ap_ax.text(0.5, 0.5, 'no AP in this run (train.py --val_ap)', ha='center', va='center',
+                   transform=ap_ax.transAxes)
+    fig.tight_layout()
+    ext = os.path.splitext(out)[1].lstrip('.').lower() or 'png'
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format=ext, dpi=100)
+
+
+def main(args):
+    rows = read_metrics(args.metrics)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.metrics)), 'training.png')
+    plot(rows, out)
+    print(f'{len(rows)} epochs drawn to {out}')
+    return out
+
+
+if __name__ == '__main__':
+    sys.exit(run_cli(main, parse_args))
