@@ -24,7 +24,9 @@ Modes
     ``single``: one pass at ``min(1, sqrt(1700 * 1200 / (h * w)))``; same-size images are
     batched (``--batch_size``), which gives the same boxes as one image at a time.
     ``multiscale``: the S3FD test (original + mirror, a shrunk and enlarged passes, box
-    voting; see utils/inference.py), one image at a time.
+    voting; see utils/inference.py), one image at a time. Every pass of either mode resizes
+    and maps its boxes back as the reference port's ``tools/wider_test.py``:
+    ``cv2.resize(img, None, fx=s, fy=s)``, boxes times the resized size over ``s``.
     ``--max_size N`` caps the longer side of every pass (a deviation for quick runs; the
     official rule alone is the default).
 
@@ -202,11 +204,12 @@ class _Images(Dataset):
         try:
             rgb = load_rgb(path)
         except ImageReadError as exc:
-            return index, None, None, str(exc)
+            return index, None, None, None, str(exc)
         hw = rgb.shape[:2]
+        scale = single_scale(*hw, max_size=self.max_size) if self.resize else None
         if self.resize:
-            rgb = resize_rgb(rgb, single_scale(*hw, max_size=self.max_size))
-        return index, rgb, hw, None
+            rgb = resize_rgb(rgb, scale)
+        return index, rgb, hw, scale, None
 
 
 def _as_is(sample):
@@ -225,7 +228,7 @@ def run(detector, items, args):
     loader = DataLoader(_Images(items, single, args.max_size), batch_size=None, shuffle=False,
                         num_workers=args.workers, collate_fn=_as_is)
     skipped = []
-    pending = {}  # input size -> [(index, resized image, original hw)], oldest size first
+    pending = {}  # input size -> [(index, resized image, original hw, scale)], oldest size first
     max_pending = 4 * args.batch_size
     bar = tqdm(total=len(items), unit='img', desc=f'{args.split} ({args.mode})', file=sys.stderr,
                dynamic_ncols=True)
@@ -238,11 +241,11 @@ def run(detector, items, args):
 
     def flush(key):
         group = pending.pop(key)
-        dets = detector.detect_resized([g[1] for g in group], [g[2] for g in group])
-        for (index, _, hw), d in zip(group, dets):
+        dets = detector.detect_resized([g[1] for g in group], [g[3] for g in group])
+        for (index, _, hw, _), d in zip(group, dets):
             write(index, d, hw)
 
-    for index, rgb, hw, error in loader:
+    for index, rgb, hw, scale, error in loader:
         if error is not None:
             skipped.append(error)
             bar.write(f'skipped: {error}', file=sys.stderr)
@@ -252,7 +255,7 @@ def run(detector, items, args):
             write(index, detector.multi_scale_detect(rgb), hw)
             continue
         key = rgb.shape
-        pending.setdefault(key, []).append((index, rgb, hw))
+        pending.setdefault(key, []).append((index, rgb, hw, scale))
         if len(pending[key]) >= args.batch_size:
             flush(key)
         elif sum(len(g) for g in pending.values()) >= max_pending:
