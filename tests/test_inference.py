@@ -43,15 +43,19 @@ def test_images_to_input_is_rgb_minus_mean_chw_float():
 def test_small_inputs_are_padded_with_the_mean_and_boxes_do_not_move():
     rgb = np.full((10, 20, 3), 50, dtype=np.uint8)
     x = images_to_input(rgb)
-    assert x.shape == (1, 3, MIN_INPUT_SIDE, MIN_INPUT_SIDE)
+    assert x.shape == (1, 3, MIN_INPUT_SIDE, MIN_INPUT_SIDE) == (1, 3, 28, 28)
     assert (x[..., 10:, :] == 0).all() and (x[..., :, 20:] == 0).all()
     net = FixedBoxNet([[0.9, 0.25, 0.25, 0.5, 0.5]])
     dets = Detector(net).detect_at_scale(rgb, 1.0)
-    # normalised to the padded 32x32 input: 0.25 * 32 = 8 px, 0.5 * 32 = 16 px.
-    assert dets[:, :4].tolist() == [[8.0, 8.0, 16.0, 16.0]]
+    # normalised to the padded 28x28 input: 0.25 * 28 = 7 px, 0.5 * 28 = 14 px.
+    assert dets[:, :4].tolist() == [[7.0, 7.0, 14.0, 14.0]]
     # A real network accepts it too.
-    out = build_s3fd('test').eval()(x)
-    assert out.shape == (1, 2, cfg.TOP_K, 5)
+    net = build_s3fd('test').eval()
+    assert net(x).shape == (1, 2, cfg.TOP_K, 5)
+    # 28 is the network's minimum (as in the reference, which does not pad): not padded.
+    assert images_to_input(np.zeros((28, 29, 3), np.uint8)).shape == (1, 3, 28, 29)
+    with pytest.raises(RuntimeError):
+        net(torch.zeros(1, 3, MIN_INPUT_SIDE - 1, 64))
 
 
 def test_to_pixel_boxes_scales_to_the_original_image_and_mirrors_flipped_ones():
@@ -267,11 +271,11 @@ def test_boxes_map_back_by_the_resized_size_over_the_scale():
     box = np.array([0.1 * 1755, 0.2 * 1162, 0.3 * 1755, 0.4 * 1162]) / ISSUE_SCALE
     np.testing.assert_allclose(normal, [[*box, 0.8]], rtol=1e-6)
     np.testing.assert_allclose(mirrored, [[1024 - box[2], box[1], 1024 - box[0], box[3], 0.8]], rtol=1e-6)
-    # A padded input: the boxes are normalised to the padded 32x32 input (20x25 inside).
+    # A padded input: the boxes are normalised to the padded 28x28 input (20x25 inside).
     net = FixedBoxNet([[0.8, 0.1, 0.2, 0.3, 0.4]])
     dets = Detector(net).detect_at_scale(np.zeros((40, 50, 3), np.uint8), 0.5)
-    assert net.inputs == [(1, 3, 32, 32)]
-    np.testing.assert_allclose(dets, [[0.1 * 32 / 0.5, 0.2 * 32 / 0.5, 0.3 * 32 / 0.5, 0.4 * 32 / 0.5, 0.8]],
+    assert net.inputs == [(1, 3, 28, 28)]
+    np.testing.assert_allclose(dets, [[0.1 * 28 / 0.5, 0.2 * 28 / 0.5, 0.3 * 28 / 0.5, 0.4 * 28 / 0.5, 0.8]],
                                rtol=1e-6)
 
 

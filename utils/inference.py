@@ -19,9 +19,9 @@ Input
     original one; ``resize_rgb`` and ``scaled_size``. A mirrored pass mirrors the original
     image and then resizes it, as the reference. The resized image minus ``cfg.img_mean`` per
     channel, CHW float32, no scaling, is the network input. An input side under
-    ``MIN_INPUT_SIDE`` is padded at the bottom/right with the mean colour (0 after mean
-    subtraction) so that every pooling stage of the network keeps at least one cell; padding
-    never moves a box.
+    ``MIN_INPUT_SIDE`` (28, the smallest the network accepts; the reference fails there) is
+    padded at the bottom/right with the mean colour (0 after mean subtraction); padding never
+    moves a box.
 
 Boxes
     The network's boxes are normalised to its input, and map back to the original image as
@@ -67,8 +67,9 @@ from utils.augmentations import clip_boxes, mirror_boxes, subtract_mean
 from utils.device import setup_device
 
 OFFICIAL_MAX_PIXELS = 1700 * 1200
-# Smallest input side for which the five pooling stages of VGG keep at least one cell.
-MIN_INPUT_SIDE = 32
+# Smallest input side the network accepts: the five poolings of VGG (floor, floor, ceil, floor,
+# floor halvings) take 28 to 14, 7, 4, 2, 1 and 27 to 13, 6, 3, 1, 0.
+MIN_INPUT_SIDE = 28
 VOTE_IOU = 0.3
 VOTE_TOP_K = 750
 SHRUNK_MIN_SIDE = 30     # px, pixel-inclusive: shrunk passes keep boxes whose longer side is above
