@@ -47,12 +47,13 @@ Multi-scale test (``multi_scale_detect``), the S3FD / S3FD.pytorch WIDER protoco
     Single-scale detection (``single_scale_detect``) is the first pass without its mirror.
 
 Box voting (``bbox_vote``)
-    Boxes in descending score order; the best remaining box and every remaining box with
-    IoU >= 0.3 to it (pixel-inclusive ``+1`` IoU, as the reference and the WIDER tools) form
-    a cluster and are removed; a cluster of two or more boxes yields one box whose
-    coordinates are the score-weighted mean of the cluster and whose score is the best
-    score; a cluster of a single box is dropped (the reference's consensus rule: a face
-    must be found by at least two passes); at most 750 boxes are kept.
+    Boxes in descending score order (equal scores in pass order: a stable sort, where the
+    reference's order of equal scores is whatever NumPy's unstable sort gives); the best
+    remaining box and every remaining box with IoU >= 0.3 to it (pixel-inclusive ``+1`` IoU,
+    as the reference and the WIDER tools) form a cluster and are removed; a cluster of two or
+    more boxes yields one box whose coordinates are the score-weighted mean of the cluster
+    and whose score is the best score; a cluster of a single box is dropped (the reference's
+    consensus rule: a face must be found by at least two passes); at most 750 boxes are kept.
 """
 import contextlib
 import math
