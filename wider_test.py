@@ -24,7 +24,9 @@ Modes
     ``single``: one pass at ``min(1, sqrt(1700 * 1200 / (h * w)))``; same-size images are
     batched (``--batch_size``), which gives the same boxes as one image at a time.
     ``multiscale``: the S3FD test (original + mirror, a shrunk and enlarged passes, box
-    voting; see utils/inference.py), one image at a time.
+    voting; see utils/inference.py), one image at a time. Every pass of either mode resizes
+    and maps its boxes back as the reference port's ``tools/wider_test.py``:
+    ``cv2.resize(img, None, fx=s, fy=s)``, boxes times the resized size over ``s``.
     ``--max_size N`` caps the longer side of every pass (a deviation for quick runs; the
     official rule alone is the default).
 

@@ -9,6 +9,7 @@ import torch
 import demo
 from s3fd import build_s3fd
 from utils import checkpoint
+from s3fd import MIN_INPUT_SIDE
 
 
 @pytest.fixture(scope='module')
@@ -93,7 +94,7 @@ def test_bad_input_is_a_one_line_error(model, images, tmp_path, capsys):
                                                '--device', 'cpu')
     with pytest.raises(SystemExit):
         demo.parse_args([str(images), '--max_size', '-5'])
-    assert 'argument --max_size: must be at least 32, got -5' in capsys.readouterr().err
+    assert f'argument --max_size: must be at least {MIN_INPUT_SIDE}, got -5' in capsys.readouterr().err
 
 
 class _FixedScores(torch.nn.Module):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import s3fd_reference
 import wider_test
 from conftest import REPO_ROOT
 from data.config import cfg
@@ -15,9 +16,9 @@ from data.synthetic import generate
 from data.widerface import read_wider_annotations
 from layers.modules.multibox_loss import MultiBoxLoss
 from s3fd import build_s3fd, init_weights_from_scratch
-from utils.checkpoint import CheckpointError
+from utils.checkpoint import CheckpointError, load_model
 from utils.image_io import load_rgb
-from utils.inference import images_to_input, resize_rgb, single_scale
+from utils.inference import images_to_input, resize_rgb, single_scale, to_wider_rows
 from utils.widerface_eval import read_prediction_file, read_predictions, load_ground_truth
 
 MAX_SIZE = 128
@@ -85,6 +86,27 @@ def test_batching_same_size_images_gives_the_same_files(wider, random_model, tmp
         four = read_prediction_file(str(tmp_path / 'four' / rel))
         assert one.shape == four.shape
         np.testing.assert_allclose(one, four, atol=0.11)
+
+
+def test_single_mode_files_hold_the_reference_pass(wider, random_model, tmp_path):
+    """wider_test.py --mode single (images resized in the loader, batched by input size) writes
+    the boxes of the reference port's normal pass at the single-scale scale: its resize
+    (cv2.resize with fx = fy = s) and its mapping back (resized size over s), as rewritten
+    independently in tests/s3fd_reference.py; to the file's 0.1 px and 5-digit scores."""
+    run(random_model, wider, tmp_path / 'pred', '--batch_size', '4')
+    net = load_model(random_model, 'test', 'cpu')
+    odd = 0
+    for record in annotations(wider):
+        rgb = load_rgb(os.path.join(wider, 'WIDER_val', 'images', record.name))
+        h, w = rgb.shape[:2]
+        scale = single_scale(h, w, max_size=MAX_SIZE)
+        odd += (h * scale) % 1 != 0 or (w * scale) % 1 != 0     # a grid the explicit size would miss
+        expected = to_wider_rows(s3fd_reference.detect_pass(net, rgb, scale, cfg.CONF_THRESH), h, w)
+        written = read_prediction_file(str(tmp_path / 'pred' / (record.name[:-4] + '.txt')))
+        assert written.shape == expected.shape and len(written) > 0
+        np.testing.assert_allclose(written[:, :4], expected[:, :4], rtol=0, atol=0.051 + 0.01)
+        np.testing.assert_allclose(written[:, 4], expected[:, 4], rtol=0, atol=5e-6 + 1e-5)
+    assert odd > 0
 
 
 def test_eval_returns_the_aps_and_prints_the_table(wider, random_model, tmp_path, capsys):

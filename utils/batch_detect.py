@@ -14,8 +14,8 @@ from utils.inference import resize_rgb, single_scale
 
 class _DecodedImages:
     """Map-style dataset: decodes (and for the single-scale test resizes) image `index`;
-    returns (index, rgb, original hw, None), or (index, None, None, message) when it cannot
-    be read."""
+    returns (index, rgb, original hw, scale or None, None), or (index, None, None, None,
+    message) when it cannot be read."""
 
     def __init__(self, paths, resize, max_size):
         self.paths = paths
@@ -29,11 +29,12 @@ class _DecodedImages:
         try:
             rgb = load_rgb(self.paths[index])
         except ImageReadError as exc:
-            return index, None, None, str(exc)
+            return index, None, None, None, str(exc)
         hw = rgb.shape[:2]
+        scale = single_scale(*hw, max_size=self.max_size) if self.resize else None
         if self.resize:
-            rgb = resize_rgb(rgb, single_scale(*hw, max_size=self.max_size))
-        return index, rgb, hw, None
+            rgb = resize_rgb(rgb, scale)
+        return index, rgb, hw, scale, None
 
 
 def _as_is(sample):
@@ -57,15 +58,15 @@ def detect_files(detector, paths, mode='single', batch_size=1, workers=2):
         cv2.setNumThreads(1)
     loader = DataLoader(_DecodedImages(paths, single, detector.max_size), batch_size=None, shuffle=False,
                         num_workers=workers, collate_fn=_as_is)
-    pending = {}  # input size -> [(index, resized image, original hw)], oldest size first
+    pending = {}  # input size -> [(index, resized image, original hw, scale)], oldest size first
     max_pending = 4 * batch_size
 
     def flush(key):
         group = pending.pop(key)
-        dets = detector.detect_resized([g[1] for g in group], [g[2] for g in group])
-        return [(index, d, hw, None) for (index, _, hw), d in zip(group, dets)]
+        dets = detector.detect_resized([g[1] for g in group], [g[3] for g in group])
+        return [(index, d, hw, None) for (index, _, hw, _), d in zip(group, dets)]
 
-    for index, rgb, hw, error in loader:
+    for index, rgb, hw, scale, error in loader:
         if error is not None:
             yield index, None, None, error
             continue
@@ -73,7 +74,7 @@ def detect_files(detector, paths, mode='single', batch_size=1, workers=2):
             yield index, detector.detect(rgb, mode), hw, None
             continue
         key = rgb.shape
-        pending.setdefault(key, []).append((index, rgb, hw))
+        pending.setdefault(key, []).append((index, rgb, hw, scale))
         if len(pending[key]) >= batch_size:
             yield from flush(key)
         elif sum(len(g) for g in pending.values()) >= max_pending:

@@ -11,11 +11,23 @@ Coordinates
     descending.
 
 Input
-    RGB uint8 ``[H, W, 3]`` (``utils.image_io.load_rgb``), resized with bilinear interpolation
-    (OpenCV ``INTER_LINEAR``, as the reference test), minus ``cfg.img_mean`` per channel,
-    CHW float32, no scaling. An input smaller than ``MIN_INPUT_SIDE`` is padded at the
-    bottom/right with the mean colour (0 after mean subtraction) so that every pooling
-    stage of the network keeps at least one cell; padding never moves a box.
+    RGB uint8 ``[H, W, 3]`` (``utils.image_io.load_rgb``) resized as the reference test
+    (S3FD.pytorch ``tools/wider_test.py``) resizes: ``cv2.resize(img, None, fx=s, fy=s)``
+    with ``INTER_LINEAR`` (no resize at ``s == 1``). OpenCV then makes the image
+    ``round(W * s) x round(H * s)`` (halves to even) and samples the source at
+    ``x_src = (x + 0.5) / s - 0.5`` with the given ``s``, not with the rounded size over the
+    original one; ``resize_rgb`` and ``scaled_size``. A mirrored pass mirrors the original
+    image and then resizes it, as the reference. The resized image minus ``cfg.img_mean`` per
+    channel, CHW float32, no scaling, is the network input. An input side under
+    ``MIN_INPUT_SIDE`` (28, the smallest the network accepts; the reference fails there) is
+    padded at the bottom/right with the mean colour (0 after mean subtraction); padding never
+    moves a box.
+
+Boxes
+    The network's boxes are normalised to its input, and map back to the original image as
+    the reference maps them: times the input size (the resized size, padding included), over
+    ``s`` (``to_pixel_boxes``); a mirrored pass's box ``(x1, x2)`` then becomes
+    ``(W - x2, W - x1)`` with ``W`` the original width. Every pass keeps scores >= ``thresh``.
 
 Scales (WIDER FACE test of S3FD)
     ``max_shrink(h, w) = sqrt(1700 * 1200 / (h * w))`` is the largest scale whose input has at
@@ -31,15 +43,17 @@ Multi-scale test (``multi_scale_detect``), the S3FD / S3FD.pytorch WIDER protoco
        scale and ``m``), and when ``m > 2`` further passes at 4, 8, ... below ``m`` and one at
        ``m``; if the last of these scales is above 1 their boxes are kept when the shorter
        side is under 100 px, otherwise (all passes below 1) when the longer side is over 30 px;
-    4. every pass keeps scores >= ``thresh``; all boxes are merged by ``bbox_vote``.
+    4. all boxes are merged by ``bbox_vote``.
+    Single-scale detection (``single_scale_detect``) is the first pass without its mirror.
 
 Box voting (``bbox_vote``)
-    Boxes in descending score order; the best remaining box and every remaining box with
-    IoU >= 0.3 to it (pixel-inclusive ``+1`` IoU, as the reference and the WIDER tools) form
-    a cluster and are removed; a cluster of two or more boxes yields one box whose
-    coordinates are the score-weighted mean of the cluster and whose score is the best
-    score; a cluster of a single box is dropped (the reference's consensus rule: a face
-    must be found by at least two passes); at most 750 boxes are kept.
+    Boxes in descending score order (equal scores in pass order: a stable sort, where the
+    reference's order of equal scores is whatever NumPy's unstable sort gives); the best
+    remaining box and every remaining box with IoU >= 0.3 to it (pixel-inclusive ``+1`` IoU,
+    as the reference and the WIDER tools) form a cluster and are removed; a cluster of two or
+    more boxes yields one box whose coordinates are the score-weighted mean of the cluster
+    and whose score is the best score; a cluster of a single box is dropped (the reference's
+    consensus rule: a face must be found by at least two passes); at most 750 boxes are kept.
 """
 import contextlib
 import math
@@ -105,36 +119,46 @@ def single_scale(height, width, max_size=None):
 
 
 def scaled_size(height, width, scale):
-    """``(h', w')`` of the resized image: ``round(h * scale)``, ``round(w * scale)``, at least 1."""
+    """``(h', w')`` of the image resized by ``scale``: OpenCV's size for ``fx = fy = scale``,
+    ``h * scale`` and ``w * scale`` rounded to the nearest integer, halves to even (``cvRound``;
+    Python's ``round`` rounds the same way), and at least 1 (where OpenCV raises)."""
     return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
 
 
 def resize_rgb(rgb, scale):
-    """Resize ``rgb`` uint8 ``[H, W, 3]`` by ``scale`` (bilinear); returns the new array
-    (the input itself when the size does not change)."""
+    """Resize ``rgb`` uint8 ``[H, W, 3]`` by ``scale`` as the reference test does:
+    ``cv2.resize(rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)``, and no
+    resize at ``scale == 1``. The output is ``scaled_size(H, W, scale)`` and samples the source
+    on the grid of ``scale`` itself (``x_src = (x + 0.5) / scale - 0.5``), which differs from
+    the grid of an explicit output size (``w' / W``) whenever ``W * scale`` is not an integer.
+    Returns the input itself when the size does not change (OpenCV copies it then). Where a
+    side would round to 0 (OpenCV raises) it is 1, resized to that size.
+    """
     h, w = rgb.shape[:2]
+    if scale == 1:
+        return rgb
     nh, nw = scaled_size(h, w, scale)
     if (nh, nw) == (h, w):
         return rgb
+    if round(h * scale) >= 1 and round(w * scale) >= 1:
+        return cv2.resize(rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
     return cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_LINEAR)
 
 
 # ----------------------------------------------------------------------------- network I/O
 
-def images_to_input(images, device='cpu', flip=False):
+def images_to_input(images, device='cpu'):
     """Stack same-size RGB uint8 images into the network input.
 
     Args:
         images: list of uint8 ``[h, w, 3]`` arrays (or one array), all of the same size.
         device: where the tensor goes (the uint8 data is moved first: 4x less to copy).
-        flip: append the horizontal mirror of every image after the originals.
     Returns:
-        float32 ``[B, 3, H, W]`` (``B = len(images)``, doubled with ``flip``): RGB minus
-        ``cfg.img_mean``, with ``H, W >= MIN_INPUT_SIDE`` (mean-colour padding at the
-        bottom/right where the images are smaller). The tensor is channels-last in memory:
-        the stacked ``[B, H, W, 3]`` images seen as NCHW, with no reordering copy. The
-        convolutions take it as it is, and on the CPU run faster on it than on an
-        NCHW-contiguous copy (about 0.55 vs 0.75 s per 640x480 image on 2 threads).
+        float32 ``[B, 3, H, W]``: RGB minus ``cfg.img_mean``, with ``H, W >= MIN_INPUT_SIDE``
+        (mean-colour padding at the bottom/right where the images are smaller). The tensor is
+        channels-last in memory: the stacked ``[B, H, W, 3]`` images seen as NCHW, with no
+        reordering copy. The convolutions take it as it is, and on the CPU run faster on it
+        than on an NCHW-contiguous copy (about 0.55 vs 0.75 s per 640x480 image on 2 threads).
     """
     if isinstance(images, np.ndarray):
         images = [images]
@@ -143,46 +167,54 @@ def images_to_input(images, device='cpu', flip=False):
     batch = torch.from_numpy(np.stack(images))
     batch = batch.to(device, non_blocking=True).permute(0, 3, 1, 2)   # NHWC data seen as NCHW
     batch = subtract_mean(batch, memory_format=torch.channels_last)
-    if flip:
-        batch = torch.cat((batch, batch.flip(-1)))
     h, w = batch.shape[-2:]
     if h < MIN_INPUT_SIDE or w < MIN_INPUT_SIDE:
         batch = F.pad(batch, (0, max(0, MIN_INPUT_SIDE - w), 0, max(0, MIN_INPUT_SIDE - h)))
     return batch
 
 
-def to_pixel_boxes(output, input_hw, content_hw, original_hw, thresh=0.0, flipped=None):
-    """Convert test-phase network output to pixel boxes of the original images.
+def _per_image(value, batch):
+    if isinstance(value, (list, tuple)):
+        if len(value) != batch:
+            raise ValueError(f'expected {batch} values, one per image, got {len(value)}')
+        return list(value)
+    return [value] * batch
+
+
+def to_pixel_boxes(output, input_hw, scale, thresh=0.0, mirror_width=None):
+    """Convert test-phase network output to pixel boxes of the original images, as the
+    reference test does: normalised box times the input size, over the scale.
 
     Args:
         output: ``[B, num_classes, K, 5]`` from ``build_s3fd('test')``: rows
             ``(score, x1, y1, x2, y2)`` normalised to the input tensor, zero-padded.
-        input_hw: ``(H, W)`` of the input tensor (padding included).
-        content_hw: ``(h', w')`` of the resized images inside it (top-left aligned).
-        original_hw: ``(h, w)`` of the original image (one size for the whole batch, or a
-            list with one size per image).
+        input_hw: ``(H, W)`` of the input tensor: the resized images' size, or the padded
+            size where they were smaller than ``MIN_INPUT_SIDE`` (top-left aligned, so
+            padding maps to the same pixels).
+        scale: the scale the images were resized by (one for all, or a list of B).
         thresh: keep scores >= thresh (padding rows, score 0, are always dropped).
-        flipped: optional list of B bools; a flipped image's boxes are mirrored back.
+        mirror_width: optional list of B entries: ``None`` for an image as it is, the
+            original width ``W`` for a mirrored image, whose boxes are mirrored back
+            (``x1, x2 -> W - x2, W - x1``).
     Returns:
         list of B float32 ``[n, 5]`` arrays ``(x1, y1, x2, y2, score)`` in original pixels,
-        sorted by score (descending). Boxes are not clipped.
+        sorted by score (descending, ties in network order). Boxes are not clipped.
     """
     faces = output[:, 1].float().cpu().numpy()           # [B, K, 5]
     batch = faces.shape[0]
-    if isinstance(original_hw[0], (int, np.integer)):
-        original_hw = [tuple(original_hw)] * batch
+    scales = _per_image(scale, batch)
+    widths = _per_image(mirror_width, batch)
     in_h, in_w = input_hw
-    ch, cw = content_hw
+    size = np.array([in_w, in_h, in_w, in_h], dtype=np.float32)
     result = []
     for b in range(batch):
         rows = faces[b]
         rows = rows[(rows[:, 0] > 0) & (rows[:, 0] >= thresh)]
-        oh, ow = original_hw[b]
-        # normalised -> input pixels (x in_w) -> original pixels (x ow / cw).
-        fx, fy = in_w * ow / cw, in_h * oh / ch
-        boxes = rows[:, [1, 2, 3, 4, 0]] * np.array([fx, fy, fx, fy, 1], dtype=np.float32)
-        if flipped is not None and flipped[b]:
-            boxes = mirror_boxes(boxes, ow)
+        boxes = rows[:, [1, 2, 3, 4, 0]]
+        # normalised -> input pixels (float32, as the reference) -> original pixels (/ scale).
+        boxes[:, :4] = (boxes[:, :4] * size) / float(scales[b])
+        if widths[b] is not None:
+            boxes = mirror_boxes(boxes, widths[b])
         result.append(boxes[np.argsort(-boxes[:, 4], kind='stable')])
     return result
 
@@ -212,29 +244,29 @@ class Detector:
         with self.autocast():
             return self.net(batch)
 
-    def detect_resized(self, images, original_hw, flip=False):
-        """Detections for same-size, already resized images.
+    def detect_resized(self, images, scale, mirror_width=None):
+        """Detections for same-size images already resized by ``resize_rgb``.
 
         Args:
             images: list of uint8 ``[h', w', 3]`` arrays of one size.
-            original_hw: ``(h, w)`` of the original images, one per image (or one for all).
-            flip: also run the mirrored images; their boxes follow the originals' in the result.
+            scale: the scale each was resized by (one for all, or one per image).
+            mirror_width: optional, one per image: ``None``, or the original width of an
+                image that is a mirrored original (its boxes are mirrored back).
         Returns:
-            list of float32 ``[n, 5]`` arrays (``(x1, y1, x2, y2, score)``, original pixels):
-            one per image, then (with ``flip``) one per mirrored image.
+            list of float32 ``[n, 5]`` arrays (``(x1, y1, x2, y2, score)``, original pixels),
+            one per image.
         """
-        content_hw = images[0].shape[:2]
-        batch = images_to_input(images, self.device, flip=flip)
+        batch = images_to_input(images, self.device)
         out = self.forward(batch)
-        n = len(images)
-        if not isinstance(original_hw[0], (int, np.integer)):
-            original_hw = list(original_hw) * (2 if flip else 1)
-        flipped = [False] * n + [True] * n if flip else None
-        return to_pixel_boxes(out, tuple(batch.shape[-2:]), content_hw, original_hw, self.thresh, flipped)
+        return to_pixel_boxes(out, tuple(batch.shape[-2:]), scale, self.thresh, mirror_width)
 
     def detect_at_scale(self, rgb, scale, flip=False):
-        """Detections for one image at ``scale``; with ``flip`` returns (normal, mirrored)."""
-        dets = self.detect_resized([resize_rgb(rgb, scale)], rgb.shape[:2], flip=flip)
+        """Detections for one image at ``scale``; with ``flip`` also for its mirror (the
+        original mirrored, then resized; one batch of two) and returns (normal, mirrored)."""
+        images = [resize_rgb(rgb, scale)]
+        if flip:
+            images.append(resize_rgb(cv2.flip(rgb, 1), scale))
+        dets = self.detect_resized(images, scale, [None, rgb.shape[1]] if flip else None)
         return tuple(dets) if flip else dets[0]
 
     def single_scale_detect(self, rgb):
