@@ -77,6 +77,23 @@ def parse_args(argv=None):
     parser.add_argument('--log_speed', action='store_true',
                         help='add a fifth line to each log block: images/s, data wait per iteration and ETA '
                              '(off by default: the block stays the original four lines)')
+    parser.add_argument('--val_ap', action='store_true',
+                        help='after each validation, the WIDER AP of the single-scale test on the validation '
+                             'images (Easy/Medium/Hard with the official ground truth, else one AP over all '
+                             'listed faces): one more log line, TensorBoard scalars, metrics.jsonl')
+    parser.add_argument('--val_ap_interval', default=1, type=at_least(1),
+                        help='evaluate AP every N epochs (and after the last one)')
+    parser.add_argument('--val_ap_images', default=None, type=at_least(1),
+                        help='AP on the first N validation images only (a quick subset)')
+    parser.add_argument('--val_ap_max_size', default=None, type=input_side,
+                        help='cap the longer side of the AP test input at N px (default: the official '
+                             'H*W <= 1700*1200 rule, as wider_test.py)')
+    parser.add_argument('--eval_gt', default=None, metavar='DIR',
+                        help='official ground-truth folder for --val_ap (default: <WIDER>/eval_tools/'
+                             'ground_truth beside the listed images, when it is there)')
+    parser.add_argument('--best_by', default='loss', choices=['loss', 'ap'],
+                        help="what sfd_face.pth holds: the epoch of the lowest validation loss (the "
+                             "original repository's rule) or of the highest mean AP (turns --val_ap on)")
     parser.add_argument('--tensorboard', default=None, metavar='DIR',
                         help='write TensorBoard scalars to DIR (needs the tensorboard package)')
     parser.add_argument('--demo', action='store_true',
@@ -157,6 +174,21 @@ def build_loaders(args, ctx, rank, world):
     return train_loader, val_loader
 
 
+def build_val_ap(args, val_loader, log):
+    """The AP evaluation of --val_ap / --best_by ap, or None."""
+    if args.best_by == 'ap':
+        args.val_ap = True
+    if not args.val_ap:
+        return None
+    if val_loader is None:
+        raise TrainSetupError(f'--val_ap needs validation images: {args.val_file} is missing or lists none')
+    from utils.val_ap import ValAP
+
+    val_ap = ValAP(args.val_file, args.eval_gt, args.val_ap_images, args.val_ap_max_size, log)
+    log(f'val AP: {val_ap.describe()}' + (f', every {args.val_ap_interval} epochs' if args.val_ap_interval > 1 else ''))
+    return val_ap
+
+
 def open_tensorboard(path, log):
     """A SummaryWriter on the main process, or None (no --tensorboard, or not installed)."""
     from utils import device as devices
@@ -217,15 +249,19 @@ def main(args):
         ids = [ctx.device.index] if ctx.type in ('cuda', 'npu') else None
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
     criterion = MultiBoxLoss(cfg, args.dataset)
+    val_ap = build_val_ap(args, val_loader, log)
     writer = open_tensorboard(args.tensorboard, log)
     log(f'Loading dataset: {len(train_loader.dataset)} training images, '
         f'{len(val_loader.dataset) if val_loader else 0} validation images, '
         f'{train_loader.batch_sampler.batches_per_epoch} iterations per epoch')
     start, finished = time.time(), False
     try:
-        Trainer(args, ctx, net, model, criterion, optimizer, train_loader, val_loader, state, writer).run()
+        Trainer(args, ctx, net, model, criterion, optimizer, train_loader, val_loader, state, writer,
+                val_ap).run()
+        best_ap = (f', best val AP {state["best_ap"]:.4f} (epoch {state["best_ap_epoch"]})'
+                   if state['best_ap'] is not None else '')
         log(f'Finished: iteration {state["iteration"]}, epoch {state["epoch"]}, '
-            f'best validation loss {state["best_loss"]:.4f}, {time.time() - start:.1f}s; '
+            f'best validation loss {state["best_loss"]:.4f}{best_ap}, {time.time() - start:.1f}s; '
             f'weights in {args.save_folder}')  # before the process group goes: main process only
         finished = True
     finally:

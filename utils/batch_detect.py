@@ -6,6 +6,7 @@ wider_test.py and by the AP evaluation during training (utils/val_ap.py).
         ...  # dets: float32 [n, 5] (x1, y1, x2, y2, score) in pixels of the original image
 """
 import cv2
+import torch
 from torch.utils.data import DataLoader
 
 from utils.image_io import ImageReadError, load_rgb
@@ -56,8 +57,10 @@ def detect_files(detector, paths, mode='single', batch_size=1, workers=2):
         # The worker processes decode in parallel already; a forked worker whose parent used
         # OpenCV's thread pool can deadlock inside OpenCV, so the parent runs it single-threaded.
         cv2.setNumThreads(1)
+    # A generator of its own: the loader draws its workers' base seed from it, not from the global
+    # RNG, so that detecting during training leaves the training's random state as it was.
     loader = DataLoader(_DecodedImages(paths, single, detector.max_size), batch_size=None, shuffle=False,
-                        num_workers=workers, collate_fn=_as_is)
+                        num_workers=workers, collate_fn=_as_is, generator=torch.Generator())
     pending = {}  # input size -> [(index, resized image, original hw, scale)], oldest size first
     max_pending = 4 * batch_size
 

@@ -10,6 +10,7 @@ holds it with everything else needed to continue a run exactly. Errors meant for
 are raised as `TrainingError` (or another `utils.cli.UserError`); train.py prints them.
 """
 import datetime
+import json
 import math
 import os
 import signal
@@ -25,13 +26,14 @@ from utils.augmentations import subtract_mean
 from utils.checkpoint import (CheckpointError, atomic_save, checkpoint_variant, extract_state_dict,
                               load_file, load_weights)
 from utils.cli import UserError
+from utils.val_ap import format_ap_line, mean_ap
 
 CHECKPOINT_VERSION = 1
 # Options that define the order of a run's batches: a mid-epoch resume needs the same values.
 ORDER_OPTIONS = ('batch_size', 'seed')
 # Options a resume may change on purpose (e.g. a lower --lr after a divergence); a change is logged.
 TUNABLE_OPTIONS = ('lr', 'momentum', 'weight_decay', 'gamma', 'input_size', 'epochs', 'max_iter',
-                   'amp', 'amp_dtype', 'train_file', 'val_file')
+                   'amp', 'amp_dtype', 'train_file', 'val_file', 'val_ap', 'best_by')
 # Non-finite losses in a row after which a run stops (its last good state saved).
 MAX_NONFINITE_IN_A_ROW = 10
 
@@ -229,9 +231,14 @@ class StopRequest:
 def new_state(epoch=0, iteration=0):
     """The training loop's position. 'epoch' is the current epoch, 'batch_in_epoch' the batches
     of it already done, 'loss_sum'/'loss_count' the running epoch loss of the log line,
-    'unvalidated_epoch' an epoch trained whose validation was cut short by a stop (else None)."""
+    'unvalidated_epoch' an epoch trained whose validation was cut short by a stop (else None),
+    'train_loss' the mean training loss of the last epoch trained. The best validation loss and
+    the best AP so far (the mean over its settings, with every setting's AP in 'best_aps') are
+    kept with their epochs, whichever of them --best_by puts in sfd_face.pth."""
     return {'epoch': epoch, 'iteration': iteration, 'batch_in_epoch': 0, 'best_loss': math.inf,
-            'loss_sum': 0.0, 'loss_count': 0, 'nonfinite_in_a_row': 0, 'unvalidated_epoch': None}
+            'loss_sum': 0.0, 'loss_count': 0, 'nonfinite_in_a_row': 0, 'unvalidated_epoch': None,
+            'train_loss': None, 'best_loss_epoch': None, 'best_ap': None, 'best_ap_epoch': None,
+            'best_aps': None}
 
 
 def _plain(value):
@@ -340,8 +347,10 @@ class Trainer:
     wrapper: processes validate different numbers of batches and must not meet in a collective.
     """
 
-    def __init__(self, args, ctx, net, model, criterion, optimizer, train_loader, val_loader, state, writer):
+    def __init__(self, args, ctx, net, model, criterion, optimizer, train_loader, val_loader, state, writer,
+                 val_ap=None):
         self.args, self.ctx = args, ctx
+        self.val_ap = val_ap  # utils.val_ap.ValAP with --val_ap, else None
         self.net, self.model = net, model
         self.eval_net = net.module if isinstance(net, torch.nn.parallel.DistributedDataParallel) else net
         self.criterion, self.optimizer = criterion, optimizer
@@ -352,6 +361,9 @@ class Trainer:
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.main = devices.is_main_process()
         self.checkpoint_path = os.path.join(args.save_folder, f'sfd_{args.dataset}_checkpoint.pth')
+        self.best_path = os.path.join(args.save_folder, f'sfd_{args.dataset}.pth')
+        self.metrics_path = os.path.join(args.save_folder, 'metrics.jsonl')
+        self.validation = {}  # what the last validation measured, for the metrics row
         self.finite = FiniteCheck(ctx.device)
         self.meter = SpeedMeter(args.batch_size * self.world)
         self.stop = None  # StopRequest while run() is active
@@ -367,8 +379,11 @@ class Trainer:
                 epoch = self.state['epoch']
                 if not self.train_one_epoch(epoch):
                     return  # stopped mid-epoch; the checkpoint is saved
+                loss_sum, loss_count = devices.all_reduce_sum(
+                    [self.state['loss_sum'], self.state['loss_count']], self.ctx.device)
                 self.state.update(epoch=epoch + 1, batch_in_epoch=0, loss_sum=0.0, loss_count=0,
-                                  unvalidated_epoch=epoch)
+                                  unvalidated_epoch=epoch,
+                                  train_loss=loss_sum / loss_count if loss_count else None)
                 if not self.finish_epoch(epoch):
                     return
         finally:
@@ -377,11 +392,13 @@ class Trainer:
     def finish_epoch(self, epoch):
         """Validate the trained `epoch` and save the epoch-end checkpoint; False when the run stops
         (a stop during validation saves the checkpoint at once, marked for a resume to validate)."""
-        if self.val_loader is not None and self.validate(epoch) is None:
+        self.validation = {}
+        if self.val_loader is not None and not self.validate(epoch):
             self.save_checkpoint(f'{self.stop.signal or "stop requested"} during validation: '
                                  f'epoch {epoch} is trained, a resume validates it first')
             return False
         self.state['unvalidated_epoch'] = None
+        self.write_metrics(epoch)
         self.save_checkpoint()
         if self.stop.requested(self.ctx.device, sync_now=True):  # every process stops
             log(f'{self.stop.signal or "stop requested"}: checkpoint saved to {self.checkpoint_path}')
@@ -473,13 +490,77 @@ class Trainer:
                 self.writer.add_scalar(f'train/{name}', value, iteration)
         meter.reset()
 
-    @torch.no_grad()
+    def ap_due(self, epoch):
+        """Whether `epoch` is evaluated for AP: every --val_ap_interval epochs, and the last one."""
+        last = epoch + 1 >= self.args.epochs or self.state['iteration'] >= self.total_iters
+        return self.val_ap is not None and ((epoch + 1) % self.args.val_ap_interval == 0 or last)
+
     def validate(self, epoch):
-        """Validation loss over the val list (sharded over processes), best-checkpoint saving.
-        Returns the mean loss per batch, or None when a stop signal cut it short (on any process)."""
-        args, ctx, state = self.args, self.ctx, self.state
-        self.eval_net.eval()
+        """Validation loss over the val list (sharded over processes), WIDER AP when due, the
+        original log lines (and the AP line after them), and sfd_face.pth when the epoch is the
+        best by --best_by. False when a stop signal cut it short (on any process)."""
         start = time.time()
+        tloss = self.validation_loss()
+        if tloss is None:
+            return False
+        seconds = time.time() - start
+        aps = ap_seconds = None
+        if self.ap_due(epoch):
+            ap_start = time.time()
+            aps = self.val_ap.evaluate(self.model, self.ctx, self.args.num_workers,
+                                       should_stop=lambda: self.stop is not None and self.stop.signal is not None)
+            if aps is None:
+                return False
+            ap_seconds = time.time() - ap_start
+        log('Timer: %.4f' % seconds)
+        log('test epoch:' + repr(epoch) + ' || Loss:%.4f' % tloss)
+        saved = self.keep_best(epoch, tloss, aps)
+        if aps is not None:
+            log(format_ap_line(epoch, aps, len(self.val_ap.paths), ap_seconds))
+        if self.writer is not None:
+            self.writer.add_scalar('val/loss', tloss, self.state['iteration'])
+            for setting, ap in (aps or {}).items():
+                self.writer.add_scalar(f'val/ap_{setting}', ap, self.state['iteration'])
+        self.validation = {'val_loss': tloss, 'ap': aps, 'ap_seconds': ap_seconds, 'best_saved': saved}
+        return True
+
+    def keep_best(self, epoch, tloss, aps):
+        """Record the best loss and the best AP so far; write sfd_face.pth when this epoch is the
+        best by --best_by (the original 'Saving best state' line). Returns whether it was written."""
+        state = self.state
+        better_loss = tloss < state['best_loss']
+        if better_loss:
+            state['best_loss'], state['best_loss_epoch'] = tloss, epoch
+        better_ap = aps is not None and (state['best_ap'] is None or mean_ap(aps) > state['best_ap'])
+        if better_ap:
+            state['best_ap'], state['best_ap_epoch'], state['best_aps'] = mean_ap(aps), epoch, dict(aps)
+        if not (better_ap if self.args.best_by == 'ap' else better_loss):
+            return False
+        log('Saving best state,epoch', epoch)
+        if self.main:
+            atomic_save(self.model.state_dict(), self.best_path)
+        return True
+
+    def write_metrics(self, epoch):
+        """Append the epoch's row to metrics.jsonl (tools/plot_training.py draws it). A resumed run
+        may write an epoch again; readers take its last row."""
+        if not self.main:
+            return
+        row = {'epoch': epoch, 'iteration': self.state['iteration'], 'train_loss': self.state['train_loss'],
+               'val_loss': None, 'ap': None, 'ap_seconds': None, 'best_saved': False,
+               'best_by': self.args.best_by, 'lr': self.optimizer.param_groups[0]['lr'], 'time': time.time()}
+        row.update(self.validation)
+        with open(self.metrics_path, 'a', encoding='utf-8') as handle:
+            handle.write(json.dumps(row) + '\n')
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    @torch.no_grad()
+    def validation_loss(self):
+        """Mean validation loss per batch over every process, or None when a stop signal cut it
+        short (on any process)."""
+        args, ctx = self.args, self.ctx
+        self.eval_net.eval()
         total = torch.zeros((), device=ctx.device)  # summed on the device, read once after the loop
         batches, cut_short = 0, False
         for images, targets in self.val_loader:
@@ -494,16 +575,4 @@ class Trainer:
             batches += 1
         total, batches, cut_short = devices.all_reduce_sum([float(total), batches, int(cut_short)], ctx.device)
         self.net.train()
-        if cut_short:
-            return None
-        tloss = total / max(batches, 1)
-        log('Timer: %.4f' % (time.time() - start))
-        log('test epoch:' + repr(epoch) + ' || Loss:%.4f' % tloss)
-        if self.writer is not None:
-            self.writer.add_scalar('val/loss', tloss, state['iteration'])
-        if tloss < state['best_loss']:
-            log('Saving best state,epoch', epoch)
-            if self.main:
-                atomic_save(self.model.state_dict(), os.path.join(args.save_folder, f'sfd_{args.dataset}.pth'))
-        state['best_loss'] = min(state['best_loss'], tloss)
-        return tloss
+        return None if cut_short else total / max(batches, 1)

@@ -628,7 +628,7 @@ def evaluate_detections(dets, gt, warn=None, arithmetic='matlab'):
     first_hit[hit_ids[first]] = True
     aps, curves = {}, {}
     face_totals = gt.num_faces
-    for setting in SETTINGS:
+    for setting in gt.counted:  # easy, medium, hard (or the settings of a GroundTruth built otherwise)
         counted = gt.counted[setting][best_face]
         proposal = ~(hit & ~counted)
         tp = first_hit & counted
