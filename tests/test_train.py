@@ -1,6 +1,7 @@
 """train.py end to end on a tiny synthetic WIDER FACE, on the CPU."""
 import contextlib
 import io
+import json
 import os
 import re
 import signal
@@ -533,3 +534,55 @@ def test_demo_runs_the_whole_pipeline_and_a_short_stop_is_explained(tmp_path, mo
     out = capsys.readouterr().out
     assert 'Resuming training' in out and 'Demo: done.' in out
     assert state['epoch'] == 1 and state['iteration'] > 1
+
+
+AP_LINE = r'val AP epoch:\d+ \|\| Easy:\d\.\d{4} Medium:\d\.\d{4} Hard:\d\.\d{4} \|\| 4 images, \d+\.\ds'
+
+
+def test_val_ap_adds_one_line_and_a_metrics_row_and_leaves_training_alone(lists, uninterrupted, tmp_path, capsys):
+    _, full, _ = uninterrupted
+    state = run_main(lists, tmp_path, '--epochs', '2', '--val_ap', '--val_ap_max_size', '64')
+    out = capsys.readouterr().out.splitlines()
+    for epoch in (0, 1):  # the original lines, then the AP line
+        at = out.index(next(line for line in out if line.startswith(f'test epoch:{epoch} ')))
+        following = out[at + 1:at + 3]
+        ap_line = next(line for line in following if line.startswith('val AP'))
+        assert re.fullmatch(AP_LINE.replace(r'\d+', str(epoch), 1), ap_line), following
+        assert following[-1] == ap_line  # after 'Saving best state' when there is one
+    rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+    assert [row['epoch'] for row in rows] == [0, 1] and rows[1]['iteration'] == 8
+    assert set(rows[0]['ap']) == {'easy', 'medium', 'hard'} and rows[0]['best_by'] == 'loss'
+    assert all(row['train_loss'] > 0 and row['val_loss'] > 0 for row in rows)
+    assert state['best_ap'] == pytest.approx(max(sum(r['ap'].values()) / 3 for r in rows))
+    # Evaluating draws no random number of the training's: the weights are those of a run without it.
+    a, b = load_file(str(full / 'sfd_face_checkpoint.pth')), load_file(str(tmp_path / 'sfd_face_checkpoint.pth'))
+    for key, value in a['weight'].items():
+        assert torch.equal(value, b['weight'][key]), key
+
+
+def _scripted_aps(monkeypatch, means):
+    """ValAP.evaluate returns these mean APs in turn (Easy = Medium = Hard = the mean)."""
+    from utils.val_ap import ValAP
+    calls = iter(means)
+    monkeypatch.setattr(ValAP, 'evaluate', lambda self, *a, **k: dict.fromkeys(('easy', 'medium', 'hard'), next(calls)))
+
+
+def test_best_by_ap_keeps_the_epoch_of_the_highest_ap_and_records_both(lists, tmp_path, monkeypatch, capsys):
+    first_epoch = tmp_path / 'one_epoch'
+    _scripted_aps(monkeypatch, [0.5])
+    run_main(lists, first_epoch, '--epochs', '1', '--val_ap_max_size', '64')  # the weights after epoch 0
+    _scripted_aps(monkeypatch, [0.5, 0.2])
+    state = run_main(lists, tmp_path, '--epochs', '2', '--best_by', 'ap', '--val_ap_max_size', '64')
+    out = capsys.readouterr().out
+    assert out.count('Saving best state,epoch') == 2 and 'Saving best state,epoch 0' in out  # by loss, then by AP
+    assert state['best_ap_epoch'] == 0 and state['best_ap'] == 0.5 and state['best_aps']['easy'] == 0.5
+    assert state['best_loss_epoch'] is not None and state['best_loss'] < float('inf')
+    kept = torch.load(tmp_path / 'sfd_face.pth', weights_only=True)
+    epoch0 = load_file(str(first_epoch / 'sfd_face_checkpoint.pth'))['weight']
+    final = load_file(str(tmp_path / 'sfd_face_checkpoint.pth'))
+    assert all(torch.equal(kept[k], epoch0[k]) for k in kept)                   # epoch 0: AP 0.5
+    assert not all(torch.equal(kept[k], final['weight'][k]) for k in kept)      # not epoch 1: AP 0.2
+    assert final['state']['best_ap_epoch'] == 0 and final['state']['best_loss_epoch'] == state['best_loss_epoch']
+    rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+    assert [(row['best_saved'], row['best_by']) for row in rows] == [(True, 'ap'), (False, 'ap')]
+    assert 'best val AP 0.5000 (epoch 0)' in out

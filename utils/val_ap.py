@@ -22,7 +22,8 @@ import torch.distributed as dist
 
 from data.config import cfg
 from utils.cli import UserError
-from utils.widerface_eval import SETTINGS, GroundTruth, evaluate_detections, load_ground_truth
+from utils.widerface_eval import (SETTINGS, GroundTruth, evaluate_detections, format_prediction_file,
+                                  load_ground_truth, parse_prediction_bytes)
 
 
 class ValAPError(UserError, ValueError):
@@ -128,7 +129,7 @@ class ValAP:
                 if error is not None:
                     rows[mine[index]] = None  # unreadable: no detections, its faces still count
                 else:
-                    rows[mine[index]] = to_wider_rows(dets, *hw)
+                    rows[mine[index]] = as_written(to_wider_rows(dets, *hw))
                 if should_stop is not None and should_stop():
                     cut_short = True
                     break
@@ -145,6 +146,12 @@ class ValAP:
         dets = {self.keys[i]: r for i, r in rows.items() if r is not None}
         aps, _ = evaluate_detections(dets, self.gt, warn=lambda message: None, arithmetic=self.arithmetic)
         return {setting: float(aps[setting]) for setting in self.settings}
+
+
+def as_written(rows):
+    """Prediction rows as wider_test.py writes them and wider_eval.py reads them back (one decimal
+    for coordinates, five for scores), so that the AP here equals theirs for the same weights."""
+    return parse_prediction_bytes(format_prediction_file('image', rows).encode(), '<val AP>')
 
 
 def mean_ap(aps):
