@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU measurement behind the README's Performance table, in one run:
+# Every GPU measurement behind docs/performance.md's H200 table, in one run:
 #
 #     bash benchmarks/gpu_benchmarks.sh [OUT_DIR] [IMAGE]
 #

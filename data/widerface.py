@@ -1,6 +1,6 @@
 """WIDER FACE: the official annotation parser, the list-file reader and the dataset.
 
-Formats (DESIGN.md section 5):
+Formats (docs/design.md#list-format; box coordinates: docs/design.md#coordinates):
 
 * Official annotation file `wider_face_{train,val}_bbx_gt.txt`: a relative image path line,
   a face-count line, then `count` lines `x y w h blur expression illumination invalid

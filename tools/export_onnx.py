@@ -15,7 +15,7 @@ The ONNX model:
                  size, computed in the graph from the feature-map sizes with --dynamic.
 Detections: boxes = decode(loc, priors) scaled by (W, H, W, H), score = conf[..., 1], then
 threshold and NMS, i.e. `layers.functions.detection.Detect(cfg).forward(loc, conf, priors)`
-(see the README for a numpy/OpenCV version).
+(see docs/design.md#decoding-the-outputs for a NumPy/OpenCV version).
 
 Exporter: the default is torch's dynamo-based exporter (`torch.onnx.export(..., dynamo=True)`,
 needs onnxscript), the maintained path; --dynamic uses `torch.export.Dim.AUTO` for the batch,

@@ -3,8 +3,8 @@
 Coordinates: boxes are float32 [n, 4] pixel (x1, y1, x2, y2), continuous (a box covering
 pixels 0..9 is (0, 0, 10, 10)); images are uint8 [H, W, 3] RGB.
 
-Training sample (DESIGN.md section 5), decided first as a `CropPlan` from the boxes and the
-image size only, then rendered:
+Training sample (docs/design.md#augmentation), decided first as a `CropPlan` from the boxes
+and the image size only, then rendered:
 
 1. Geometry. With probability `data_anchor_sampling_prob`, data-anchor-sampling: a random
    face of side s = sqrt(w h), its nearest anchor among `cfg.ANCHOR_SIZES`, a target anchor
