@@ -312,14 +312,13 @@ class OpRecorder(TorchDispatchMode):
         self._child_raised = []
         self.losses = []  # (loss_l, loss_c) of each step
 
-    def _record(self, name, args, kwargs, composite):
+    def _record(self, name, leaves, composite):
         rec = self.ops.setdefault(name, {'calls': 0, 'phases': set(), 'dtypes': set(), 'strings': set(),
                                          'composite': composite, 'calls_ops': set(), 'host_inputs': 0,
                                          'direct_calls': 0, 'stub': False})
         rec['calls'] += 1
         rec['direct_calls'] += not self._parents
         rec['phases'].add(self.phase)
-        leaves = _leaves(args, kwargs)
         for x in leaves:
             if isinstance(x, torch.Tensor):
                 rec['dtypes'].add(_dtype_name(x.dtype))
@@ -336,14 +335,15 @@ class OpRecorder(TorchDispatchMode):
         kwargs = kwargs or {}
         if func in _METADATA_QUERIES and isinstance(args[0], EmulatedTensor):
             return func(args[0].elem, *args[1:], **kwargs)
-        if not any(_is_device(x) for x in _leaves(args, kwargs)):
+        leaves = _leaves(args, kwargs)
+        if not any(_is_device(x) for x in leaves):
             self.host_ops[func.name()] += 1
             return func(*args, **kwargs)
         if self.phase is None:  # set-up, not recorded
             return _run_on_cpu(func, args, kwargs)
         name = func.name()
         key = _composite_key(func)
-        self._record(name, args, kwargs, _dispatch_key_name(key))
+        self._record(name, leaves, _dispatch_key_name(key))
         if name in METADATA_COMPOSITES or name in OPAQUE_COMPOSITES:
             key = None
         if key is not None:
@@ -382,7 +382,7 @@ class OpRecorder(TorchDispatchMode):
 
 
 def _dispatch_key_name(key):
-    return None if key is None else str(key).split('.')[-1]
+    return None if key is None else key.name
 
 
 _SLOW_IN_HALF = {'aten::_convolution', 'aten::convolution_backward'}
