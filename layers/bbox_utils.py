@@ -155,19 +155,70 @@ class PriorGrid:
         return torch.cat(windows, dim=1)
 
 
+# Device types whose scatter_reduce_ with 'amax'/'amin' is a kernel of PyTorch's own. Elsewhere
+# the matcher gets the same maxima by sorting: torch_npu has no scatter_reduce kernel before
+# 2.13, and from 2.13 one that copies to the host for anything but a float32 sum, so on an
+# Ascend NPU scatter_reduce_ would run on the CPU every step (benchmarks/check_npu_ops.py).
+SCATTER_MINMAX_DEVICES = ('cpu', 'cuda')
+
+
 def _best_face_per_prior(flat_prior, values, faces, size, num_faces):
     """For pairs (prior slot, IoU, face): the best IoU of every slot and its face.
 
-    flat_prior, values, faces: [N] (slot = image * P + prior). Returns (best [size],
-    face [size]); face is num_faces where no pair with IoU > 0 reaches the slot, and the
-    lowest face index on ties.
+    flat_prior, values, faces: [N] (slot = image * P + prior), values >= 0, faces in
+    increasing order. Returns (best [size], face [size]); face is num_faces where no pair with
+    IoU > 0 reaches the slot, and the lowest face index on ties.
     """
+    if values.device.type not in SCATTER_MINMAX_DEVICES:
+        return _best_face_per_prior_sorted(flat_prior, values, faces, size, num_faces)
     best = values.new_zeros(size).scatter_reduce_(0, flat_prior, values, reduce='amax')
     candidate = torch.where((values == best[flat_prior]) & (values > 0), faces,
                             torch.full_like(faces, num_faces))
     face = torch.full((size,), num_faces, dtype=torch.long, device=values.device)
     face.scatter_reduce_(0, flat_prior, candidate, reduce='amin')
     return best, face
+
+
+def _best_face_per_prior_sorted(flat_prior, values, faces, size, num_faces):
+    """`_best_face_per_prior` without scatter_reduce: sort the pairs by slot, and within a
+    slot by decreasing IoU (both sorts stable, so equal IoUs keep the faces' increasing
+    order); the first pair of each slot is then its best IoU with the lowest face."""
+    order = torch.sort(values, descending=True, stable=True).indices
+    order = order.gather(0, torch.sort(flat_prior.gather(0, order), stable=True).indices)
+    slot, value, face = flat_prior.gather(0, order), values.gather(0, order), faces.gather(0, order)
+    first = _starts_of_runs(slot)
+    best = _scatter_distinct(slot, value, first, size, 0)
+    return best, _scatter_distinct(slot, face, first & (value > 0), size, num_faces)
+
+
+def _starts_of_runs(sorted_index):
+    """True where a sorted [N] tensor starts a run of equal values."""
+    first = torch.ones_like(sorted_index, dtype=torch.bool)
+    first[1:] = sorted_index[1:] != sorted_index[:-1]
+    return first
+
+
+def _scatter_distinct(index, src, keep, size, fill):
+    """[size] filled with `fill`, then out[index[i]] = src[i] where keep[i]; the kept indices
+    are distinct. The others write to spare elements past the end, one each (no two writes
+    to one place, whose order index_put_ leaves open), which are dropped."""
+    n = index.numel()
+    out = torch.full((size + n,), fill, dtype=src.dtype, device=src.device)
+    spare = torch.arange(size, size + n, device=index.device)
+    out.index_put_((torch.where(keep, index, spare),), src)
+    return out[:size]
+
+
+def _last_face_per_slot(slots, faces, size):
+    """[size] long: the largest of `faces` (increasing) written to each slot, -1 where none."""
+    if slots.device.type in SCATTER_MINMAX_DEVICES:
+        forced = torch.full((size,), -1, dtype=torch.long, device=slots.device)
+        return forced.scatter_reduce_(0, slots, faces, reduce='amax')
+    order = torch.sort(slots, stable=True).indices
+    slot = slots.gather(0, order)
+    last = torch.ones_like(slot, dtype=torch.bool)
+    last[:-1] = slot[1:] != slot[:-1]
+    return _scatter_distinct(slot, faces.gather(0, order), last, size, -1)
 
 
 def match_batch(truths, labels, segment, num_images, priors, variances, thresholds, mode='image',
@@ -237,8 +288,7 @@ def match_batch(truths, labels, segment, num_images, priors, variances, threshol
 
     # Force each face's best prior; when two faces share a best prior the later face wins,
     # as in the sequential reference loop.
-    forced = torch.full((size,), -1, dtype=torch.long, device=device)
-    forced.scatter_reduce_(0, segment * num_priors + best_prior_idx, face_ids, reduce='amax')
+    forced = _last_face_per_slot(segment * num_priors + best_prior_idx, face_ids, size)
     is_forced = forced >= 0
     best_truth_idx = torch.where(is_forced, forced, best_truth_idx).view(num_images, num_priors)
     best_truth_overlap = best_truth_overlap.masked_fill(is_forced, 2.0).view(num_images, num_priors)

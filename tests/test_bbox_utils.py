@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from data.config import cfg
 from layers.bbox_utils import (center_size, decode, encode, jaccard, match, match_batch,
@@ -267,3 +268,76 @@ def test_top_n_per_row_takes_the_n_largest_candidates_ties_by_index():
                                 [True, False, False, False, True],  # 0.9, then the first 0.5
                                 [True, False, True, False, False]]  # every candidate, nothing else
     assert not top_n_per_row(values, candidate, torch.zeros(3, dtype=torch.long), 0).any()
+
+
+class _OpNames(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+def _match_all_ways(truths, segment, num_images, priors, grid):
+    out = {}
+    for mode in ('image', 'face'):
+        for g in (None, grid):
+            out[mode, g is None] = match_batch(truths, torch.ones(len(truths)), segment, num_images, priors, VAR,
+                                               cfg.FACE.OVERLAP_THRESH, mode, grid=g)
+    return out
+
+
+def test_matching_by_sorting_equals_scatter_reduce(monkeypatch):
+    # The path of devices without PyTorch's scatter_reduce amax/amin (the Ascend NPU), run on
+    # the CPU: identical targets, including ties between faces (a duplicated face, two faces
+    # with the same best prior: the later one is forced there) and faces overlapping nothing
+    # but their forced prior.
+    import layers.bbox_utils as bbox_utils
+    from layers.bbox_utils import PriorGrid
+    from layers.functions.prior_box import PriorBox
+    size = (160, 224)
+    maps = [(40, 56), (20, 28), (10, 14), (5, 7), (3, 4), (2, 2)]
+    priors = PriorBox(size, maps, cfg).forward()
+    grid = PriorGrid.from_priors(priors)
+    gen = torch.Generator().manual_seed(7)
+    counts = [6, 0, 1, 25]
+    faces = _realistic_faces(gen, counts, size)
+    faces[0][1] = faces[0][0]  # the same face twice
+    faces[0][2] = faces[0][0] * 0.999  # nearly the same: the same best prior
+    faces[2][0] = torch.tensor([0.0, 0.0, 2 / 224, 2 / 160])  # 2 px: below every threshold
+    truths = torch.cat(faces)
+    segment = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    with _OpNames() as native_ops:
+        native = _match_all_ways(truths, segment, len(counts), priors, grid)
+    monkeypatch.setattr(bbox_utils, 'SCATTER_MINMAX_DEVICES', ())
+    with _OpNames() as sorted_ops:
+        by_sorting = _match_all_ways(truths, segment, len(counts), priors, grid)
+    assert 'aten::scatter_reduce_.two' in native_ops.names
+    assert not any('scatter_reduce' in name for name in sorted_ops.names)
+    for key, (loc, conf) in native.items():
+        assert torch.equal(by_sorting[key][1], conf), key
+        assert torch.equal(by_sorting[key][0], loc), key
+        assert conf.sum() > 30
+
+
+def test_best_face_per_prior_by_sorting_on_ties_and_empty_slots(monkeypatch):
+    import layers.bbox_utils as bbox_utils
+    from layers.bbox_utils import _best_face_per_prior, _best_face_per_prior_sorted, _last_face_per_slot
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        n, size, num_faces = (int(torch.randint(1, k, (1,), generator=gen)) for k in (200, 40, 12))
+        slots = torch.randint(0, size, (n,), generator=gen)
+        # IoUs from a few levels (many ties), a fifth of them exactly 0
+        values = torch.randint(0, 4, (n,), generator=gen).float() / 4 * (torch.rand(n, generator=gen) > 0.2)
+        faces = torch.sort(torch.randint(0, num_faces, (n,), generator=gen)).values
+        best, face = _best_face_per_prior(slots, values, faces, size, num_faces)
+        best_s, face_s = _best_face_per_prior_sorted(slots, values, faces, size, num_faces)
+        assert torch.equal(best, best_s) and torch.equal(face, face_s)
+        assert (face_s[best_s == 0] == num_faces).all()
+    slots = torch.tensor([3, 0, 3, 3])
+    for devices in (('cpu',), ()):  # scatter_reduce, then sorting
+        monkeypatch.setattr(bbox_utils, 'SCATTER_MINMAX_DEVICES', devices)
+        assert _last_face_per_slot(slots, torch.arange(4), 5).tolist() == [1, -1, -1, 3, -1]
+        assert _last_face_per_slot(slots[:1], torch.arange(1), 4).tolist() == [-1, -1, -1, 0]
