@@ -48,7 +48,7 @@ from data.widerface import AnnotationError, annotation_path, image_root, read_te
 from s3fd import VARIANTS
 from tools._common import at_least, run_cli
 from utils.checkpoint import load_model
-from utils.fileio import make_output_dir
+from utils.fileio import DiskFullError, make_output_dir
 from utils.image_io import ImageReadError, load_rgb
 from utils.inference import (MIN_INPUT_SIDE, Detector, inference_device, resize_rgb, single_scale,
                              to_wider_rows)
@@ -230,10 +230,19 @@ def run(detector, items, args):
     bar = tqdm(total=len(items), unit='img', desc=f'{args.split} ({args.mode})', file=sys.stderr,
                dynamic_ncols=True)
 
+    written = [0]
+
     def write(index, dets, hw):
         event, name, path = items[index]
-        write_prediction_file(prediction_path(args.out, event, name), os.path.basename(path),
-                              to_wider_rows(dets, *hw))
+        try:
+            write_prediction_file(prediction_path(args.out, event, name), os.path.basename(path),
+                                  to_wider_rows(dets, *hw))
+        except DiskFullError as exc:
+            bar.close()
+            raise DiskFullError(f'{exc}; stopped after {written[0]} of {len(items)} prediction files: '
+                                f'free some space (or give another --out) and run again',
+                                exc.path, exc.needed, exc.free) from None
+        written[0] += 1
         bar.update(1)
 
     def flush(key):

@@ -13,13 +13,50 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, unreadable or does not fit the model."""
 
 
+def _tensors(obj):
+    """The tensors inside nested dicts, lists and tuples."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from _tensors(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from _tensors(value)
+
+
+def tensor_bytes(obj):
+    """Bytes of the tensor data inside `obj` (nested dicts, lists, tuples), each storage counted
+    once: about the size `torch.save(obj)` writes (the pickle and the zip records add a few
+    hundred bytes per tensor)."""
+    storages = {}
+    for t in _tensors(obj):
+        try:
+            storage = t.untyped_storage()
+            storages[(str(t.device), storage.data_ptr(), storage.nbytes())] = storage.nbytes()
+        except (RuntimeError, NotImplementedError):  # sparse, meta: count the elements
+            storages[id(t)] = t.numel() * t.element_size()
+    return sum(storages.values())
+
+
+def save_size_estimate(obj):
+    """A little more than `torch.save(obj)` writes: the tensor bytes plus 1 KiB per tensor and
+    64 KiB for the rest (measured: an S3FD checkpoint writes 0.03% more than its tensors)."""
+    return tensor_bytes(obj) + 1024 * sum(1 for _ in _tensors(obj)) + 65536
+
+
 def atomic_save(obj, path):
     """torch.save through a temporary file renamed over `path`, synced to disk first.
 
-    A crash or kill during the write leaves the previous file intact.
+    A crash or kill during the write leaves the previous file intact. A full disk raises
+    `utils.fileio.DiskFullError` (an OSError): one line naming `path`, the space free and the
+    size of the file, where torch itself says 'basic_ios::clear: iostream error'.
     """
-    with atomic_path(path, sync=True) as tmp:
-        torch.save(obj, tmp)
+    # Through a Python file rather than a path: torch's own C++ file writer reports a full disk
+    # as 'basic_ios::clear: iostream error' without an errno, and keeps the failed file open (its
+    # space held) until the process ends; a Python file raises ENOSPC and is closed here.
+    with atomic_path(path, sync=True, needed=save_size_estimate(obj)) as tmp, open(tmp, 'wb') as handle:
+        torch.save(obj, handle)
 
 
 def load_file(path, map_location='cpu'):
