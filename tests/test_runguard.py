@@ -202,10 +202,16 @@ def test_space_for_the_next_epoch_is_checked_before_it(tmp_path, monkeypatch):
         f'--save_folder {tmp_path}: 3.9 KiB free, about 4.4 KiB needed for the checkpoint (2.9 KiB) and a '
         f'weights file (1.5 KiB) saved by epoch 6; stopped before epoch 6 rather than after it: free some '
         f'space or give another --save_folder, then resume with --resume {checkpoint}')
+    best = tmp_path / 'sfd_face.pth'
+    best.write_bytes(b'\0' * 1000)  # replaced before the checkpoint is: covered by the checkpoint's room
+    assert check_space_for_epoch(str(tmp_path), str(checkpoint), 1000, 10, 20, 5000, 1, str(best)) == 3000
+    best.unlink()  # the first validation writes a new file
+    with pytest.raises(DiskFullError, match=r'4\.9 KiB needed for the checkpoint \(2\.9 KiB\) and a weights file '):
+        check_space_for_epoch(str(tmp_path), str(checkpoint), 2000, 10, 20, 5000, 1, str(best))
     checkpoint.unlink()  # before the first save: weights and momentum
-    with pytest.raises(DiskFullError, match=r'about 5\.9 KiB needed for the checkpoint \(5\.9 KiB\) saved by '
-                                            r'epoch 0; .*, then start again$'):
-        check_space_for_epoch(str(tmp_path), str(checkpoint), 3000, 0, 10, 5000, epoch=0)
+    with pytest.raises(DiskFullError, match=r'about 11\.7 KiB needed for the checkpoint \(5\.9 KiB\) and 2 weights '
+                                            r'files of 2\.9 KiB each saved by epoch 0; .*, then start again$'):
+        check_space_for_epoch(str(tmp_path), str(checkpoint), 3000, 0, 5001, 5000, epoch=0, best_path=str(best))
 
 
 def test_periodic_saves_follow_train_py():

@@ -247,13 +247,14 @@ def periodic_saves(first_iteration, last_iteration, interval):
 
 
 def check_space_for_epoch(folder, checkpoint_path, weights_bytes, first_iteration, last_iteration,
-                          save_interval, epoch=None, option='--save_folder'):
+                          save_interval, epoch=None, best_path=None, option='--save_folder'):
     """Raise DiskFullError (utils.fileio) unless `folder` has room for the saves of the coming
     epoch: the checkpoint at its end (the size of `checkpoint_path` when it exists, else twice
-    `weights_bytes`: weights and SGD momentum) plus one `weights_bytes` file per periodic save
-    among iterations first..last-1 (`save_interval`). The best-model file written by the
-    validation is smaller than the checkpoint and replaces its previous version, so it is
-    covered. Returns the bytes needed.
+    `weights_bytes`: weights and SGD momentum), one `weights_bytes` file per periodic save among
+    iterations first..last-1 (`save_interval`), and the best-model file `best_path` (given when
+    the epoch ends with a validation) when it does not exist yet. An existing best-model file is
+    replaced before the checkpoint is, and is smaller: the checkpoint's room covers it. Returns
+    the bytes needed.
 
     The message is one line: the folder, the space free, the space needed and what for, and how
     to go on (free space, then resume from the checkpoint already saved).
@@ -263,11 +264,13 @@ def check_space_for_epoch(folder, checkpoint_path, weights_bytes, first_iteratio
     except OSError:
         checkpoint_bytes = 2 * weights_bytes
     saves = periodic_saves(first_iteration, last_iteration, save_interval)
+    if best_path is not None and not os.path.exists(best_path):
+        saves += 1  # the first best model: a new file
     needed = checkpoint_bytes + saves * weights_bytes
     what = f'the checkpoint ({format_bytes(checkpoint_bytes)})'
     if saves:
         what += (f' and a weights file ({format_bytes(weights_bytes)})' if saves == 1
-                 else f' and {saves} weights files of {format_bytes(weights_bytes)}')
+                 else f' and {saves} weights files of {format_bytes(weights_bytes)} each')
     when = f'epoch {epoch}' if epoch is not None else 'the next epoch'
     resume = (f'then resume with --resume {shlex.quote(str(checkpoint_path))}' if os.path.isfile(checkpoint_path)
               else 'then start again')
