@@ -8,12 +8,10 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 
 import utils.fileio as fileio
-import utils.runguard as runguard
 from conftest import REPO_ROOT
 from utils.fileio import DiskFullError, OutputDirError
 from utils.runguard import (EXIT_STOPPED, LOCK_NAME, FolderInUseError, SaveFolderLock, check_space_for_epoch,

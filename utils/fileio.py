@@ -66,10 +66,10 @@ def free_bytes(folder):
 
 def check_free_space(folder, needed, what, advice=None, label=None):
     """Raise `DiskFullError` when `folder` has less than `needed` bytes free: one line naming
-    the folder (or `label`, e.g. '--save_folder weights'), what needs the space (`what`, e.g.
-    'the next checkpoint': '... about 180.0 MiB needed for the next checkpoint'), both amounts and `advice` when given. Returns the bytes free (None
-    where the file system cannot say). Call it before work whose result could not be saved: an
-    error now costs nothing, one at the save costs the work."""
+    the folder (or `label`, e.g. '--save_folder weights'), both amounts, what needs the space
+    (`what`: '... about 180.0 MiB needed for the next checkpoint') and `advice` when given.
+    Returns the bytes free (None where the file system cannot say). Call it before work whose
+    result could not be saved: an error now costs nothing, one at the save costs the work."""
     free = free_bytes(folder)
     if free is None or free >= needed:
         return free
