@@ -94,9 +94,11 @@ def describe_owner(details):
     if not isinstance(details, dict) or not details.get('pid'):
         return 'a process that has not written its details yet'
     text = f'pid {details["pid"]} on host {details.get("host", "?")}'
-    if details.get('host') == socket.gethostname() and isinstance(details['pid'], int) \
-            and not _alive(details['pid']):
-        text += ' (ended; a process it started still holds the lock)'
+    if details.get('host') == socket.gethostname() and isinstance(details['pid'], int):
+        if details['pid'] == os.getpid():
+            text += ' (this process: a lock taken earlier and not released)'
+        elif not _alive(details['pid']):
+            text += ' (ended; a process it started still holds the lock)'
     if details.get('started'):
         text += f', started {details["started"]}'
     if details.get('command'):
