@@ -104,8 +104,8 @@ BAD = [
     ('optimizer.param_groups.0.momentum', math.nan,
      "field 'optimizer.param_groups[0].momentum': expected a finite number >= 0, found nan (float)"),
     ('optimizer.state.1.momentum_buffer', torch.zeros(3),
-     "field 'optimizer.state[1].momentum_buffer': expected the shape of its parameter (4,), found a float32 "
-     "tensor of shape (3,)"),
+     "field 'optimizer.state[1].momentum_buffer': a momentum buffer of shape (3,) for a parameter of shape (4,): "
+     "the optimizer state is of another model"),
     ('optimizer.state.1.momentum_buffer', torch.full((4,), math.nan),
      "field 'optimizer.state[1].momentum_buffer' holds NaN or inf"),
     ('optimizer.state.1.momentum_buffer', 'zeros',

@@ -320,7 +320,9 @@ def _check_optimizer(f, optimizer, parameter_shapes):
             if not isinstance(buffer, torch.Tensor):
                 f.bad(f'{field}.momentum_buffer', 'a tensor or None', buffer)
             if key in shapes and tuple(buffer.shape) != tuple(shapes[key]):
-                f.bad(f'{field}.momentum_buffer', f'the shape of its parameter {tuple(shapes[key])}', buffer)
+                raise CheckpointError(f"{f.path}: field '{field}.momentum_buffer': a momentum buffer of shape "
+                                      f"{tuple(buffer.shape)} for a parameter of shape {tuple(shapes[key])}: "
+                                      f"the optimizer state is of another model")
         f.finite_tensors(field, value)
 
 
