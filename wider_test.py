@@ -194,23 +194,30 @@ def run(detector, items, args):
     from tqdm import tqdm
 
     from utils.batch_detect import detect_files
+    from utils.fileio import DiskFullError
     from utils.inference import to_wider_rows
     from utils.widerface_eval import write_prediction_file
 
-    skipped = []
+    skipped, written = [], 0
     bar = tqdm(total=len(items), unit='img', desc=f'{args.split} ({args.mode})', file=sys.stderr,
                dynamic_ncols=True)
-    for index, dets, hw, error in detect_files(detector, [path for _, _, path in items], args.mode,
-                                               args.batch_size, args.workers):
-        if error is not None:
-            skipped.append(error)
-            bar.write(f'skipped: {error}', file=sys.stderr)
-        else:
-            event, name, path = items[index]
-            write_prediction_file(prediction_path(args.out, event, name), os.path.basename(path),
-                                  to_wider_rows(dets, *hw))
-        bar.update(1)
-    bar.close()
+    try:
+        for index, dets, hw, error in detect_files(detector, [path for _, _, path in items], args.mode,
+                                                   args.batch_size, args.workers):
+            if error is not None:
+                skipped.append(error)
+                bar.write(f'skipped: {error}', file=sys.stderr)
+            else:
+                event, name, path = items[index]
+                write_prediction_file(prediction_path(args.out, event, name), os.path.basename(path),
+                                      to_wider_rows(dets, *hw))
+                written += 1
+            bar.update(1)
+    except DiskFullError as exc:
+        raise DiskFullError(f'{exc}; stopped after {written} of {len(items)} prediction files: free some '
+                            f'space (or give another --out) and run again', exc.path, exc.needed, exc.free) from None
+    finally:
+        bar.close()
     return skipped
 
 

@@ -40,12 +40,18 @@ def dataset_factory(dataset='face', input_size=None, seed=0, train_file=None, va
         (WIDERDetection in 'train' mode, WIDERDetection in 'val' mode or None when the
         val list file does not exist; a message says so).
     Raises:
-        ValueError for an unknown dataset; FileNotFoundError when the train list is absent.
+        ValueError for an unknown dataset; FileNotFoundError when the train list is absent;
+        IsADirectoryError when either list is a directory (a validation list that is a
+        directory is not taken for an absent one).
     """
     if dataset != 'face':
         raise ValueError(f"unknown dataset {dataset!r}: only 'face' (WIDER FACE) is supported")
     train_file = train_file or cfg.FACE.TRAIN_FILE
     val_file = val_file or cfg.FACE.VAL_FILE
+    for kind, path in (('training', train_file), ('validation', val_file)):
+        if os.path.isdir(path):
+            raise IsADirectoryError(f'{kind} list {path} is a directory: give the list file in it that '
+                                    f'prepare_wider_data.py wrote (face_train.txt, face_val.txt)')
     if not os.path.isfile(train_file):
         raise FileNotFoundError(f'training list {train_file} not found: run '
                                 f'`python prepare_wider_data.py --dataset_dir <WIDER dir>` first '

@@ -31,7 +31,8 @@ from utils.augmentations import (TrainAugmentation, clip_boxes, fallback_plan, t
 from utils.cli import UserError
 from utils.image_io import ImageReadError, load_rgb
 
-__all__ = ['ATTRIBUTE_NAMES', 'AnnotationError', 'DatasetError', 'WiderAnnotation', 'annotation_path',
+__all__ = ['ATTRIBUTE_NAMES', 'AnnotationError', 'DatasetError', 'UnusableImageError', 'WiderAnnotation',
+           'annotation_path',
            'image_root', 'read_text_lines', 'read_wider_annotations', 'read_face_list', 'WIDERDetection']
 
 # The six per-face flags of the official annotation files, in their column order.
@@ -62,6 +63,18 @@ class AnnotationError(UserError, ValueError):
 
 class DatasetError(UserError, RuntimeError):
     """No readable image could be found for a sample (every replacement tried failed)."""
+
+
+class UnusableImageError(ValueError):
+    """An image that reads fine but cannot be trained on: none of its listed faces lies inside
+    it. The message is `<image path>: <reason>`."""
+
+    def __init__(self, path, reason):
+        super().__init__(f'{path}: {reason}')
+        self.path, self.reason = str(path), str(reason)
+
+    def __reduce__(self):
+        return type(self), (self.path, self.reason)
 
 
 class WiderAnnotation(NamedTuple):
@@ -250,7 +263,8 @@ class WIDERDetection(Dataset):
     from `set_epoch`. A training sample always holds at least one face: when augmentation
     leaves none it is drawn again from a generator seeded with (seed, epoch, i, attempt),
     and after `cfg.resample_attempts` attempts a deterministic crop around the largest face
-    is used. An image that cannot be read (or whose faces all lie outside it) is replaced by
+    is used. An image that cannot be read, or (in training) whose faces all lie outside it
+    (`UnusableImageError`: it reads fine, and is not reported as unreadable), is replaced by
     another one chosen from (seed, epoch, i), warned about once per path and counted in
     `self.bad_images` (per process: each DataLoader worker counts its own). Faces that lie
     outside their image (less than a pixel inside) are left out, reported once per path and
@@ -351,8 +365,9 @@ class WIDERDetection(Dataset):
         # is not a face to learn or to validate on.
         boxes, keep = clip_boxes(table[:, :4], width, height, min_size=1.0)
         if self.mode == 'train' and len(boxes) == 0:
-            raise ImageReadError(path, f'none of its {len(table)} faces lies inside the '
-                                       f'{width}x{height} image')
+            raise UnusableImageError(path, f'none of its {len(table)} faces lies inside the {width}x{height} '
+                                           f'image (the image reads fine: are the listed boxes those of '
+                                           f'another image, or of another size of it?)')
         if len(keep) < len(table) and path not in self.faces_outside:
             self.faces_outside[path] = len(table) - len(keep)
             _note(f'{path}: {len(table) - len(keep)} of its {len(table)} faces lie outside the '
@@ -364,8 +379,9 @@ class WIDERDetection(Dataset):
         path = self.paths[index]
         if path not in self.bad_images:
             self.bad_images[path] = exc.reason
-            warnings.warn(f'skipping unreadable image ({len(self.bad_images)} so far in '
-                          f'this process): {exc}', RuntimeWarning, stacklevel=3)
+            kind = 'image without a face inside it' if isinstance(exc, UnusableImageError) else 'unreadable image'
+            warnings.warn(f'skipping {kind} ({len(self.bad_images)} so far in this process): {exc}',
+                          RuntimeWarning, stacklevel=3)
 
     def _target(self, boxes, labels):
         target = np.empty((len(boxes), 5), dtype=np.float32)
@@ -394,7 +410,7 @@ class WIDERDetection(Dataset):
             source = index if r == 0 else int(self._rng(epoch, index, r, 1).integers(len(self)))
             try:
                 image, boxes, labels = self._load(source)
-            except ImageReadError as exc:
+            except (ImageReadError, UnusableImageError) as exc:
                 self._skip(source, exc)
                 last_error = exc
                 continue
@@ -409,7 +425,8 @@ class WIDERDetection(Dataset):
                 plan = fallback_plan(self.augment, boxes, width, height)
             out, out_boxes = self.augment.render(image, plan)
             return self._image_tensor(out), self._target(out_boxes, labels[plan.keep])
-        raise DatasetError(f'{self.list_file}: no readable training image found in '
+        what = 'usable' if isinstance(last_error, UnusableImageError) else 'readable'
+        raise DatasetError(f'{self.list_file}: no {what} training image found in '
                            f'{self.max_replacements} tries from sample {index}; last error: {last_error}')
 
     def _val_item(self, index):

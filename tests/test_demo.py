@@ -122,3 +122,19 @@ def test_a_thresh_below_the_per_pass_threshold_keeps_the_low_scoring_faces(monke
     (_, _, faces, _), = run('--model', 'model.pth', image, '--out', tmp_path / 'b', '--thresh', cfg.CONF_THRESH,
                             '--device', 'cpu')
     assert faces == 1
+
+
+def test_nan_weights_and_a_full_disk_are_one_line_errors(model, images, tmp_path, capsys, monkeypatch):
+    from small_disk import SimulatedFullDisk
+    state = torch.load(model, weights_only=True)
+    state['loc.0.bias'][0] = float('inf')
+    torch.save(state, tmp_path / 'diverged.pth')
+    assert cli_error(capsys, '--model', tmp_path / 'diverged.pth', images, '--out', tmp_path / 'o',
+                     '--device', 'cpu') == (f'error: {tmp_path / "diverged.pth"}: 1 of 65 weight tensors hold NaN or '
+                                            f'inf (loc.0.bias): the model had diverged when it was saved; use an '
+                                            f'earlier checkpoint')
+    assert not (tmp_path / 'o').exists() or os.listdir(tmp_path / 'o') == []
+    SimulatedFullDisk(monkeypatch, budget=0)
+    err = cli_error(capsys, '--model', model, images, '--out', tmp_path / 'out', '--device', 'cpu')
+    assert err.startswith(f'error: {tmp_path / "out" / "im0.png"}: no space left on the device (0 bytes free in ')
+    assert err.endswith('needed); nothing was written') and os.listdir(tmp_path / 'out') == []

@@ -623,3 +623,17 @@ def test_matlab_int32_conversion_rounds_half_away_saturates_and_zeroes_nan():
     from utils.widerface_eval import _int32
     x = np.array([0.5, -0.5, 1.5, -2.5, 2.4999, 0.49999999999999994, np.nan, np.inf, -np.inf, 3e10])
     assert _int32(x).tolist() == [1, -1, 2, -3, 2, 0, 0, 2 ** 31 - 1, -2 ** 31, 2 ** 31 - 1]
+
+
+def test_a_byte_order_mark_is_accepted_as_the_list_readers_accept_it(tiny_case, capsys):
+    """A prediction file saved by a Windows editor starts with a UTF-8 byte-order mark: the
+    same scores as without it (wider_eval.py refused it: "names image '\\ufeffimg'")."""
+    pred, gt_dir, aps = tiny_case
+    for name in ('img.txt', 'other.txt'):
+        path = os.path.join(pred, '1--Handshaking', name)
+        with open(path, 'rb') as f:
+            data = f.read().split(b'\n', 1)[1]
+        with open(path, 'wb') as f:  # line 1 the bare image name, as most detectors write it
+            f.write(b'\xef\xbb\xbf' + name[:-4].encode() + b'.jpg\n' + data)
+    assert wider_eval.main(wider_eval.parse_args(['-p', pred, '-g', gt_dir, '--json'])) == 0
+    assert json.loads(capsys.readouterr().out) == aps

@@ -1,5 +1,7 @@
 """wider_test.py on a tiny synthetic WIDER FACE: prediction files, modes, evaluation, bad input."""
+import contextlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -271,3 +273,40 @@ def test_command_line_failure_has_no_traceback(wider, tmp_path):
                           capture_output=True, text=True, cwd=str(tmp_path))
     assert proc.returncode == 1
     assert proc.stderr.strip().startswith('error: ') and 'Traceback' not in proc.stderr
+
+
+@pytest.mark.parametrize('disk', ['tmpfs', 'simulated'])
+def test_a_full_disk_is_one_line_naming_the_file_and_the_space(wider, random_model, tmp_path, monkeypatch,
+                                                               capsys, disk):
+    from small_disk import SimulatedFullDisk, fill, require_tmpfs, tmpfs
+    with tmpfs(tmp_path / 'disk', '1m') if disk == 'tmpfs' else contextlib.nullcontext(str(tmp_path)) as root:
+        out = os.path.join(require_tmpfs(root), 'pred')
+        if disk == 'tmpfs':
+            os.makedirs(out)
+            fill(root)
+        else:
+            SimulatedFullDisk(monkeypatch, budget=0)
+        status = wider_test.cli(['--model', random_model, '--dataset_dir', wider, '--out', out, '--device', 'cpu',
+                                 '--max_size', str(MAX_SIZE), '--workers', '0'])
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]
+        # Not "OSError: [Errno 28]" and a traceback: the file, the space, how far it got.
+        assert status == 1 and 'Traceback' not in err and last.startswith(f'error: {out}{os.sep}')
+        assert re.search(r'\.txt: no space left on the device \(.* free in .*, about [\d.]+ KiB needed\); '
+                         r'nothing was written; stopped after 0 of 6 prediction files: free some space \(or give '
+                         r'another --out\) and run again$', last), last
+
+
+def test_nan_weights_are_refused_before_any_prediction(wider, random_model, tmp_path, capsys):
+    event, file_name = annotations(wider)[0].name.split('/')
+    earlier = tmp_path / 'pred' / event / (file_name[:-4] + '.txt')  # an earlier run's prediction
+    earlier.parent.mkdir(parents=True)
+    earlier.write_text(f'{file_name}\n0\n')
+    state = torch.load(random_model, weights_only=True)
+    state['conf.5.weight'][0, 0, 0, 0] = float('nan')
+    torch.save(state, tmp_path / 'diverged.pth')
+    err = cli_error(capsys, '--model', str(tmp_path / 'diverged.pth'), '--dataset_dir', wider, '--device', 'cpu',
+                    '--out', str(tmp_path / 'pred'))
+    assert err == (f'error: {tmp_path / "diverged.pth"}: 1 of 65 weight tensors hold NaN or inf (conf.5.weight): '
+                   f'the model had diverged when it was saved; use an earlier checkpoint')
+    assert earlier.read_text() == f'{file_name}\n0\n'  # kept: the run did not start

@@ -403,3 +403,33 @@ def test_synthetic_wider_end_to_end(tmp_path):
     for i in range(len(val)):
         _check_item(val[i], SIZE)
     assert not os.path.exists(tmp_path / 'face_train.txt.tmp')
+
+
+def test_an_image_whose_faces_all_lie_outside_it_is_not_called_unreadable(tmp_path):
+    """It reads fine: the warning and the error say what is wrong with it (its boxes)."""
+    good = _image(tmp_path / 'a.png', 200, 100)
+    outside = _image(tmp_path / 'b.png', 200, 100, seed=1)
+    list_file = _write(tmp_path / 'l.txt', _line(good, [(50, 20, 40, 40)]) + '\n'
+                       + _line(outside, [(500, 10, 20, 20)]) + '\n')
+    train = WIDERDetection(list_file, 'train', input_size=SIZE)
+    with pytest.warns(RuntimeWarning) as record:
+        _check_item(train[(0, 1)], SIZE)
+    assert [str(w.message) for w in record] == [
+        f'skipping image without a face inside it (1 so far in this process): {outside}: none of its 1 faces '
+        f'lies inside the 200x100 image (the image reads fine: are the listed boxes those of another image, '
+        f'or of another size of it?)']
+    only_outside = WIDERDetection(_write(tmp_path / 'o.txt', _line(outside, [(500, 10, 20, 20)]) + '\n'),
+                                  'train', input_size=SIZE)
+    with pytest.warns(RuntimeWarning), pytest.raises(DatasetError) as info:
+        only_outside[0]
+    assert 'no usable training image' in str(info.value) and 'cannot read image' not in str(info.value)
+    assert 'none of its 1 faces lies inside the 200x100 image' in str(info.value)
+
+
+def test_a_directory_given_as_a_list_is_not_reported_missing(small_list, tmp_path):
+    for option in ('train_file', 'val_file'):
+        with pytest.raises(IsADirectoryError) as info:
+            dataset_factory('face', input_size=SIZE, **{'train_file': small_list, option: str(tmp_path)})
+        kind = 'training' if option == 'train_file' else 'validation'
+        assert str(info.value).startswith(f'{kind} list {tmp_path} is a directory: give the list file in it')
+        assert 'not found' not in str(info.value)

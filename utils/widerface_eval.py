@@ -325,6 +325,8 @@ def _parse_box_lines_slowly(body, path, count):
 
 def parse_prediction_bytes(data, path, expected_name=None):
     """Parse the bytes of one prediction file (see ``read_prediction_file``)."""
+    if data.startswith(b'\xef\xbb\xbf'):  # a UTF-8 byte-order mark (Windows editors write one):
+        data = data[3:]                   # not part of the image name, as for the list readers
     if not data.strip():
         raise WiderEvalError(f'{path}: empty file ({_FORMAT_HINT})')
     end1 = data.find(b'\n')
@@ -366,7 +368,8 @@ def read_prediction_file(path, expected_name=None):
     """Read one WIDER prediction file.
 
     Args:
-        path: the ``.txt`` file (line 1 image name, line 2 count, then ``x y w h score`` lines).
+        path: the ``.txt`` file (line 1 image name, line 2 count, then ``x y w h score`` lines;
+            a leading UTF-8 byte-order mark is dropped).
         expected_name: if given, line 1 must name this image (after dropping a directory part
             and a ``.jpg`` suffix).
     Returns:
