@@ -150,6 +150,8 @@ def build_loaders(args, ctx, rank, world):
     from data.factory import EpochBatchSampler, dataset_factory, make_loader
 
     if args.val_file != cfg.FACE.VAL_FILE and not os.path.isfile(args.val_file):
+        if os.path.isdir(args.val_file):
+            raise TrainSetupError(f'--val_file {args.val_file}: is a directory: give the list file in it')
         raise TrainSetupError(f'--val_file {args.val_file}: no such file (without --val_file, a missing '
                               f'{cfg.FACE.VAL_FILE} means training without validation)')
     try:
@@ -207,15 +209,41 @@ def open_tensorboard(path, log):
 # -- the run -------------------------------------------------------------------------------------
 
 
-def main(args):
-    """Train as the options say; returns the loop state (see utils.engine.new_state).
-    Raises a UserError with a one-line message for bad input."""
-    import torch
-
-    from layers.modules.multibox_loss import MultiBoxLoss
+def claim_save_folder(args, ctx, log):
+    """The save folder for this run alone: made, its lock taken and the temporary files of
+    killed saves removed, on the process that saves (under torchrun, rank 0). Returns the lock
+    (None on the other processes), which the caller releases. When the folder is refused, every
+    process stops: rank 0 with the one-line error, the others quietly."""
     from utils import device as devices
-    from utils.engine import Trainer, log, new_state, resume
-    from utils.fileio import make_output_dir
+    from utils.fileio import OutputDirError, format_bytes, make_output_dir
+    from utils import runguard
+
+    lock = refused = None
+    if devices.is_main_process():
+        checkpoint = os.path.join(args.save_folder, f'sfd_{args.dataset}_checkpoint.pth')
+        try:
+            make_output_dir(args.save_folder, '--save_folder')
+            lock, removed, freed = runguard.claim_save_folder(
+                args.save_folder, args.dataset, '--save_folder',
+                advice=f'wait for it to end (then --resume {checkpoint} continues it) or give another --save_folder')
+        except OutputDirError as error:
+            refused = error
+    if devices.all_reduce_sum([float(refused is not None)], ctx.device)[0]:
+        if refused is not None:
+            raise refused
+        raise SystemExit(2)  # rank 0 prints why
+    if lock is not None and lock.warning:
+        print(lock.warning, file=sys.stderr, flush=True)
+    if lock is not None and removed:
+        log(f'Removed {removed} temporary file(s) of interrupted saves from {args.save_folder} ({format_bytes(freed)})')
+    return lock
+
+
+def main(args):
+    """Train as the options say; returns the loop state (see utils.engine.new_state) and sets
+    args.stopped (a stop signal ended the run before its end, the checkpoint saved). Raises a
+    UserError with a one-line message for bad input."""
+    from utils import device as devices
 
     if args.demo:
         import quickstart
@@ -224,12 +252,31 @@ def main(args):
     ctx = devices.setup_device(args.device, local_rank if world > 1 else args.device_id,
                                args.amp, args.amp_dtype, args.loss_scale)
     devices.init_distributed(ctx.type)
+    from utils.engine import log
+    lock = claim_save_folder(args, ctx, log)
+    try:
+        state = train(args, ctx, rank, world)
+    finally:
+        if lock is not None:
+            lock.release()
+    if args.demo:
+        quickstart.finish_demo(args, state)
+    return state
+
+
+def train(args, ctx, rank, world):
+    """The run, in a save folder of its own: data, model, optimizer, engine."""
+    import torch
+
+    from layers.modules.multibox_loss import MultiBoxLoss
+    from utils import device as devices
+    from utils.engine import Trainer, log, new_state, resume
+    from utils.runguard import stopped_message
+
     if args.channels_last is None:
         args.channels_last = ctx.type == 'cuda'
     ctx.share_cpu(args.num_workers, world)
     torch.manual_seed(args.seed)
-    if devices.is_main_process():
-        make_output_dir(args.save_folder, '--save_folder')
     log(f'Device: {ctx.describe()}' + (f' | {world} processes, batch {args.batch_size} each' if world > 1 else ''))
 
     train_loader, val_loader = build_loaders(args, ctx, rank, world)
@@ -255,28 +302,37 @@ def main(args):
         f'{len(val_loader.dataset) if val_loader else 0} validation images, '
         f'{train_loader.batch_sampler.batches_per_epoch} iterations per epoch')
     start, finished = time.time(), False
+    trainer = Trainer(args, ctx, net, model, criterion, optimizer, train_loader, val_loader, state, writer, val_ap)
     try:
-        Trainer(args, ctx, net, model, criterion, optimizer, train_loader, val_loader, state, writer,
-                val_ap).run()
+        trainer.run()
+        args.stopped = trainer.stopped
         best_ap = (f', best val AP {state["best_ap"]:.4f} (epoch {state["best_ap_epoch"]})'
                    if state['best_ap'] is not None else '')
-        log(f'Finished: iteration {state["iteration"]}, epoch {state["epoch"]}, '
-            f'best validation loss {state["best_loss"]:.4f}{best_ap}, {time.time() - start:.1f}s; '
-            f'weights in {args.save_folder}')  # before the process group goes: main process only
+        # Before the process group goes: the main process prints.
+        if trainer.stopped:
+            log(stopped_message(state['iteration'], trainer.checkpoint_path, trainer.stop.signal))
+        else:
+            log(f'Finished: iteration {state["iteration"]}, epoch {state["epoch"]}, '
+                f'best validation loss {state["best_loss"]:.4f}{best_ap}, {time.time() - start:.1f}s; '
+                f'weights in {args.save_folder}')
         finished = True
     finally:
         if writer is not None:
             writer.close()
-        net = None  # DDP's reducer holds the process group: let it go first (see cleanup_distributed)
+        net = trainer = None  # DDP's reducer holds the process group: let it go first (see cleanup_distributed)
         devices.cleanup_distributed(synchronize=finished)
-    if args.demo:
-        quickstart.finish_demo(args, state)
     return state
 
 
 def cli(argv=None):
-    """Command-line entry: a UserError is one line `train.py: error: ...` and exit status 2."""
-    return run_cli(main, parse_args, argv, prog='train.py', status=2)
+    """Command-line entry. Exit status: 0 when the run reached its end; EXIT_STOPPED (75,
+    sysexits' EX_TEMPFAIL) when a stop signal ended it early with a resumable checkpoint saved,
+    for a scheduler to requeue; 2 with one line `train.py: error: ...` for a UserError."""
+    from utils.runguard import EXIT_STOPPED  # light: no PyTorch
+
+    args = parse_args(argv)
+    status = run_cli(main, lambda _: args, prog='train.py', status=2)
+    return EXIT_STOPPED if status == 0 and getattr(args, 'stopped', False) else status
 
 
 if __name__ == '__main__':

@@ -179,7 +179,7 @@ def test_a_second_signal_stops_at_once_without_a_traceback(capsys):
     assert 'SIGINT received again: stopping now without saving' in capsys.readouterr().err
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(lists, tmp_path):
+def test_sigterm_saves_a_checkpoint_and_exits_as_stopped_resumable(lists, tmp_path):
     cmd = [sys.executable, '-u', 'train.py', *run_args(lists, tmp_path, '--epochs', '50')]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
@@ -191,10 +191,13 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(lists, tmp_path):
             break
         assert time.time() < deadline, ''.join(lines)
     rest, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, ''.join(lines) + rest
-    assert 'checkpoint saved' in rest
+    # Stopped, resumable: EX_TEMPFAIL for a scheduler to requeue, and a line that says so.
+    assert proc.returncode == 75, ''.join(lines) + rest
+    assert 'checkpoint saved' in rest and 'Finished:' not in rest
     ckpt = load_file(str(tmp_path / 'sfd_face_checkpoint.pth'))
     assert ckpt['state']['iteration'] >= 4
+    assert (f'Stopped at iteration {ckpt["state"]["iteration"]} (SIGTERM); resume with --resume '
+            f'{tmp_path / "sfd_face_checkpoint.pth"}') in rest.splitlines()
 
 
 def test_torchrun_two_processes_one_log_stream(lists, tmp_path):
@@ -586,3 +589,66 @@ def test_best_by_ap_keeps_the_epoch_of_the_highest_ap_and_records_both(lists, tm
     rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
     assert [(row['best_saved'], row['best_by']) for row in rows] == [(True, 'ap'), (False, 'ap')]
     assert 'best val AP 0.5000 (epoch 0)' in out
+
+
+# -- runs that share a machine, a disk and a scheduler (utils/runguard.py wired into train.py) --
+
+
+def test_a_second_run_on_the_same_save_folder_is_refused_naming_the_first(lists, tmp_path):
+    first = subprocess.Popen([sys.executable, '-u', 'train.py', *run_args(lists, tmp_path, '--epochs', '50')],
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in first.stdout:  # the folder is claimed before the data is loaded
+            if line.startswith('Loading dataset'):
+                break
+        second = subprocess.run([sys.executable, 'train.py', *run_args(lists, tmp_path, '--epochs', '1')],
+                                cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2 and 'Traceback' not in second.stderr, second.stderr
+        err = second.stderr.strip()
+        assert '\n' not in err and err.startswith(f'train.py: error: --save_folder {tmp_path}') and \
+            f'pid {first.pid}' in err, err
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=120)
+    assert first.returncode == 75  # the first run went on, and stopped resumably when told to
+
+
+def test_stale_temporaries_are_removed_and_a_full_disk_stops_before_the_epoch(lists, tmp_path, capsys,
+                                                                               monkeypatch):
+    stale = tmp_path / '.sfd_face_checkpoint.pth.k9x2ab_7.tmp'  # as atomic_path names it
+    stale.write_bytes(b'\0' * 1000)
+    other = tmp_path / '.notes.txt.tmp'  # not a training output: left alone
+    other.write_bytes(b'mine')
+    run_main(lists, tmp_path, '--epochs', '1')
+    assert not stale.exists() and other.exists()
+    assert f'Removed 1 temporary file(s) of interrupted saves from {tmp_path}' in capsys.readouterr().out
+    # The next epoch's checkpoint would not fit: one line, before the epoch's work, the old file kept.
+    from utils import fileio
+    before = (tmp_path / 'sfd_face_checkpoint.pth').read_bytes()
+    monkeypatch.setattr(fileio, 'free_bytes', lambda folder: 1 << 20)
+    status = run_cli(lists, tmp_path, '--epochs', '2', '--resume', str(tmp_path / 'sfd_face_checkpoint.pth'))
+    out, err = capsys.readouterr()
+    assert status == 2 and 'epoch:1 || iter:' not in out, out
+    err = err.strip().splitlines()[-1]
+    assert err.startswith(f'train.py: error: --save_folder {tmp_path}: 1.0 MiB free, about') and \
+        'stopped before epoch 1 rather than after it' in err, err
+    assert (tmp_path / 'sfd_face_checkpoint.pth').read_bytes() == before
+
+
+def test_a_checkpoint_with_bad_contents_is_one_line_naming_the_field(lists, uninterrupted, tmp_path, capsys):
+    _, full, _ = uninterrupted
+    ckpt = load_file(str(full / 'sfd_face_checkpoint.pth'))
+    ckpt['state'].update(batch_in_epoch=999, epoch=1)
+    atomic_save(ckpt, str(tmp_path / 'bad.pth'))
+    err = _train_error(lists, tmp_path, capsys, '--epochs', '3', '--resume', str(tmp_path / 'bad.pth'))
+    assert 'bad.pth' in err and 'batch_in_epoch' in err and '999' in err, err
+
+
+def test_a_resume_applies_a_changed_momentum_and_weight_decay(lists, uninterrupted, tmp_path, capsys):
+    _, full, _ = uninterrupted
+    run_main(lists, tmp_path, '--epochs', '3', '--momentum', '0.5', '--weight_decay', '0.001',
+             '--resume', str(full / 'sfd_face_checkpoint.pth'))
+    assert 'Resuming with changed options: --momentum 0.5 (checkpoint 0.9), --weight_decay 0.001' in \
+        capsys.readouterr().out
+    group = load_file(str(tmp_path / 'sfd_face_checkpoint.pth'))['optimizer']['param_groups'][0]
+    assert (group['momentum'], group['weight_decay']) == (0.5, 0.001)

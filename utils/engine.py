@@ -24,8 +24,10 @@ from data.config import cfg
 from utils import device as devices
 from utils.augmentations import subtract_mean
 from utils.checkpoint import (CheckpointError, atomic_save, checkpoint_variant, extract_state_dict,
-                              load_file, load_weights)
+                              load_file, load_weights, tensor_bytes, validate_training_checkpoint)
 from utils.cli import UserError
+from utils.fileio import OutputDirError
+from utils.runguard import check_space_for_epoch
 from utils.val_ap import format_ap_line, mean_ap
 
 CHECKPOINT_VERSION = 1
@@ -301,6 +303,10 @@ def resume(path, model, optimizer, ctx, batches_per_epoch, args, world_size=1):
     returns the loop state to continue from."""
     log(f'Resuming training, loading {path}...')
     ckpt = load_file(path)
+    validate_training_checkpoint(
+        ckpt, path, batches_per_epoch, [p.shape for group in optimizer.param_groups for p in group['params']],
+        cuda_rng_bytes=torch.cuda.get_rng_state(ctx.device).numel() if ctx.type == 'cuda' else None,
+        version=CHECKPOINT_VERSION)
     variant = checkpoint_variant(ckpt)
     if variant is not None and variant != cfg.MODEL_VARIANT:
         raise CheckpointError(f'{path} holds a {variant!r} model, this run builds {cfg.MODEL_VARIANT!r} '
@@ -317,6 +323,8 @@ def resume(path, model, optimizer, ctx, batches_per_epoch, args, world_size=1):
         optimizer.load_state_dict(ckpt['optimizer'])
     except (ValueError, KeyError) as e:
         raise CheckpointError(f'{path}: optimizer state does not fit this model ({e})') from None
+    for group in optimizer.param_groups:  # the options of this run (the log says when they changed)
+        group['momentum'], group['weight_decay'] = args.momentum, args.weight_decay
     for param, param_state in optimizer.state.items():
         buffer = param_state.get('momentum_buffer') if isinstance(param_state, dict) else None
         if isinstance(buffer, torch.Tensor) and buffer.shape != param.shape:
@@ -367,6 +375,8 @@ class Trainer:
         self.finite = FiniteCheck(ctx.device)
         self.meter = SpeedMeter(args.batch_size * self.world)
         self.stop = None  # StopRequest while run() is active
+        self.stopped = False  # whether a stop signal ended the run before its end (its checkpoint saved)
+        self.weights_bytes = tensor_bytes(model.state_dict())
 
     def run(self):
         self.stop = StopRequest()
@@ -377,6 +387,7 @@ class Trainer:
                 return
             while self.state['epoch'] < self.args.epochs and self.state['iteration'] < self.total_iters:
                 epoch = self.state['epoch']
+                self.check_space(epoch)
                 if not self.train_one_epoch(epoch):
                     return  # stopped mid-epoch; the checkpoint is saved
                 loss_sum, loss_count = devices.all_reduce_sum(
@@ -389,6 +400,17 @@ class Trainer:
         finally:
             self.stop.close()
 
+    def check_space(self, epoch):
+        """Stop before an epoch whose saves would not fit in the save folder (DiskFullError, one
+        line), rather than after its work (the main process, which saves, checks)."""
+        if not self.main:
+            return
+        first = self.state['iteration']
+        last = min(first + self.sampler.batches_per_epoch - self.state['batch_in_epoch'], self.total_iters)
+        check_space_for_epoch(self.args.save_folder, self.checkpoint_path, self.weights_bytes, first, last,
+                              cfg.SAVE_INTERVAL, epoch,
+                              best_path=self.best_path if self.val_loader is not None else None)
+
     def finish_epoch(self, epoch):
         """Validate the trained `epoch` and save the epoch-end checkpoint; False when the run stops
         (a stop during validation saves the checkpoint at once, marked for a resume to validate)."""
@@ -396,12 +418,14 @@ class Trainer:
         if self.val_loader is not None and not self.validate(epoch):
             self.save_checkpoint(f'{self.stop.signal or "stop requested"} during validation: '
                                  f'epoch {epoch} is trained, a resume validates it first')
+            self.stopped = True
             return False
         self.state['unvalidated_epoch'] = None
         self.write_metrics(epoch)
         self.save_checkpoint()
         if self.stop.requested(self.ctx.device, sync_now=True):  # every process stops
             log(f'{self.stop.signal or "stop requested"}: checkpoint saved to {self.checkpoint_path}')
+            self.stopped = True
             return False
         return True
 
@@ -448,7 +472,9 @@ class Trainer:
                 log('Saving state, iter:', iteration)
                 atomic_save(self.model.state_dict(),
                             os.path.join(args.save_folder, f'sfd_{args.dataset}_{iteration}.pth'))
-            if state['iteration'] >= self.total_iters or self.stop.requested(ctx.device, sync_now=is_log_step):
+            reached_end = state['iteration'] >= self.total_iters
+            if reached_end or self.stop.requested(ctx.device, sync_now=is_log_step):
+                self.stopped = not reached_end  # --max_iter is the end asked for, a signal is not
                 if state['batch_in_epoch'] < self.sampler.batches_per_epoch:
                     state['loss_sum'] = float(loss_sum)
                     self.save_checkpoint('stop requested' if self.stop.signal
@@ -550,10 +576,14 @@ class Trainer:
                'val_loss': None, 'ap': None, 'ap_seconds': None, 'best_saved': False,
                'best_by': self.args.best_by, 'lr': self.optimizer.param_groups[0]['lr'], 'time': time.time()}
         row.update(self.validation)
-        with open(self.metrics_path, 'a', encoding='utf-8') as handle:
-            handle.write(json.dumps(row) + '\n')
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            with open(self.metrics_path, 'a', encoding='utf-8') as handle:
+                handle.write(json.dumps(row) + '\n')
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as exc:
+            raise OutputDirError(f'{self.metrics_path}: cannot add the row of epoch {epoch} '
+                                 f'({exc.strerror or exc}); the checkpoint of epoch {epoch - 1} is kept') from None
 
     @torch.no_grad()
     def validation_loss(self):
