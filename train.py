@@ -392,7 +392,7 @@ def training_step(net, criterion, optimizer, ctx, finite, images, targets, chann
     """One SGD step: forward under autocast, loss, backward and update unless the loss is not
     finite. Returns (loss, loss_l, loss_c) detached and whether the update was applied."""
     images, targets = to_device(images, targets, ctx.device, channels_last)
-    optimizer.zero_grad(set_to_none=True)
+    ctx.zero_grad(optimizer)
     with ctx.autocast():
         out = net(images)
     loss_l, loss_c = criterion(out, targets)
@@ -403,7 +403,7 @@ def training_step(net, criterion, optimizer, ctx, finite, images, targets, chann
     if stepped:
         ctx.step(optimizer)
     else:
-        optimizer.zero_grad(set_to_none=True)
+        ctx.zero_grad(optimizer)
     return loss.detach(), loss_l.detach(), loss_c.detach(), stepped
 
 

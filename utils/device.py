@@ -5,6 +5,7 @@
     model.to(ctx.device)
     optimizer = ctx.make_optimizer(model.parameters(), lr, momentum, weight_decay)
     model, optimizer = ctx.initialize(model, optimizer)      # Ascend Apex O2, else unchanged
+    ctx.zero_grad(optimizer)                                # as this optimizer accepts it
     with ctx.autocast():
         loss = ...
     ctx.backward(loss, optimizer)                           # loss scaling handled here
@@ -100,6 +101,18 @@ class DeviceContext:
             return self.apex_amp.initialize(model, optimizer, opt_level='O2',
                                             loss_scale=self.loss_scale, combine_grad=True)
         return model, optimizer
+
+    def zero_grad(self, optimizer):
+        """Clear the gradients the way this optimizer accepts. Apex O2 replaces zero_grad by a
+        function without arguments (npu.patch, _process_optimizer.py); torch_npu's fused
+        optimizers refuse set_to_none=True, their gradients living in one combined buffer
+        (torch_npu/optim/npu_fused_optim_base.py); elsewhere None frees the memory."""
+        if self.amp == 'apex':
+            optimizer.zero_grad()
+        elif getattr(optimizer, 'is_fused_optimizer', False):
+            optimizer.zero_grad(set_to_none=False)
+        else:
+            optimizer.zero_grad(set_to_none=True)
 
     def backward(self, loss, optimizer):
         if self.amp == 'apex':
