@@ -249,7 +249,7 @@ def build_loaders(args, ctx, rank, world):
                                              normalize=False)
     except (OSError, ValueError) as e:
         fail(str(e).splitlines()[0] if str(e) else repr(e))
-    pin = ctx.type == 'cuda'
+    pin = ctx.pin_memory
     train_sampler = EpochBatchSampler(len(train_set), args.batch_size, args.seed, rank, world)
     if train_sampler.batches_per_epoch == 0:
         fail(f'{args.train_file}: {len(train_set)} training images are fewer than one batch of '

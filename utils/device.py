@@ -11,6 +11,8 @@
     ctx.backward(loss, optimizer)                           # loss scaling handled here
     ctx.step(optimizer)
 
+Host memory to pin for the loader and host-to-device copies: `pins_host_memory(device_type)`.
+
 `DeviceUnavailable` carries a one-line message for a device or package that is missing.
 """
 import contextlib
@@ -28,6 +30,14 @@ class DeviceUnavailable(RuntimeError):
 
 DEVICE_TYPES = {'gpu': 'cuda', 'npu': 'npu', 'cpu': 'cpu'}
 DIST_BACKENDS = {'cuda': 'nccl', 'npu': 'hccl', 'cpu': 'gloo'}
+
+
+def pins_host_memory(device_type):
+    """Whether host tensors bound for this device should be pinned. CUDA and torch_npu both copy
+    asynchronously only from pinned memory: torch_npu turns a non_blocking copy from memory its
+    host allocator did not allocate into a stream synchronisation (torch_npu/csrc/core/npu/
+    CachingHostAllocator.cpp, process_non_blocking_copy), so the host waits for the NPU's queue."""
+    return device_type in ('cuda', 'npu')
 
 
 def _import_optional(name):
@@ -53,6 +63,7 @@ class DeviceContext:
         self.loss_scale = loss_scale
         self.apex_amp = apex_amp
         self.torch_npu = torch_npu
+        self.pin_memory = pins_host_memory(self.type)
         self.scaler = None
         if amp == 'native' and amp_dtype == torch.float16:
             if self.type == 'npu':
