@@ -69,6 +69,9 @@ def parse_args(argv=None):
                         help='autocast dtype for --amp native (fp16 adds a GradScaler)')
     parser.add_argument('--loss_scale', default=32.0, type=float,
                         help='static loss scale of the Ascend recipe (Apex O2 / NPU GradScaler)')
+    parser.add_argument('--npu_jit_compile', action='store_true',
+                        help='NPU: compile operators just in time (torch_npu\'s default before the 910B) instead '
+                             'of running the precompiled ones (set_compile_mode(jit_compile=False))')
     parser.add_argument('--epochs', default=cfg.EPOCHES, type=int, help='epochs to train')
     parser.add_argument('--max_iter', default=cfg.MAX_STEPS, type=int,
                         help='stop after this many iterations in total, saving a checkpoint')
@@ -607,7 +610,7 @@ def main(args):
     rank, world, local_rank = devices.distributed_env()
     try:
         ctx = devices.setup_device(args.device, local_rank if world > 1 else args.device_id,
-                                   args.amp, args.amp_dtype, args.loss_scale)
+                                   args.amp, args.amp_dtype, args.loss_scale, args.npu_jit_compile)
     except devices.DeviceUnavailable as e:
         fail(str(e))
     devices.init_distributed(ctx.type)

@@ -1,7 +1,7 @@
 """Device, mixed precision, optimizer and distributed set-up: every such choice lives here.
 
     ctx = setup_device('gpu'|'npu'|'cpu', device_id, amp='auto'|'apex'|'native'|'off',
-                       amp_dtype='bf16'|'fp16', loss_scale=32.0)
+                       amp_dtype='bf16'|'fp16', loss_scale=32.0, npu_jit_compile=False)
     model.to(ctx.device)
     optimizer = ctx.make_optimizer(model.parameters(), lr, momentum, weight_decay)
     model, optimizer = ctx.initialize(model, optimizer)      # Ascend Apex O2, else unchanged
@@ -179,8 +179,13 @@ class DeviceContext:
         return None
 
 
-def setup_device(name, device_id=0, amp='auto', amp_dtype='bf16', loss_scale=32.0):
-    """Resolve --device/--amp into a DeviceContext; DeviceUnavailable with one line if not possible."""
+def setup_device(name, device_id=0, amp='auto', amp_dtype='bf16', loss_scale=32.0, npu_jit_compile=False):
+    """Resolve --device/--amp into a DeviceContext; DeviceUnavailable with one line if not possible.
+
+    On the NPU, operators run precompiled (torch.npu.set_compile_mode(jit_compile=False), as
+    the Ascend model zoo sets it) unless npu_jit_compile: jit compilation is torch_npu's default
+    before the 910B (CheckJitDisableInner, framework/interface/EnvVariables.cpp) and would
+    compile operators again for the matcher's per-batch shapes."""
     if name not in DEVICE_TYPES:
         raise DeviceUnavailable(f'unknown device {name!r}: choose gpu, npu or cpu')
     dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}[amp_dtype]
@@ -210,6 +215,7 @@ def setup_device(name, device_id=0, amp='auto', amp_dtype='bf16', loss_scale=32.
             raise DeviceUnavailable('--device npu: torch_npu is installed but no NPU is available')
         device = torch.device('npu', device_id)
         torch.npu.set_device(device)
+        torch.npu.set_compile_mode(jit_compile=npu_jit_compile)
         if amp in ('auto', 'apex'):
             apex = _import_optional('apex')
             apex_amp = getattr(apex, 'amp', None) if apex is not None else None
