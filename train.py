@@ -68,7 +68,8 @@ def parse_args(argv=None):
     parser.add_argument('--amp_dtype', default='bf16', choices=['bf16', 'fp16'],
                         help='autocast dtype for --amp native (fp16 adds a GradScaler)')
     parser.add_argument('--loss_scale', default=32.0, type=float,
-                        help='static loss scale of the Ascend recipe (Apex O2 / NPU GradScaler)')
+                        help='fixed loss scale of the Ascend recipe (Apex O2 / NPU GradScaler); a step whose '
+                             'gradients overflow is skipped')
     parser.add_argument('--npu_jit_compile', action='store_true',
                         help='NPU: compile operators just in time (torch_npu\'s default before the 910B) instead '
                              'of running the precompiled ones (set_compile_mode(jit_compile=False))')
@@ -404,9 +405,9 @@ def training_step(net, criterion, optimizer, ctx, finite, images, targets, chann
     ctx.backward(loss, optimizer)
     stepped = finite.ok()
     if stepped:
-        ctx.step(optimizer)
+        stepped = ctx.step(optimizer)  # False: the gradients overflowed (NPU fp16), the step was skipped
     else:
-        ctx.zero_grad(optimizer)
+        ctx.discard(optimizer)
     return loss.detach(), loss_l.detach(), loss_c.detach(), stepped
 
 
@@ -522,12 +523,14 @@ class Trainer:
 
     def skip_nonfinite(self, iteration, loss_l, loss_c):
         self.state['nonfinite_in_a_row'] += 1
-        log(f'iter:{iteration} non-finite loss (loc {float(loss_l):.4g}, conf {float(loss_c):.4g}): '
-            f'step skipped ({self.state["nonfinite_in_a_row"]} in a row)')
+        loss_l, loss_c = float(loss_l), float(loss_c)
+        what = (f'gradient overflow at loss scale {self.ctx.loss_scale:g}' if math.isfinite(loss_l + loss_c)
+                else f'non-finite loss (loc {loss_l:.4g}, conf {loss_c:.4g})')
+        log(f'iter:{iteration} {what}: step skipped ({self.state["nonfinite_in_a_row"]} in a row)')
         if self.state['nonfinite_in_a_row'] >= 10:
-            self.save_checkpoint('stopped after 10 non-finite losses in a row')
-            fail('10 non-finite losses in a row: check the data and lower --lr '
-                 f'(state saved to {self.checkpoint_path})')
+            self.save_checkpoint('stopped after 10 skipped steps in a row')
+            fail('10 steps in a row skipped for a non-finite loss or gradient overflow: check the data and '
+                 f'lower --lr (state saved to {self.checkpoint_path})')
 
     def log_step(self, epoch, iteration, loss_l, loss_c):
         """The original four log lines; with --log_speed, a fifth with speed, data wait and ETA."""

@@ -9,7 +9,8 @@
     with ctx.autocast():
         loss = ...
     ctx.backward(loss, optimizer)                           # loss scaling handled here
-    ctx.step(optimizer)
+    applied = ctx.step(optimizer)                           # False: an overflowing step was skipped
+    # or, for a step not to take (non-finite loss): ctx.discard(optimizer)
 
 Host memory to pin for the loader and host-to-device copies: `pins_host_memory(device_type)`.
 
@@ -30,6 +31,8 @@ class DeviceUnavailable(RuntimeError):
 
 DEVICE_TYPES = {'gpu': 'cuda', 'npu': 'npu', 'cpu': 'cpu'}
 DIST_BACKENDS = {'cuda': 'nccl', 'npu': 'hccl', 'cpu': 'gloo'}
+# A fp16 scaler's growth interval that is never reached: the NPU recipe's scale stays fixed.
+NEVER = 2 ** 31 - 1
 
 
 def pins_host_memory(device_type):
@@ -65,12 +68,22 @@ class DeviceContext:
         self.torch_npu = torch_npu
         self.pin_memory = pins_host_memory(self.type)
         self.scaler = None
+        # Whether step() skips a step whose gradients overflowed and says so: the NPU's fp16
+        # recipes, whose fixed loss scale would otherwise apply every step (see step()).
+        self.skips_overflow = amp == 'apex'
         if amp == 'native' and amp_dtype == torch.float16:
             if self.type == 'npu':
-                # Ascend's scaler; a static scale reproduces the Apex recipe's fixed loss scale.
-                self.scaler = torch_npu.npu.amp.GradScaler(init_scale=loss_scale, dynamic=False)
+                # The recipe's fixed scale, checked like a dynamic one. With dynamic=False,
+                # torch_npu's GradScaler unscales without a check and always steps
+                # (torch_npu/npu/amp/grad_scaler.py: _unscale_grads_, step); its dynamic mode
+                # finds overflows in inf/nan mode and, before the 910B, through the float-status
+                # flag, and agrees on them across processes. The scale stays: no growth, and
+                # step() restores it after a skip.
+                self.scaler = torch_npu.npu.amp.GradScaler(init_scale=loss_scale, growth_interval=NEVER)
+                self.skips_overflow = True
             else:
                 self.scaler = torch.amp.GradScaler(self.type)
+        self._applied = 0  # optimizer steps actually taken, counted by a post-step hook
 
     def describe(self):
         precision = {'apex': f'Apex O2 (loss scale {self.loss_scale})', 'off': 'float32'}.get(
@@ -84,7 +97,7 @@ class DeviceContext:
         return torch.autocast(device_type=self.type, dtype=self.amp_dtype)
 
     def make_optimizer(self, params, lr, momentum, weight_decay, sgd_impl=None):
-        """SGD with one parameter group (the fused optimizers only fuse the first group).
+        """SGD over `params` in one parameter group (the NPU's fused optimizers step every group).
 
         sgd_impl picks PyTorch's SGD kernel on CPU/GPU: None (PyTorch's default: foreach on
         CUDA; fused under a CUDA GradScaler, which then skips an inf/NaN step on the device
@@ -95,22 +108,38 @@ class DeviceContext:
         if sgd_impl not in (None, 'foreach', 'fused'):
             raise ValueError(f"sgd_impl must be None, 'foreach' or 'fused', not {sgd_impl!r}")
         if self.type == 'npu':
+            optimizer = None
             if self.amp == 'apex':
                 from apex.optimizers import NpuFusedSGD
-                return NpuFusedSGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-            fused = getattr(getattr(self.torch_npu, 'optim', None), 'NpuFusedSGD', None)
-            if fused is not None:
-                return fused(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+                optimizer = NpuFusedSGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+            else:
+                fused = getattr(getattr(self.torch_npu, 'optim', None), 'NpuFusedSGD', None)
+                if fused is not None:
+                    optimizer = fused(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+            if optimizer is not None:
+                if self.skips_overflow:
+                    optimizer.register_step_post_hook(self._count_step)
+                return optimizer
         if sgd_impl is None and self.scaler is not None and self.type == 'cuda':
             sgd_impl = 'fused'
         impl = {sgd_impl: True} if sgd_impl else {}
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, **impl)
+        optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, **impl)
+        if self.skips_overflow:
+            optimizer.register_step_post_hook(self._count_step)
+        return optimizer
+
+    def _count_step(self, optimizer, args, kwargs):
+        self._applied += 1
 
     def initialize(self, model, optimizer):
-        """Ascend Apex: amp.initialize(O2, static loss scale, combine_grad). Else unchanged."""
+        """Ascend Apex: amp.initialize(O2, combine_grad) with the recipe's loss scale held fixed:
+        Apex's dynamic scaler (it checks for overflow and skips) pinned by min = max = the
+        scale. A static loss_scale would apply every step unchecked (Apex scaler.py:
+        check_overflow_and_sync sets _has_overflow = False when not dynamic). Else unchanged."""
         if self.amp == 'apex':
-            return self.apex_amp.initialize(model, optimizer, opt_level='O2',
-                                            loss_scale=self.loss_scale, combine_grad=True)
+            return self.apex_amp.initialize(model, optimizer, opt_level='O2', loss_scale='dynamic',
+                                            dynamic_init_scale=self.loss_scale, min_loss_scale=self.loss_scale,
+                                            max_loss_scale=self.loss_scale, combine_grad=True)
         return model, optimizer
 
     def zero_grad(self, optimizer):
@@ -135,11 +164,38 @@ class DeviceContext:
             loss.backward()
 
     def step(self, optimizer):
+        """Apply the update. Returns False when the step was skipped because its gradients
+        overflowed, which only the NPU's fp16 recipes report (skips_overflow); True otherwise
+        (a CUDA GradScaler skips and backs off on its own, unreported, as before)."""
+        if not self.skips_overflow:
+            if self.scaler is not None:
+                self.scaler.step(optimizer)
+                self.scaler.update()
+            else:
+                optimizer.step()
+            return True
+        before = self._applied
         if self.scaler is not None:
             self.scaler.step(optimizer)
-            self.scaler.update()
-        else:
-            optimizer.step()
+            applied = self._applied > before
+            if applied:
+                self.scaler.update()
+            else:  # put the recipe's scale back instead of backing off
+                self.scaler.update(new_scale=float(self.loss_scale))
+            return applied
+        # Apex: scale_loss replaced optimizer.step by a one-shot skip if the gradients
+        # overflowed (handle.py); calling it consumes the skip.
+        optimizer.step()
+        return self._applied > before
+
+    def discard(self, optimizer):
+        """Do not take this step (its loss is not finite): drop the gradients, and leave the
+        scaler ready for the next one."""
+        if self.amp == 'apex' and optimizer._amp_stash.already_patched:
+            optimizer.step()  # consume Apex's pending skip, or it would skip the next real step
+        elif self.skips_overflow and self.scaler is not None:
+            self.scaler.update(new_scale=float(self.loss_scale))  # ends the iteration scale() began
+        self.zero_grad(optimizer)
 
     def state_dict(self):
         """Loss-scaler state for checkpoints (empty when there is none)."""
@@ -153,7 +209,10 @@ class DeviceContext:
         if self.amp == 'apex' and 'apex' in state:
             self.apex_amp.load_state_dict(state['apex'])
         elif self.scaler is not None and 'scaler' in state:
-            self.scaler.load_state_dict(state['scaler'])
+            saved = state['scaler']
+            if self.skips_overflow:  # a checkpoint of the unchecked static scaler: keep the check
+                saved = dict(saved, dynamic=True, growth_interval=NEVER)
+            self.scaler.load_state_dict(saved)
 
     def share_cpu(self, num_workers, processes=1):
         """On the CPU device, leave a core to each data-loading worker: OpenMP threads that
