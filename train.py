@@ -349,6 +349,9 @@ def resume(path, model, optimizer, ctx, batches_per_epoch, args, world_size=1):
             f'starting at epoch {epoch}')
         return new_state(epoch=epoch, iteration=epoch * batches_per_epoch)
     try:
+        # Loss scaler first: under Apex O2 it makes the fp32 master weights, which the optimizer's
+        # state then fits in fp32.
+        ctx.load_state_dict(ckpt.get('amp', {}), optimizer)
         optimizer.load_state_dict(ckpt['optimizer'])
     except (ValueError, KeyError) as e:
         fail(f'{path}: optimizer state does not fit this model ({e})')
@@ -357,7 +360,6 @@ def resume(path, model, optimizer, ctx, batches_per_epoch, args, world_size=1):
         if isinstance(buffer, torch.Tensor) and buffer.shape != param.shape:
             fail(f'{path}: optimizer state does not fit this model (a momentum buffer of shape '
                  f'{tuple(buffer.shape)} for a parameter of shape {tuple(param.shape)})')
-    ctx.load_state_dict(ckpt.get('amp', {}))
     rng = ckpt.get('rng', {})
     if 'torch' in rng:
         torch.set_rng_state(rng['torch'])

@@ -137,6 +137,7 @@ class DeviceContext:
         scale. A static loss_scale would apply every step unchecked (Apex scaler.py:
         check_overflow_and_sync sets _has_overflow = False when not dynamic). Else unchanged."""
         if self.amp == 'apex':
+            self._apex_optimizer = optimizer
             return self.apex_amp.initialize(model, optimizer, opt_level='O2', loss_scale='dynamic',
                                             dynamic_init_scale=self.loss_scale, min_loss_scale=self.loss_scale,
                                             max_loss_scale=self.loss_scale, combine_grad=True)
@@ -198,16 +199,38 @@ class DeviceContext:
         self.zero_grad(optimizer)
 
     def state_dict(self):
-        """Loss-scaler state for checkpoints (empty when there is none)."""
+        """Loss-scaler state for checkpoints (empty when there is none). Under Apex O2 also the
+        fp32 master weights: they live in the optimizer, and the model holds only their fp16
+        copies, from which Apex would rebuild them (losing their low bits) on a resume."""
         if self.amp == 'apex':
-            return {'apex': self.apex_amp.state_dict()}
+            state = {'apex': self.apex_amp.state_dict()}
+            masters = list(self.apex_amp.master_params(self._apex_optimizer))
+            if not any(p.dtype == torch.float16 for p in masters):  # built at the first zero_grad
+                state['apex_master_params'] = [p.detach() for p in masters]
+            return state
         if self.scaler is not None:
             return {'scaler': self.scaler.state_dict()}
         return {}
 
-    def load_state_dict(self, state):
-        if self.amp == 'apex' and 'apex' in state:
-            self.apex_amp.load_state_dict(state['apex'])
+    def load_state_dict(self, state, optimizer=None):
+        """Restore state_dict(). Call it before optimizer.load_state_dict: under Apex O2 it first
+        has Apex build its fp32 master weights (from the model's weights, already loaded) so that
+        the optimizer's state lands on them in fp32, not on the fp16 parameters, then restores
+        the saved masters exactly. ValueError when the saved masters do not fit."""
+        if self.amp == 'apex':
+            optimizer = optimizer if optimizer is not None else self._apex_optimizer
+            optimizer.zero_grad()  # Apex's lazy init: masters replace the fp16 params in the optimizer
+            saved = state.get('apex_master_params')
+            if saved is not None:
+                masters = list(self.apex_amp.master_params(optimizer))
+                if len(saved) != len(masters) or any(s.shape != m.shape for s, m in zip(saved, masters)):
+                    raise ValueError(f'{len(saved)} saved Apex master weights do not match the '
+                                     f'{len(masters)} of this model')
+                with torch.no_grad():
+                    for master, value in zip(masters, saved):
+                        master.copy_(value)
+            if 'apex' in state:
+                self.apex_amp.load_state_dict(state['apex'])
         elif self.scaler is not None and 'scaler' in state:
             saved = state['scaler']
             if self.skips_overflow:  # a checkpoint of the unchecked static scaler: keep the check
