@@ -45,9 +45,9 @@ How it is built, and why this way:
 Environment read at import: FAKE_NPU_SOC (default Ascend910B1), FAKE_NPU_DEVICES (default 8).
 """
 import os
+import sys
 import sysconfig
 import threading
-import traceback
 import weakref
 
 import torch
@@ -62,6 +62,7 @@ ASCEND910B1 = 220
 FP16_MAX = 65504.0
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 _STDLIB = sysconfig.get_paths()['stdlib']
+_HERE = os.path.abspath(__file__)
 
 
 class _State:
@@ -119,12 +120,13 @@ def _caller():
     and this file, as a path relative to the repository ('train.py:391 to_device',
     'tests/fake_ascend/apex/amp/__init__.py:100 check_grads_overflow_with_inf'), or the file name
     of code from elsewhere (upstream's files run from the torch-npu wheel)."""
-    for frame in reversed(traceback.extract_stack(limit=40)[:-2]):
-        name = os.path.abspath(frame.filename)
-        if name == os.path.abspath(__file__) or name.startswith(_STDLIB) or 'site-packages' in name:
-            continue
-        where = os.path.relpath(name, _REPO) if name.startswith(_REPO + os.sep) else os.path.basename(name)
-        return f'{where}:{frame.lineno} {frame.name}'
+    frame = sys._getframe(2)
+    while frame is not None:
+        name = os.path.abspath(frame.f_code.co_filename)
+        if not (name == _HERE or name.startswith(_STDLIB) or 'site-packages' in name):
+            where = os.path.relpath(name, _REPO) if name.startswith(_REPO + os.sep) else os.path.basename(name)
+            return f'{where}:{frame.f_lineno} {frame.f_code.co_name}'
+        frame = frame.f_back
     return '?'
 
 
