@@ -74,7 +74,8 @@ CHECK_NAMES = ['the_requested_variant_runs', 'fused_optimizer_refuses_set_to_non
                'apex_initialize_refuses_ddp_and_host_models', 'apex_static_loss_scale_steps_on_overflow',
                'apex_pinned_dynamic_scale_skips_overflow_and_keeps_the_scale',
                'native_fp16_skips_overflow_and_keeps_the_scale', 'zero_grad_as_each_optimizer_accepts_it',
-               'amp_auto_without_apex_on_910a_and_910b', 'setup_device_sets_the_compile_mode']
+               'amp_auto_without_apex_on_910a_and_910b', 'setup_device_sets_the_compile_mode',
+               'torch_npu_import_errors_are_one_line']
 
 
 @pytest.fixture(scope='module')

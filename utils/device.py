@@ -50,6 +50,27 @@ def _import_optional(name):
         return None
 
 
+def _import_torch_npu():
+    """torch_npu, or DeviceUnavailable saying why not in one line: not installed; or installed but
+    not loadable, typically CANN's environment not set (its torch_npu._C links CANN's libhccl.so,
+    libascendcl.so...) or a CUDA build of torch with a GPU (torch_npu/__init__.py refuses "two
+    accelerators")."""
+    try:
+        return importlib.import_module('torch_npu')
+    except ModuleNotFoundError as e:
+        if e.name == 'torch_npu':
+            raise DeviceUnavailable('--device npu needs the torch_npu package (Ascend PyTorch adapter), '
+                                    'which is not installed') from None
+        reason = e
+    except (ImportError, RuntimeError) as e:
+        reason = e
+    text = str(reason).strip()
+    first = text.splitlines()[0] if text else type(reason).__name__
+    raise DeviceUnavailable(f'--device npu: torch_npu is installed but cannot be loaded ({first}); set up '
+                            "CANN's environment first (source /usr/local/Ascend/cann/set_env.sh, "
+                            'ascend-toolkit/set_env.sh before CANN 9)') from None
+
+
 class DeviceContext:
     """What the training loop needs to know about its device and precision.
 
@@ -289,10 +310,7 @@ def setup_device(name, device_id=0, amp='auto', amp_dtype='bf16', loss_scale=32.
         if amp == 'native' and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
             dtype = torch.float16
     elif name == 'npu':
-        torch_npu = _import_optional('torch_npu')
-        if torch_npu is None:
-            raise DeviceUnavailable('--device npu needs the torch_npu package (Ascend PyTorch adapter), '
-                                    'which is not installed')
+        torch_npu = _import_torch_npu()
         if not torch.npu.is_available():
             raise DeviceUnavailable('--device npu: torch_npu is installed but no NPU is available')
         device = torch.device('npu', device_id)
@@ -302,8 +320,9 @@ def setup_device(name, device_id=0, amp='auto', amp_dtype='bf16', loss_scale=32.
             apex = _import_optional('apex')
             apex_amp = getattr(apex, 'amp', None) if apex is not None else None
             if apex_amp is None and amp == 'apex':
-                raise DeviceUnavailable("--amp apex needs Ascend's Apex (apex.amp), which is not installed; "
-                                        'use --amp native')
+                raise DeviceUnavailable("--amp apex needs Ascend's Apex (apex.amp, built from source: "
+                                        'github.com/Ascend/apex; the apex on PyPI is another project), which '
+                                        'is not installed; use --amp native')
             amp = 'apex' if apex_amp is not None else 'native'
         if amp == 'native' and dtype == torch.bfloat16 and not _npu_bf16(torch_npu):
             dtype = torch.float16

@@ -352,6 +352,29 @@ def setup_device_sets_the_compile_mode():
     assert _core.STATE.options['jitCompile'] == 'enable'
 
 
+@check
+def torch_npu_import_errors_are_one_line():
+    import importlib
+    real = importlib.import_module
+    failures = [ModuleNotFoundError("No module named 'torch_npu'", name='torch_npu'),
+                ImportError('libhccl.so: cannot open shared object file: No such file or directory'),
+                RuntimeError('Two accelerators cannot be used at the same time in PyTorch: npu and cuda. ...\nmore')]
+    words = ['which is not installed', 'libhccl.so: cannot open shared object file', 'Two accelerators']
+    try:
+        for failure, word in zip(failures, words):
+            def fail(name, *args, failure=failure):
+                if name == 'torch_npu':
+                    raise failure
+                return real(name, *args)
+            devices.importlib.import_module = fail
+            message = raises(devices.DeviceUnavailable, word, devices.setup_device, 'npu')
+            assert '\n' not in message, message
+            if word != words[0]:
+                assert 'set_env.sh' in message, message
+    finally:
+        devices.importlib.import_module = real
+
+
 def run_checks():
     results = {}
     for name, function in CHECKS.items():
