@@ -36,6 +36,17 @@ UPSTREAM_FILES = ['torch_npu/utils/combine_tensors.py', 'torch_npu/optim/npu_fus
 OVERFLOW = 1e6  # loss factor: a finite loss whose fp16 gradients overflow at loss scale 32
 
 
+def _python_backend():
+    """Whether this torch can host the fake NPU: a PrivateUse1 backend written in Python."""
+    from torch.utils import backend_registration
+    return hasattr(backend_registration, '_setup_privateuseone_for_python_backend') and hasattr(torch._C, '_acc')
+
+
+pytestmark = pytest.mark.skipif(
+    not _python_backend(), reason=f'torch {torch.__version__} cannot register a PrivateUse1 backend in Python '
+                                  '(torch._C._acc), on which the fake NPU is built')
+
+
 @pytest.fixture(scope='module')
 def upstream_dir(tmp_path_factory):
     """torch_npu's pure-Python files extracted from the downloaded wheel, or None."""
