@@ -59,7 +59,11 @@ def parse_args(argv=None):
     parser.add_argument('--amp_dtype', default='bf16', choices=['bf16', 'fp16'],
                         help='autocast dtype for --amp native (fp16 adds a GradScaler)')
     parser.add_argument('--loss_scale', default=32.0, type=float,
-                        help='static loss scale of the Ascend recipe (Apex O2 / NPU GradScaler)')
+                        help='fixed loss scale of the Ascend fp16 recipe (Apex O2 / NPU GradScaler); a step '
+                             'whose gradients overflow is skipped')
+    parser.add_argument('--npu_jit_compile', action='store_true',
+                        help="NPU: compile operators just in time (torch_npu's default before the 910B) instead "
+                             'of running the precompiled ones (set_compile_mode(jit_compile=False))')
     parser.add_argument('--epochs', default=cfg.EPOCHES, type=int, help='epochs to train')
     parser.add_argument('--max_iter', default=cfg.MAX_STEPS, type=int,
                         help='stop after this many iterations in total, saving a checkpoint')
@@ -162,7 +166,7 @@ def build_loaders(args, ctx, rank, world):
         if isinstance(e, UserError):
             raise
         raise TrainSetupError(str(e).splitlines()[0] if str(e) else repr(e)) from None
-    pin = ctx.type == 'cuda'
+    pin = ctx.pin_memory
     train_sampler = EpochBatchSampler(len(train_set), args.batch_size, args.seed, rank, world)
     if train_sampler.batches_per_epoch == 0:
         raise TrainSetupError(f'{args.train_file}: {len(train_set)} training images are fewer than one batch '
@@ -250,7 +254,7 @@ def main(args):
         quickstart.prepare_demo(args)
     rank, world, local_rank = devices.distributed_env()
     ctx = devices.setup_device(args.device, local_rank if world > 1 else args.device_id,
-                               args.amp, args.amp_dtype, args.loss_scale)
+                               args.amp, args.amp_dtype, args.loss_scale, args.npu_jit_compile)
     devices.init_distributed(ctx.type)
     from utils.engine import log
     lock = claim_save_folder(args, ctx, log)

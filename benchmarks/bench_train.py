@@ -130,7 +130,7 @@ def loader_batches(args, ctx):
     dataset = WIDERDetection(list_file, 'train', input_size=args.input_size,
                              normalize=False)  # as train.py: uint8 to the device
     sampler = EpochBatchSampler(len(dataset), args.batch_size, seed=0)
-    loader = make_loader(dataset, sampler, args.num_workers, pin_memory=ctx.type == 'cuda')
+    loader = make_loader(dataset, sampler, args.num_workers, pin_memory=ctx.pin_memory)
 
     def forever():
         epoch = 0

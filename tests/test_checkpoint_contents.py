@@ -155,3 +155,31 @@ def test_nan_and_inf_weights_are_named_at_load_time(tmp_path):
     with pytest.raises(CheckpointError, match=r'^m\.pth: 2 of 4 weight tensors hold NaN or inf'):
         load_weights(model, state, 'm.pth')  # what train.py's --resume and --basenet go through
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing loaded
+
+
+def test_apex_master_weights_are_a_list_of_finite_float_tensors(tmp_path):
+    """Apex O2's fp32 master weights, saved beside its loss scaler (utils/device.py), pass; a
+    damaged list is named."""
+    ckpt = _checkpoint()
+    ckpt['amp'] = {'apex': {'loss_scaler0': {'loss_scale': 32.0, 'unskipped': 4}},
+                   'apex_master_params': [p.detach().float() for p in _model().parameters()]}
+    validate(ckpt)
+    for bad, words in (([torch.zeros(2), 'x'], "'amp.apex_master_params[1]': expected a float tensor"),
+                       ([torch.tensor([float('nan')])], "'amp.apex_master_params[0]': holds NaN/inf"),
+                       ('masters', "'amp.apex_master_params': expected a list of tensors")):
+        ckpt['amp']['apex_master_params'] = bad
+        with pytest.raises(CheckpointError, match=words.replace('[', r'\[').replace(']', r'\]')):
+            validate(ckpt)
+
+
+@pytest.mark.parametrize('field, value, words', [
+    ('state.train_loss', 'low', "'state.train_loss'"), ('state.best_ap', float('nan'), "'state.best_ap'"),
+    ('state.best_ap_epoch', -1, "'state.best_ap_epoch'"), ('state.best_aps', [0.5], "'state.best_aps'")])
+def test_the_fields_of_ap_during_training_are_checked(field, value, words):
+    ckpt = _checkpoint()
+    ckpt['state'].update(train_loss=7.5, best_ap=0.4, best_ap_epoch=0, best_loss_epoch=0,
+                         best_aps={'easy': 0.5, 'medium': 0.4, 'hard': 0.3})
+    validate(ckpt)
+    _set(ckpt, field, value)
+    with pytest.raises(CheckpointError, match=words):
+        validate(ckpt)

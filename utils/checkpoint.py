@@ -297,6 +297,16 @@ def _check_state(f, state, batches_per_epoch):
               f'{batches_per_epoch} in this run)')
     if 'best_loss' in state:
         f.number('state.best_loss', state['best_loss'], finite=False)
+    for key in ('train_loss', 'best_ap'):  # None until an epoch was trained / evaluated for AP
+        if state.get(key) is not None:
+            f.number(f'state.{key}', state[key])
+    for key in ('best_loss_epoch', 'best_ap_epoch'):
+        if state.get(key) is not None:
+            f.int(f'state.{key}', state[key])
+    if state.get('best_aps') is not None:
+        f.dict('state.best_aps', state['best_aps'])
+        for setting, ap in state['best_aps'].items():
+            f.number(f'state.best_aps.{setting}', ap)
     if 'loss_sum' in state:
         f.number('state.loss_sum', state['loss_sum'])
     for key in ('loss_count', 'nonfinite_in_a_row'):
@@ -352,6 +362,17 @@ def _check_optimizer(f, optimizer, parameter_shapes):
 def _check_amp(f, amp):
     f.dict('amp', amp)
     for name, value in amp.items():
+        if name == 'apex_master_params':  # Apex O2's fp32 master weights (utils.device), one per parameter
+            if not isinstance(value, (list, tuple)):
+                raise CheckpointError(f"{f.path}: field 'amp.apex_master_params': expected a list of tensors, "
+                                      f'found {_show(value)}')
+            for k, tensor in enumerate(value):
+                if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+                    raise CheckpointError(f"{f.path}: field 'amp.apex_master_params[{k}]': expected a float "
+                                          f'tensor, found {_show(tensor)}')
+                if not bool(torch.isfinite(tensor).all()):
+                    raise CheckpointError(f"{f.path}: field 'amp.apex_master_params[{k}]': holds NaN/inf")
+            continue
         f.dict(f'amp.{name}', value)
         # GradScaler: {'scale': 65536.0, '_growth_tracker': 0, ...}; Apex: {'loss_scaler0':
         # {'loss_scale': 32.0, 'unskipped': 0}}.

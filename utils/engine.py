@@ -115,9 +115,10 @@ class FiniteCheck:
 
 def training_step(net, criterion, optimizer, ctx, finite, images, targets, channels_last=False):
     """One SGD step: forward under autocast, loss, backward and update unless the loss is not
-    finite. Returns (loss, loss_l, loss_c) detached and whether the update was applied."""
+    finite or (NPU fp16) the gradients overflowed. Returns (loss, loss_l, loss_c) detached and
+    whether the update was applied."""
     images, targets = to_device(images, targets, ctx.device, channels_last)
-    optimizer.zero_grad(set_to_none=True)
+    ctx.zero_grad(optimizer)
     with ctx.autocast():
         out = net(images)
     loss_l, loss_c = criterion(out, targets)
@@ -126,9 +127,9 @@ def training_step(net, criterion, optimizer, ctx, finite, images, targets, chann
     ctx.backward(loss, optimizer)
     stepped = finite.ok()
     if stepped:
-        ctx.step(optimizer)
+        stepped = ctx.step(optimizer)  # False: the gradients overflowed (NPU fp16), the step was skipped
     else:
-        optimizer.zero_grad(set_to_none=True)
+        ctx.discard(optimizer)
     return loss.detach(), loss_l.detach(), loss_c.detach(), stepped
 
 
@@ -320,6 +321,9 @@ def resume(path, model, optimizer, ctx, batches_per_epoch, args, world_size=1):
             f'starting at epoch {epoch}')
         return new_state(epoch=epoch, iteration=epoch * batches_per_epoch)
     try:
+        # The loss scaler first: under Apex O2 it makes the fp32 master weights, on which the
+        # optimizer's state then lands in fp32.
+        ctx.load_state_dict(ckpt.get('amp', {}), optimizer)
         optimizer.load_state_dict(ckpt['optimizer'])
     except (ValueError, KeyError) as e:
         raise CheckpointError(f'{path}: optimizer state does not fit this model ({e})') from None
@@ -330,7 +334,6 @@ def resume(path, model, optimizer, ctx, batches_per_epoch, args, world_size=1):
         if isinstance(buffer, torch.Tensor) and buffer.shape != param.shape:
             raise CheckpointError(f'{path}: optimizer state does not fit this model (a momentum buffer of '
                                   f'shape {tuple(buffer.shape)} for a parameter of shape {tuple(param.shape)})')
-    ctx.load_state_dict(ckpt.get('amp', {}))
     rng = ckpt.get('rng', {})
     if 'torch' in rng:
         torch.set_rng_state(rng['torch'])
@@ -341,6 +344,8 @@ def resume(path, model, optimizer, ctx, batches_per_epoch, args, world_size=1):
         torch.cuda.set_rng_state(cuda_rng, ctx.device)
     state = new_state()
     state.update(ckpt['state'])
+    if dist.is_initialized() and dist.get_rank() != 0:
+        state.update(loss_sum=0.0, loss_count=0)  # rank 0 carries every process's running epoch loss
     return state
 
 
@@ -476,7 +481,11 @@ class Trainer:
             if reached_end or self.stop.requested(ctx.device, sync_now=is_log_step):
                 self.stopped = not reached_end  # --max_iter is the end asked for, a signal is not
                 if state['batch_in_epoch'] < self.sampler.batches_per_epoch:
-                    state['loss_sum'] = float(loss_sum)
+                    # The running epoch loss of every process: the checkpoint holds rank 0's state,
+                    # so rank 0 carries the sums and the others restart theirs at a resume.
+                    state['loss_sum'], state['loss_count'] = devices.all_reduce_sum(
+                        [float(loss_sum), state['loss_count']], ctx.device)
+                    state['loss_count'] = int(state['loss_count'])
                     self.save_checkpoint('stop requested' if self.stop.signal
                                          else f'reached --max_iter {args.max_iter}')
                     return False
@@ -485,13 +494,18 @@ class Trainer:
         return True
 
     def skip_nonfinite(self, iteration, loss_l, loss_c):
+        """Count a skipped step (a non-finite loss, or an fp16 gradient overflow on the NPU); too
+        many in a row stop the run with its last good state saved."""
         self.state['nonfinite_in_a_row'] += 1
-        log(f'iter:{iteration} non-finite loss (loc {float(loss_l):.4g}, conf {float(loss_c):.4g}): '
-            f'step skipped ({self.state["nonfinite_in_a_row"]} in a row)')
+        loss_l, loss_c = float(loss_l), float(loss_c)
+        what = (f'gradient overflow at loss scale {self.ctx.loss_scale:g}' if math.isfinite(loss_l + loss_c)
+                else f'non-finite loss (loc {loss_l:.4g}, conf {loss_c:.4g})')
+        log(f'iter:{iteration} {what}: step skipped ({self.state["nonfinite_in_a_row"]} in a row)')
         if self.state['nonfinite_in_a_row'] >= MAX_NONFINITE_IN_A_ROW:
-            self.save_checkpoint(f'stopped after {MAX_NONFINITE_IN_A_ROW} non-finite losses in a row')
-            raise TrainingError(f'{MAX_NONFINITE_IN_A_ROW} non-finite losses in a row: check the data and '
-                                f'lower --lr (state saved to {self.checkpoint_path})')
+            self.save_checkpoint(f'stopped after {MAX_NONFINITE_IN_A_ROW} skipped steps in a row')
+            raise TrainingError(f'{MAX_NONFINITE_IN_A_ROW} steps in a row skipped for a non-finite loss or a '
+                                f'gradient overflow: check the data and lower --lr (state saved to '
+                                f'{self.checkpoint_path})')
 
     def log_step(self, epoch, iteration, loss_l, loss_c):
         """The original four log lines; with --log_speed, a fifth with speed, data wait and ETA."""

@@ -4,6 +4,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from utils.device import pins_host_memory
 from ..bbox_utils import PriorGrid, top_n_per_row, match_batch
 
 
@@ -79,8 +80,9 @@ class MultiBoxLoss(nn.Module):
             raise ValueError(f'target {face} of image {image} is no face box inside the image: '
                              f'(x1, y1, x2, y2) = {[round(v, 4) for v in flat_cpu[k, :4].tolist()]} '
                              '(normalised; needs x2 > x1, y2 > y1 and some area in [0, 1])')
-        if device.type == 'cuda':
-            # A copy from pageable memory would wait for the GPU's queue; pinned memory does not.
+        if pins_host_memory(device.type):
+            # A copy from pageable memory would wait for the device's queue (CUDA; torch_npu turns
+            # it into a stream synchronisation); pinned memory does not.
             flat, segment = flat_cpu.pin_memory(), segment.pin_memory()
         else:
             flat = flat_cpu

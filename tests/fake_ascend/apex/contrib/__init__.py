@@ -1,0 +1,1 @@
+from . import combine_tensors  # noqa: F401

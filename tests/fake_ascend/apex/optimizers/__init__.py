@@ -1,0 +1,1 @@
+from .npu_fused_sgd import NpuFusedSGD  # noqa: F401
