@@ -221,6 +221,10 @@ def setup_emulated_npu():
         raise RuntimeError(f'the PrivateUse1 backend is already taken ({name!r})')
     from torch.utils import backend_registration
     backend_registration._setup_privateuseone_for_python_backend(DEVICE_TYPE, backend_module=_BackendModule())
+    # A backend served from Python has no pinned host allocator, and the step pins its host
+    # buffers bound for the NPU (utils.device.pins_host_memory). Pinning is a host operation,
+    # not an NPU operator: here it leaves the tensor as it is.
+    torch.Tensor.pin_memory = lambda self, device=None: self
     _register_autocast_policy()
     _emulation_ready = True
 
