@@ -4,6 +4,7 @@ import io
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -442,21 +443,35 @@ def test_resume_from_an_original_repository_checkpoint(lists, tmp_path, capsys):
     assert state['epoch'] == 2 and state['iteration'] == 8  # epoch 1 only: iterations 4..7
 
 
-def test_demo_runs_the_whole_pipeline_and_a_short_stop_is_explained(tmp_path, monkeypatch, capsys):
+def test_demo_keeps_the_best_ap_draws_its_faces_and_prints_commands_that_work(tmp_path, monkeypatch, capsys):
     import quickstart as demo
+    import wider_test
 
     def small_demo(root):
         monkeypatch.setattr(demo, 'DEMO_ROOT', str(root))
         monkeypatch.setattr(demo, 'DEMO_WIDER', str(root / 'WIDER'))
         monkeypatch.setattr(demo, 'DEMO_TRAIN_IMAGES', 6)
         monkeypatch.setattr(demo, 'DEMO_VAL_IMAGES', 3)
-        monkeypatch.setattr(demo, 'DEMO_RECIPE', dict(demo.DEMO_RECIPE, input_size=64, batch_size=2, epochs=1))
+        monkeypatch.setattr(demo, 'DEMO_RECIPE', dict(demo.DEMO_RECIPE, input_size=64, batch_size=2, epochs=1,
+                                                      val_ap_max_size=64))
 
     small_demo(tmp_path / 'full')
-    train.main(train.parse_args(['--demo']))
+    state = train.main(train.parse_args(['--demo']))
     out = capsys.readouterr().out
-    assert re.search(r'->> speed:\d+\.\d img/s', out) and 'Hard   Val AP:' in out
-    assert f'Demo: done. Best checkpoint: {tmp_path / "full" / "weights" / "sfd_face.pth"}' in out
+    assert re.search(r'->> speed:\d+\.\d img/s', out) and re.search(AP_LINE.replace('4 images', '3 images'), out)
+    best = tmp_path / 'full' / 'weights' / 'sfd_face.pth'
+    aps = state['best_aps']
+    assert (f'Demo: done. {best} holds epoch 0, the best WIDER AP on the synthetic val split (official protocol, '
+            f'single-scale, longer side 64 px): Easy {aps["easy"]:.4f}, Medium {aps["medium"]:.4f}, '
+            f'Hard {aps["hard"]:.4f}') in out
+    drawn = re.search(r'Demo: drew the (\d+) faces it finds at score >= 0.3 on (\S+) \(the image has (\d+) annotated\)',
+                      out)
+    assert drawn and os.path.isfile(drawn.group(2)) and int(drawn.group(3)) > 0, out
+    commands = out.split('the drawing, and the training curves:\n', 1)[1].splitlines()[:3]
+    wider_test_argv = shlex.split(commands[0])
+    assert wider_test_argv[:2] == ['python', 'wider_test.py'] and 'demo.py' in commands[1]
+    printed = wider_test.main(wider_test.parse_args(wider_test_argv[2:] + ['--out', str(tmp_path / 'pred')]))
+    assert printed == aps  # the command as printed gives the AP the demo reported
     small_demo(tmp_path / 'short')
     train.main(train.parse_args(['--demo', '--max_iter', '1']))
     checkpoint = tmp_path / 'short' / 'weights' / 'sfd_face_checkpoint.pth'
