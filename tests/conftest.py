@@ -18,6 +18,18 @@ REAL_GT_DIR = os.path.join(SHARED_WIDER, 'eval_tools', 'ground_truth')
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def synthetic_lists(root, train=10, val=4, seed=3):
+    """A synthetic WIDER FACE under root/WIDER and its list files (prepare_wider_data.py's):
+    returns (train list, val list) paths."""
+    import prepare_wider_data
+    from data.synthetic import generate
+
+    generate(str(root / 'WIDER'), train, val, seed=seed)
+    prepare_wider_data.main(prepare_wider_data.parse_args(['--dataset_dir', str(root / 'WIDER'),
+                                                           '--out_dir', str(root)]))
+    return str(root / 'face_train.txt'), str(root / 'face_val.txt')
+
+
 def require_shared(path):
     """Skip the calling test when the real WIDER FACE file is not beside the checkout."""
     if not os.path.exists(path):

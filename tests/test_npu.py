@@ -21,10 +21,8 @@ import zipfile
 import pytest
 import torch
 
-import prepare_wider_data
-from data.synthetic import generate
-from s3fd import build_s3fd
-from s3fd import init_weights_from_scratch
+from conftest import synthetic_lists
+from s3fd import build_s3fd, init_weights_from_scratch
 from utils.checkpoint import load_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -114,12 +112,10 @@ def test_fake(name, variant, checks, upstream_dir):
 @pytest.fixture(scope='module')
 def lists(tmp_path_factory):
     root = tmp_path_factory.mktemp('wider_npu')
-    generate(str(root / 'WIDER'), 10, 4, seed=3)
-    prepare_wider_data.main(prepare_wider_data.parse_args(
-        ['--dataset_dir', str(root / 'WIDER'), '--out_dir', str(root)]))
+    train_list, val_list = synthetic_lists(root)
     one = root / 'val_one.txt'
     one.write_text((root / 'face_val.txt').read_text().splitlines()[0] + '\n')
-    return str(root / 'face_train.txt'), str(root / 'face_val.txt'), str(one)
+    return train_list, val_list, str(one)
 
 
 def npu_args(lists, amp, folder, *extra, val=1, batch=2, workers=0):

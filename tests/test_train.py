@@ -13,12 +13,11 @@ import time
 import pytest
 import torch
 
-import prepare_wider_data
 import train
+from conftest import synthetic_lists
 from data.config import cfg
 from layers.modules import multibox_loss
 from utils import engine
-from data.synthetic import generate
 from s3fd import build_s3fd, init_weights_from_scratch
 from utils.checkpoint import atomic_save, load_file
 
@@ -27,11 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope='module')
 def lists(tmp_path_factory):
-    root = tmp_path_factory.mktemp('wider')
-    generate(str(root / 'WIDER'), 10, 4, seed=3)
-    prepare_wider_data.main(prepare_wider_data.parse_args(
-        ['--dataset_dir', str(root / 'WIDER'), '--out_dir', str(root)]))
-    return str(root / 'face_train.txt'), str(root / 'face_val.txt')
+    return synthetic_lists(tmp_path_factory.mktemp('wider'))
 
 
 def run_args(lists, save_folder, *extra):
