@@ -28,6 +28,7 @@ def parse_args():
     parser.add_argument('--repeat', type=int, default=15, help='timed repetitions (after 2 warm-ups)')
     parser.add_argument('--batch_size', type=int, default=16)
     parser.add_argument('--l2norm_batch', type=int, default=4)
+    parser.add_argument('--detect_batches', default='1,16', help='comma-separated batch sizes of the NMS modes')
     parser.add_argument('--device', default='cpu')
     return parser.parse_args()
 
@@ -132,7 +133,7 @@ def main(args):
     for mode in Detect.NMS_MODES:
         detect_mode = Detect(cfg, nms_mode=mode)
         modes[mode] = {}
-        for batch in (1, 16):
+        for batch in [int(b) for b in args.detect_batches.split(',')]:
             loc_b, conf_b = det_loc.expand(batch, -1, -1), det_conf.expand(batch, -1, -1)
             seconds = timed(lambda: detect_mode.forward(loc_b, conf_b, priors),
                             args.repeat if batch == 1 else max(3, args.repeat // 5), device)
