@@ -106,9 +106,23 @@ def test_single_mode_files_hold_the_reference_pass(wider, random_model, tmp_path
         expected = to_wider_rows(s3fd_reference.detect_pass(net, rgb, scale, cfg.CONF_THRESH), h, w)
         written = read_prediction_file(str(tmp_path / 'pred' / (record.name[:-4] + '.txt')))
         assert written.shape == expected.shape and len(written) > 0
-        np.testing.assert_allclose(written[:, :4], expected[:, :4], rtol=0, atol=0.051 + 0.01)
-        np.testing.assert_allclose(written[:, 4], expected[:, 4], rtol=0, atol=5e-6 + 1e-5)
+        assert_same_rows(written, expected)
     assert odd > 0
+
+
+def assert_same_rows(written, expected):
+    """The same boxes and scores, to the file's 0.1 px and 5 digits (plus float32 noise): row
+    by row, except that boxes whose scores differ by less than that noise may swap places (a
+    batch of 4 and one image at a time add in other orders, and on some CPUs near-equal
+    scores come out in the other order)."""
+    from scipy.optimize import linear_sum_assignment
+
+    close = ((np.abs(written[:, None, :4] - expected[None, :, :4]) <= 0.051 + 0.01).all(-1)
+             & (np.abs(written[:, None, 4] - expected[None, :, 4]) <= 5e-6 + 1e-5))
+    rows, cols = linear_sum_assignment(~close)
+    assert close[rows, cols].all(), f'{int((~close[rows, cols]).sum())} written rows match no expected row'
+    swapped = rows != cols
+    assert np.abs(expected[rows[swapped], 4] - expected[cols[swapped], 4]).max(initial=0) <= 2e-5
 
 
 def test_eval_returns_the_aps_and_prints_the_table(wider, random_model, tmp_path, capsys):
