@@ -15,7 +15,14 @@ REAL_IMAGE = os.path.join(SHARED_WIDER, 'WIDER_val', 'images', '0--Parade',
 REAL_VAL_ANNOTATIONS = os.path.join(SHARED_WIDER, 'wider_face_split', 'wider_face_val_bbx_gt.txt')
 REAL_GT_DIR = os.path.join(SHARED_WIDER, 'eval_tools', 'ground_truth')
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+if os.environ.get('PYTEST_XDIST_WORKER'):
+    # pytest -n N: N test processes share the cores. One OpenMP thread each (and in the
+    # processes they start, and in train.py's share_cpu): threads that outnumber the cores
+    # spin-wait for each other and run many times slower.
+    os.environ['OMP_NUM_THREADS'] = '1'
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 def synthetic_lists(root, train=10, val=4, seed=3):

@@ -262,11 +262,15 @@ class DeviceContext:
 
     def share_cpu(self, num_workers, processes=1):
         """On the CPU device, leave a core to each data-loading worker: OpenMP threads that
-        compete with busy workers for the same cores slow training down many times over."""
+        compete with busy workers for the same cores slow training down many times over. An
+        OMP_NUM_THREADS set by the user (or a job scheduler) is a ceiling, never raised."""
         if self.type != 'cpu':
             return None
         cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
         threads = max(1, cores // max(1, processes) - num_workers)
+        ceiling = os.environ.get('OMP_NUM_THREADS', '')
+        if ceiling.isdigit() and int(ceiling) > 0:
+            threads = min(threads, int(ceiling))
         torch.set_num_threads(threads)
         return threads
 

@@ -1,0 +1,31 @@
+"""utils/device.py on the CPU: the precision each --amp gives, and the threads left to the loader."""
+import os
+
+import pytest
+import torch
+
+from utils.device import DeviceUnavailable, pins_host_memory, setup_device
+
+
+def test_cpu_precision_and_refusals():
+    assert setup_device('cpu').amp == 'off' and setup_device('cpu', amp='native').amp_dtype == torch.bfloat16
+    with pytest.raises(DeviceUnavailable, match='--amp apex needs --device npu'):
+        setup_device('cpu', amp='apex')
+    assert pins_host_memory('cuda') and pins_host_memory('npu') and not pins_host_memory('cpu')
+
+
+def test_share_cpu_leaves_a_core_per_worker_and_keeps_under_omp_num_threads(monkeypatch):
+    ctx = setup_device('cpu')
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(8)))
+    try:
+        monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
+        assert ctx.share_cpu(num_workers=2) == 6 == torch.get_num_threads()
+        assert ctx.share_cpu(num_workers=0, processes=2) == 4
+        assert ctx.share_cpu(num_workers=9) == 1
+        monkeypatch.setenv('OMP_NUM_THREADS', '3')  # a ceiling set by the user or a scheduler
+        assert ctx.share_cpu(num_workers=2) == 3
+        monkeypatch.setenv('OMP_NUM_THREADS', 'lots')  # not a number: ignored
+        assert ctx.share_cpu(num_workers=2) == 6
+    finally:
+        torch.set_num_threads(threads)
