@@ -57,3 +57,10 @@ def real_val_annotations():
 @pytest.fixture
 def real_gt_dir():
     return require_shared(REAL_GT_DIR)
+
+
+def pytest_xdist_auto_num_workers(config):
+    """-n auto: one test process per core this process may use (a CI runner's affinity, not the
+    host's core count), at most 4: the slowest test files, not the cores, bound the time beyond."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    return max(1, min(4, cores))

@@ -5,12 +5,13 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_json(*args):
-    proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+def run_json(*args, env=None):
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -41,10 +42,14 @@ def test_check_precision_agrees_on_cpu():
     assert out['first_nonfinite'] == {'fp32': None, 'amp': None}
 
 
-def test_check_compile_float32_compiled_step_equals_eager():
+def test_check_compile_float32_compiled_step_equals_eager(tmp_path):
     size, batch = 64, 2
+    # A cache of its own, as on a fresh machine: Inductor's on-disk cache does not key on
+    # ATEN_CPU_CAPABILITY, and kernels cached by a run under another value of it corrupt the
+    # heap when reused (torch 2.14, seen as "corrupted size vs. prev_size").
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / 'inductor'))
     out = run_json('benchmarks/check_compile.py', '--device', 'cpu', '--input_size', str(size), '--batch_size',
-                   str(batch), '--steps', '2', '--amp', 'off', '--inductor', 'comprehensive_padding=False')
+                   str(batch), '--steps', '2', '--amp', 'off', '--inductor', 'comprehensive_padding=False', env=env)
     assert out['ok'] and out['inductor'] == {'comprehensive_padding': False}
     # Both runs are float32; the generated kernels add in other orders than eager's (and than
     # each other on CPUs with and without AVX-512). Reordering a float32 sum of n terms moves it
@@ -113,3 +118,29 @@ def test_profile_device_times_count_each_kernel_once():
     assert list(times) == [('backward', 'convolution', 'aten::convolution_backward')]
     times, kernels_ms = device_times(prof, on_device=False)
     assert kernels_ms is None and sum(times.values()) == pytest.approx(0.04)
+
+
+def test_face_scale_shows_validation_faces_smaller_than_the_training_crops(tmp_path):
+    """What docs/training.md explains the rising validation loss with: at a small input the
+    whole validation images leave their faces smaller than the training crops do, and the same
+    weights lose more on them than on the same images cropped as in training."""
+    sys.path.insert(0, REPO)
+    from benchmarks import face_scale
+    from conftest import synthetic_lists
+    from s3fd import build_s3fd, init_weights_from_scratch
+
+    train_file, val_file = synthetic_lists(tmp_path, train=6, val=6)
+    net = build_s3fd('train')
+    torch.manual_seed(0)
+    init_weights_from_scratch(net)
+    torch.save(net.state_dict(), tmp_path / 'w.pth')
+    out = face_scale.main(face_scale.parse_args(['--train_file', train_file, '--val_file', val_file,
+                                                 '--input_size', '96', '--model', str(tmp_path / 'w.pth')]))
+    train, val, cropped = out['train'], out['val'], out['val_cropped']
+    assert val['images'] == 6 and 0 < cropped['images'] <= 6 and 0 < train['images'] <= 6
+    assert val['faces'] > 0 and cropped['faces'] > 0  # a crop keeps some of an image's faces
+    assert val['face_px']['p50'] < cropped['face_px']['p50']
+    assert val['below_anchor'] > cropped['below_anchor']
+    assert val['positives_per_image'] < cropped['positives_per_image']
+    loss = val['loss'][str(tmp_path / 'w.pth')]
+    assert loss['loss'] == pytest.approx(loss['loc'] + loss['conf'], abs=2e-4) and loss['loss'] > 0

@@ -21,6 +21,7 @@ SCRIPTS = ['train.py', 'wider_test.py', 'wider_eval.py', 'demo.py', 'prepare_wid
            'benchmarks/bench_data.py', 'benchmarks/bench_eval.py', 'benchmarks/bench_infer.py',
            'benchmarks/bench_layers.py', 'benchmarks/bench_train.py', 'benchmarks/bench_startup.py',
            'benchmarks/check_compile.py', 'benchmarks/check_npu_ops.py', 'benchmarks/check_precision.py',
+           'benchmarks/face_scale.py',
            'benchmarks/profile_train.py']
 
 # What `--help` must not load: each of these takes from a tenth of a second (tqdm, PIL) to

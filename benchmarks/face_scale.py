@@ -1,0 +1,139 @@
+"""What the network sees in training and in validation: the size of the faces at its input,
+the anchors they match, and (with --model) the loss of the same weights on both kinds of input.
+
+Training samples are the data-anchor-sampling crops of the training transform; validation
+samples are whole images resized to input_size x input_size, as the reference validates. On
+small inputs the two differ a lot: a whole image squashed to 160 px leaves most faces below
+the smallest anchor (16 px), while the crops bring a face to an anchor's scale. This is why the
+validation loss can rise while the training loss falls and the WIDER AP rises
+(docs/training.md#why-the-validation-loss-can-rise-while-the-ap-rises).
+
+    python benchmarks/face_scale.py --train_file data/demo/face_train.txt --val_file data/demo/face_val.txt \\
+        --input_size 160 --model data/demo/weights/sfd_face.pth
+
+Prints one JSON object, per kind of input (train: the training list through the training
+transform; val: the validation list as validation sees it; val_cropped: the validation list
+through the training transform):
+  images, faces    counted over one pass (one augmentation per image for the crops);
+  face_px          percentiles 10/50/90 of sqrt(w * h) of the faces at the input, in pixels;
+  below_anchor     the fraction of faces smaller than the smallest anchor (cfg.ANCHOR_SIZES[0]);
+  below_half_anchor  the fraction smaller than half of it;
+  positives_per_image  anchors matched to a face (the loss's positives), mean per image;
+  loss             with --model, one entry per model: mean loc + conf loss per batch (the
+                   quantity validation logs), and its loc and conf parts.
+"""
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--train_file', required=True, help='training list (prepare_wider_data.py format)')
+    p.add_argument('--val_file', required=True, help='validation list')
+    p.add_argument('--input_size', default=640, type=int, help='side of the square network input')
+    p.add_argument('--seed', default=0, type=int, help="the training augmentation's seed")
+    p.add_argument('--epoch', default=0, type=int, help='the epoch whose augmentation draws the crops')
+    p.add_argument('--images', default=None, type=int, help='the first N images of each list only')
+    p.add_argument('--batch_size', default=8, type=int, help='batch of the loss (validation averages per batch)')
+    p.add_argument('--model', action='append', default=[],
+                   help='weights to compute the loss with (repeat for several); none: sizes only')
+    return p.parse_args(argv)
+
+
+if __name__ == '__main__':
+    parse_args()  # --help and usage errors answer here, before PyTorch is imported below
+
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from data.config import cfg  # noqa: E402
+from data.factory import detection_collate  # noqa: E402
+from data.widerface import WIDERDetection  # noqa: E402
+from layers.modules.multibox_loss import MultiBoxLoss  # noqa: E402
+from utils.checkpoint import load_model  # noqa: E402
+from utils.cli import run_cli  # noqa: E402
+
+
+def samples(dataset, count, epoch):
+    """(image tensor [3, S, S], target [m, 5] normalised) for the first `count` samples."""
+    dataset.set_epoch(epoch)
+    return [dataset[i] for i in range(count)]
+
+
+def size_figures(batch_samples, input_size, priors, criterion, batch_size):
+    """Face sizes at the input and matched anchors per image."""
+    smallest = float(cfg.ANCHOR_SIZES[0])
+    sides = []
+    positives = 0
+    for start in range(0, len(batch_samples), batch_size):
+        images, targets = detection_collate(batch_samples[start:start + batch_size])
+        for target in targets:
+            wh = (target[:, 2:4] - target[:, :2]) * input_size
+            sides.extend(torch.sqrt(wh[:, 0] * wh[:, 1]).tolist())
+        _, conf_t = criterion.build_targets(targets, priors, len(targets))
+        positives += int((conf_t > 0).sum())
+    sides = np.asarray(sides, dtype=np.float64)
+    return {
+        'images': len(batch_samples), 'faces': int(sides.size),
+        'face_px': {f'p{q}': round(float(np.percentile(sides, q)), 1) for q in (10, 50, 90)} if sides.size else None,
+        'below_anchor': round(float((sides < smallest).mean()), 3) if sides.size else None,
+        'below_half_anchor': round(float((sides < smallest / 2).mean()), 3) if sides.size else None,
+        'positives_per_image': round(positives / max(1, len(batch_samples)), 1),
+    }
+
+
+@torch.no_grad()
+def mean_loss(net, batch_samples, criterion, batch_size):
+    """Mean over batches of loc + conf loss, as train.py's validation computes it."""
+    totals = np.zeros(2)
+    batches = 0
+    for start in range(0, len(batch_samples), batch_size):
+        images, targets = detection_collate(batch_samples[start:start + batch_size])
+        loss_l, loss_c = criterion(net(images), targets)
+        totals += (float(loss_l), float(loss_c))
+        batches += 1
+    loc, conf = totals / max(1, batches)
+    return {'loss': round(loc + conf, 4), 'loc': round(loc, 4), 'conf': round(conf, 4)}
+
+
+def main(args):
+    train = WIDERDetection(args.train_file, mode='train', input_size=args.input_size, seed=args.seed)
+    val = WIDERDetection(args.val_file, mode='val', input_size=args.input_size, seed=args.seed)
+    val_cropped = WIDERDetection(args.val_file, mode='train', input_size=args.input_size, seed=args.seed)
+    def first(dataset):
+        return min(len(dataset), args.images or len(dataset))
+
+    inputs = {  # the training transform leaves out images without faces: val_cropped may be shorter
+        'train': samples(train, first(train), args.epoch),
+        'val': samples(val, first(val), 0),
+        'val_cropped': samples(val_cropped, first(val_cropped), args.epoch),
+    }
+    criterion = MultiBoxLoss(cfg)
+    nets = [(path, load_model(path, phase='train')) for path in args.model]
+    priors = None
+    result = {'input_size': args.input_size, 'smallest_anchor': cfg.ANCHOR_SIZES[0]}
+    for kind, batch_samples in inputs.items():
+        if priors is None:
+            from s3fd import build_s3fd
+            probe = nets[0][1] if nets else build_s3fd('train')
+            probe.eval()
+            with torch.no_grad():
+                priors = probe(batch_samples[0][0][None])[2]
+        entry = size_figures(batch_samples, args.input_size, priors, criterion, args.batch_size)
+        entry['loss'] = {path: mean_loss(net.eval(), batch_samples, criterion, args.batch_size) for path, net in nets}
+        result[kind] = entry
+    print(json.dumps(result))
+    return result
+
+
+def cli(argv=None):
+    return run_cli(main, parse_args, argv, prog='face_scale.py')
+
+
+if __name__ == '__main__':
+    sys.exit(cli())
