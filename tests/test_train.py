@@ -459,7 +459,7 @@ def test_demo_keeps_the_best_ap_draws_its_faces_and_prints_commands_that_work(tm
     assert (f'Demo: done. {best} holds epoch 0, the best WIDER AP on the synthetic val split (official protocol, '
             f'single-scale, longer side 64 px): Easy {aps["easy"]:.4f}, Medium {aps["medium"]:.4f}, '
             f'Hard {aps["hard"]:.4f}') in out
-    drawn = re.search(r'Demo: drew the (\d+) faces it finds at score >= 0.3 on (\S+) \(the image has (\d+) annotated\)',
+    drawn = re.search(r'Demo: drew the (\d+) faces it finds at score >= 0.3 on (\S+) \(the image has (\d+) annotated, (\d+) of them at least 40 px tall\)',
                       out)
     assert drawn and os.path.isfile(drawn.group(2)) and int(drawn.group(3)) > 0, out
     commands = out.split('the drawing, and the training curves:\n', 1)[1].splitlines()[:3]
