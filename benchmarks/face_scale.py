@@ -55,6 +55,7 @@ from data.config import cfg  # noqa: E402
 from data.factory import detection_collate  # noqa: E402
 from data.widerface import WIDERDetection  # noqa: E402
 from layers.modules.multibox_loss import MultiBoxLoss  # noqa: E402
+from s3fd import build_s3fd  # noqa: E402
 from utils.checkpoint import load_model  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
 
@@ -71,7 +72,7 @@ def size_figures(batch_samples, input_size, priors, criterion, batch_size):
     sides = []
     positives = 0
     for start in range(0, len(batch_samples), batch_size):
-        images, targets = detection_collate(batch_samples[start:start + batch_size])
+        _, targets = detection_collate(batch_samples[start:start + batch_size])
         for target in targets:
             wh = (target[:, 2:4] - target[:, :2]) * input_size
             sides.extend(torch.sqrt(wh[:, 0] * wh[:, 1]).tolist())
@@ -105,6 +106,7 @@ def main(args):
     train = WIDERDetection(args.train_file, mode='train', input_size=args.input_size, seed=args.seed)
     val = WIDERDetection(args.val_file, mode='val', input_size=args.input_size, seed=args.seed)
     val_cropped = WIDERDetection(args.val_file, mode='train', input_size=args.input_size, seed=args.seed)
+
     def first(dataset):
         return min(len(dataset), args.images or len(dataset))
 
@@ -114,18 +116,14 @@ def main(args):
         'val_cropped': samples(val_cropped, first(val_cropped), args.epoch),
     }
     criterion = MultiBoxLoss(cfg)
-    nets = [(path, load_model(path, phase='train')) for path in args.model]
-    priors = None
+    nets = [(path, load_model(path, phase='train').eval()) for path in args.model]  # loc, conf and priors out
+    probe = nets[0][1] if nets else build_s3fd('train')  # the anchors of this input size
+    with torch.no_grad():
+        priors = probe(torch.zeros(1, 3, args.input_size, args.input_size))[2]
     result = {'input_size': args.input_size, 'smallest_anchor': cfg.ANCHOR_SIZES[0]}
     for kind, batch_samples in inputs.items():
-        if priors is None:
-            from s3fd import build_s3fd
-            probe = nets[0][1] if nets else build_s3fd('train')
-            probe.eval()
-            with torch.no_grad():
-                priors = probe(batch_samples[0][0][None])[2]
         entry = size_figures(batch_samples, args.input_size, priors, criterion, args.batch_size)
-        entry['loss'] = {path: mean_loss(net.eval(), batch_samples, criterion, args.batch_size) for path, net in nets}
+        entry['loss'] = {path: mean_loss(net, batch_samples, criterion, args.batch_size) for path, net in nets}
         result[kind] = entry
     print(json.dumps(result))
     return result
