@@ -60,60 +60,54 @@ from utils.checkpoint import load_model  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
 
 
-def samples(dataset, count, epoch):
-    """(image tensor [3, S, S], target [m, 5] normalised) for the first `count` samples."""
+def batches(dataset, count, epoch, batch_size):
+    """The first `count` samples as collated batches (images [B, 3, S, S], targets), one
+    batch in memory at a time."""
     dataset.set_epoch(epoch)
-    return [dataset[i] for i in range(count)]
+    for start in range(0, count, batch_size):
+        yield detection_collate([dataset[i] for i in range(start, min(count, start + batch_size))])
 
 
-def size_figures(batch_samples, input_size, priors, criterion, batch_size):
-    """Face sizes at the input and matched anchors per image."""
+@torch.no_grad()
+def measure(batch_iter, input_size, priors, criterion, nets):
+    """One pass: face sizes at the input, matched anchors per image, and each net's mean loss
+    per batch (loc + conf, as train.py's validation computes it)."""
     smallest = float(cfg.ANCHOR_SIZES[0])
-    sides = []
-    positives = 0
-    for start in range(0, len(batch_samples), batch_size):
-        _, targets = detection_collate(batch_samples[start:start + batch_size])
+    sides, positives, images_seen, batch_count = [], 0, 0, 0
+    losses = {path: np.zeros(2) for path, _ in nets}
+    for images, targets in batch_iter:
         for target in targets:
             wh = (target[:, 2:4] - target[:, :2]) * input_size
             sides.extend(torch.sqrt(wh[:, 0] * wh[:, 1]).tolist())
         _, conf_t = criterion.build_targets(targets, priors, len(targets))
         positives += int((conf_t > 0).sum())
+        for path, net in nets:
+            loss_l, loss_c = criterion(net(images), targets)
+            losses[path] += (float(loss_l), float(loss_c))
+        images_seen += len(targets)
+        batch_count += 1
     sides = np.asarray(sides, dtype=np.float64)
+    loss = {}
+    for path, (loc, conf) in losses.items():
+        loc, conf = loc / max(1, batch_count), conf / max(1, batch_count)
+        loss[path] = {'loss': round(loc + conf, 4), 'loc': round(loc, 4), 'conf': round(conf, 4)}
     return {
-        'images': len(batch_samples), 'faces': int(sides.size),
+        'images': images_seen, 'faces': int(sides.size),
         'face_px': {f'p{q}': round(float(np.percentile(sides, q)), 1) for q in (10, 50, 90)} if sides.size else None,
         'below_anchor': round(float((sides < smallest).mean()), 3) if sides.size else None,
         'below_half_anchor': round(float((sides < smallest / 2).mean()), 3) if sides.size else None,
-        'positives_per_image': round(positives / max(1, len(batch_samples)), 1),
+        'positives_per_image': round(positives / max(1, images_seen), 1),
+        'loss': loss,
     }
 
 
-@torch.no_grad()
-def mean_loss(net, batch_samples, criterion, batch_size):
-    """Mean over batches of loc + conf loss, as train.py's validation computes it."""
-    totals = np.zeros(2)
-    batches = 0
-    for start in range(0, len(batch_samples), batch_size):
-        images, targets = detection_collate(batch_samples[start:start + batch_size])
-        loss_l, loss_c = criterion(net(images), targets)
-        totals += (float(loss_l), float(loss_c))
-        batches += 1
-    loc, conf = totals / max(1, batches)
-    return {'loss': round(loc + conf, 4), 'loc': round(loc, 4), 'conf': round(conf, 4)}
-
-
 def main(args):
-    train = WIDERDetection(args.train_file, mode='train', input_size=args.input_size, seed=args.seed)
-    val = WIDERDetection(args.val_file, mode='val', input_size=args.input_size, seed=args.seed)
-    val_cropped = WIDERDetection(args.val_file, mode='train', input_size=args.input_size, seed=args.seed)
-
-    def first(dataset):
-        return min(len(dataset), args.images or len(dataset))
-
-    inputs = {  # the training transform leaves out images without faces: val_cropped may be shorter
-        'train': samples(train, first(train), args.epoch),
-        'val': samples(val, first(val), 0),
-        'val_cropped': samples(val_cropped, first(val_cropped), args.epoch),
+    datasets = {  # the training transform leaves out images without faces: val_cropped may be shorter
+        'train': (WIDERDetection(args.train_file, mode='train', input_size=args.input_size, seed=args.seed),
+                  args.epoch),
+        'val': (WIDERDetection(args.val_file, mode='val', input_size=args.input_size, seed=args.seed), 0),
+        'val_cropped': (WIDERDetection(args.val_file, mode='train', input_size=args.input_size, seed=args.seed),
+                        args.epoch),
     }
     criterion = MultiBoxLoss(cfg)
     nets = [(path, load_model(path, phase='train').eval()) for path in args.model]  # loc, conf and priors out
@@ -121,10 +115,10 @@ def main(args):
     with torch.no_grad():
         priors = probe(torch.zeros(1, 3, args.input_size, args.input_size))[2]
     result = {'input_size': args.input_size, 'smallest_anchor': cfg.ANCHOR_SIZES[0]}
-    for kind, batch_samples in inputs.items():
-        entry = size_figures(batch_samples, args.input_size, priors, criterion, args.batch_size)
-        entry['loss'] = {path: mean_loss(net, batch_samples, criterion, args.batch_size) for path, net in nets}
-        result[kind] = entry
+    for kind, (dataset, epoch) in datasets.items():
+        count = min(len(dataset), args.images or len(dataset))
+        result[kind] = measure(batches(dataset, count, epoch, args.batch_size), args.input_size, priors,
+                               criterion, nets)
     print(json.dumps(result))
     return result
 
