@@ -17,7 +17,7 @@ import sys
 import time
 
 from data.config import MODEL_VARIANTS, cfg
-from utils.cli import UserError, at_least, run_cli
+from utils.cli import UserError, input_side, run_cli
 
 # PyTorch, OpenCV and the model are imported inside the functions that use them, so that
 # `--help` and usage errors answer at once.
@@ -26,12 +26,6 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
 
 class DemoError(UserError, RuntimeError):
     """Bad input of demo.py; the message is one line."""
-
-
-def input_side(text):
-    """argparse type of --max_size: an integer the network accepts."""
-    from s3fd import MIN_INPUT_SIDE
-    return at_least(MIN_INPUT_SIDE)(text)
 
 
 def parse_args(argv=None):

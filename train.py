@@ -19,17 +19,11 @@ import sys
 import time
 
 from data.config import cfg
-from utils.cli import UserError, at_least, run_cli
+from utils.cli import UserError, at_least, input_side, run_cli
 
 
 class TrainSetupError(UserError, RuntimeError):
     """The run cannot start as asked (a missing file, too few images); one line for the user."""
-
-
-def input_side(text):
-    """argparse type of --input_size: an integer the network accepts."""
-    from s3fd import MIN_INPUT_SIDE  # only when the option is given: --help stays quick
-    return at_least(MIN_INPUT_SIDE)(text)
 
 
 def parse_args(argv=None):
@@ -153,9 +147,7 @@ def build_loaders(args, ctx, rank, world):
     """(train loader, val loader or None): each process takes its shard of every batch list."""
     from data.factory import EpochBatchSampler, dataset_factory, make_loader
 
-    if args.val_file != cfg.FACE.VAL_FILE and not os.path.isfile(args.val_file):
-        if os.path.isdir(args.val_file):
-            raise TrainSetupError(f'--val_file {args.val_file}: is a directory: give the list file in it')
+    if args.val_file != cfg.FACE.VAL_FILE and not os.path.exists(args.val_file):  # a directory: dataset_factory refuses it
         raise TrainSetupError(f'--val_file {args.val_file}: no such file (without --val_file, a missing '
                               f'{cfg.FACE.VAL_FILE} means training without validation)')
     try:

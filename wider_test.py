@@ -41,7 +41,7 @@ import sys
 import time
 
 from data.config import MODEL_VARIANTS, cfg
-from utils.cli import UserError, at_least, run_cli
+from utils.cli import UserError, at_least, input_side, run_cli
 
 # PyTorch, OpenCV and the model are imported inside the functions that use them, so that
 # `--help` and usage errors answer at once. The input side limit of --max_size is the
@@ -52,12 +52,6 @@ SPLITS = ('train', 'val', 'test')
 
 class WiderTestError(UserError, RuntimeError):
     """Bad input of wider_test.py (dataset layout, arguments); the message is one line."""
-
-
-def input_side(text):
-    """argparse type of --max_size: an integer the network accepts."""
-    from s3fd import MIN_INPUT_SIDE
-    return at_least(MIN_INPUT_SIDE)(text)
 
 
 def parse_args(argv=None):

@@ -275,10 +275,10 @@ class _Fields:
         return value
 
     def finite_tensors(self, field, value):
-        for key, item in value.items():
-            if isinstance(item, torch.Tensor) and item.is_floating_point() and not torch.isfinite(item).all():
-                raise CheckpointError(f"{self.path}: field '{field}.{key}' holds NaN or inf: the run had "
-                                      f"diverged when it was saved; use an earlier checkpoint")
+        bad = nonfinite_tensors(value)
+        if bad:
+            raise CheckpointError(f"{self.path}: field '{field}.{bad[0]}' holds NaN or inf: the run had "
+                                  f"diverged when it was saved; use an earlier checkpoint")
 
 
 def _check_state(f, state, batches_per_epoch):
@@ -370,8 +370,9 @@ def _check_amp(f, amp):
                 if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
                     raise CheckpointError(f"{f.path}: field 'amp.apex_master_params[{k}]': expected a float "
                                           f'tensor, found {_show(tensor)}')
-                if not bool(torch.isfinite(tensor).all()):
-                    raise CheckpointError(f"{f.path}: field 'amp.apex_master_params[{k}]': holds NaN/inf")
+            bad = nonfinite_tensors(dict(enumerate(value)))
+            if bad:
+                raise CheckpointError(f"{f.path}: field 'amp.apex_master_params[{bad[0]}]': holds NaN/inf")
             continue
         f.dict(f'amp.{name}', value)
         # GradScaler: {'scale': 65536.0, '_growth_tracker': 0, ...}; Apex: {'loss_scaler0':

@@ -36,6 +36,13 @@ def at_least(minimum, kind=int, maximum=None):
     return parse
 
 
+def input_side(text):
+    """argparse type of an image side given to the network (--input_size, --max_size): an
+    integer of at least s3fd.MIN_INPUT_SIDE."""
+    from s3fd import MIN_INPUT_SIDE  # only when the option is given: --help stays quick
+    return at_least(MIN_INPUT_SIDE)(text)
+
+
 def one_line(error):
     """The message of `error` as one line: its first line, except for an error raised in a
     DataLoader worker, which reaches the main process with the worker's traceback in its

@@ -24,7 +24,8 @@ from data.config import cfg
 from utils import device as devices
 from utils.augmentations import subtract_mean
 from utils.checkpoint import (CheckpointError, atomic_save, checkpoint_variant, extract_state_dict,
-                              load_file, load_weights, tensor_bytes, validate_training_checkpoint)
+                              load_file, load_weights, nonfinite_tensors, tensor_bytes,
+                              validate_training_checkpoint)
 from utils.cli import UserError
 from utils.fileio import OutputDirError
 from utils.runguard import check_space_for_epoch
@@ -135,9 +136,7 @@ def training_step(net, criterion, optimizer, ctx, finite, images, targets, chann
 
 def nonfinite_parameters(model):
     """Names of the parameters that hold a NaN or inf (one host synchronisation)."""
-    named = list(model.named_parameters())
-    flags = torch.stack([~torch.isfinite(p.detach()).all() for _, p in named]).tolist()
-    return [name for (name, _), bad in zip(named, flags) if bad]
+    return nonfinite_tensors(dict(model.named_parameters()))
 
 
 # -- timing and stopping -------------------------------------------------------------------------
@@ -329,11 +328,6 @@ def resume(path, model, optimizer, ctx, batches_per_epoch, args, world_size=1):
         raise CheckpointError(f'{path}: optimizer state does not fit this model ({e})') from None
     for group in optimizer.param_groups:  # the options of this run (the log says when they changed)
         group['momentum'], group['weight_decay'] = args.momentum, args.weight_decay
-    for param, param_state in optimizer.state.items():
-        buffer = param_state.get('momentum_buffer') if isinstance(param_state, dict) else None
-        if isinstance(buffer, torch.Tensor) and buffer.shape != param.shape:
-            raise CheckpointError(f'{path}: optimizer state does not fit this model (a momentum buffer of '
-                                  f'shape {tuple(buffer.shape)} for a parameter of shape {tuple(param.shape)})')
     rng = ckpt.get('rng', {})
     if 'torch' in rng:
         torch.set_rng_state(rng['torch'])
