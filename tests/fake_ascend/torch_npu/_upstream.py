@@ -4,9 +4,8 @@ The modules below can be executed from a folder holding the files of the torch-n
 folder into which `torch_npu/...` was extracted), under their upstream names, on top of this
 fake's stubs for the compiled parts (torch_npu._core: device, copies, float status;
 torch_npu.npu_change_data_ptr, get_npu_format, ...). `activate(root)` makes them the public
-names (torch_npu.optim.NpuFusedSGD, torch_npu.npu.amp.GradScaler, torch_npu.utils.*combine*),
-`deactivate()` puts the re-implementations back. When FAKE_ASCEND_UPSTREAM names such a folder,
-`import torch_npu` activates it. tests/test_npu.py runs both variants.
+names (torch_npu.optim.NpuFusedSGD, torch_npu.npu.amp.GradScaler, torch_npu.utils.*combine*).
+When FAKE_ASCEND_UPSTREAM names such a folder, `import torch_npu` activates it. tests/test_npu.py runs both variants.
 """
 import importlib.util
 import os
@@ -28,7 +27,6 @@ PUBLIC = {
     ('torch_npu.optim', 'NpuFusedSGD'): ('torch_npu.optim.npu_fused_sgd', 'NpuFusedSGD'),
     ('torch_npu.npu.amp', 'GradScaler'): ('torch_npu.npu.amp.grad_scaler', 'GradScaler'),
 }
-_reimplemented = {}
 _active = [None]
 
 
@@ -57,15 +55,8 @@ def _load(name, folder):
 def activate(folder):
     """Use upstream's files from `folder` (loaded once; combine_tensors first, so that the
     optimizers bind to upstream's combining functions)."""
-    for (package, attribute) in PUBLIC:
-        _reimplemented.setdefault((package, attribute), getattr(sys.modules[package], attribute))
     _active[0] = folder
     _load('torch_npu.npu.amp.common', folder)  # grad_scaler.py imports it
     for (package, attribute), (name, source) in PUBLIC.items():
         setattr(sys.modules[package], attribute, getattr(_load(name, folder), source))
 
-
-def deactivate():
-    for (package, attribute), value in _reimplemented.items():
-        setattr(sys.modules[package], attribute, value)
-    _active[0] = None

@@ -15,11 +15,7 @@ from torch._C._distributed_c10d import _create_work_from_future
 
 from . import _core
 from .utils._error_code import ErrCode
-
-
-def _dist_error(error):
-    from .utils._error_code import dist_error
-    return dist_error(error)
+from .utils._error_code import dist_error as _dist_error
 
 
 def _check(tensors, one_per_process=True):

@@ -47,17 +47,14 @@ class _AmpState:
     def __init__(self):
         self.loss_scalers = []
         self.opt_properties = None
-        self.hard_override = False
 
 
 _amp_state = _AmpState()
 
 
 def _warn_or_err(message):
-    if _amp_state.hard_override:
-        print('Warning:  ' + message)
-    else:
-        raise RuntimeError(message)
+    # Apex's _amp_state.py: a warning only under hard_override, which nothing here sets.
+    raise RuntimeError(message)
 
 
 def master_params(optimizer):
@@ -470,11 +467,14 @@ def initialize(models, optimizers=None, enabled=True, opt_level='O1', cast_model
         return (models, optimizers) if optimizers is not None else models
     if opt_level != 'O2':
         raise NotImplementedError(f'fake apex: only O2 is emulated, not {opt_level}')
-    if combine_grad and opt_level not in ('O1', 'O2'):
-        _warn_or_err("Currently, combine_grad=True or check_combined_tensors=True should only be set by selecting "
-                     "opt_level='O1' or opt_level='O2'.")
-    if combine_ddp:
-        raise NotImplementedError('fake apex: combine_ddp is not emulated')
+    # What upstream's initialize acts on and this fake does not emulate: refused, not ignored.
+    unemulated = {'combine_ddp': combine_ddp, 'check_combined_tensors': check_combined_tensors,
+                  'patch_torch_functions': patch_torch_functions, 'cast_model_outputs': cast_model_outputs,
+                  'user_cast_preferred': user_cast_preferred,
+                  'keep_batchnorm_fp32=False': keep_batchnorm_fp32 is False}
+    given = [name for name, value in unemulated.items() if value]
+    if given:
+        raise NotImplementedError(f'fake apex: {", ".join(given)} not emulated')
     p = _Properties()
     p.opt_level = opt_level
     p.cast_model_type = cast_model_type if cast_model_type is not None else torch.float16

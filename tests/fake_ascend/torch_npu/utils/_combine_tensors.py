@@ -3,7 +3,8 @@
 npu_combine_tensors(tensors, require_copy_value=True): one zero-filled NPU buffer of the
 tensors' total storage size; every tensor's storage is re-pointed into it, in order
 (torch_npu.npu_change_data_ptr), keeping its values when require_copy_value. Refused: a None
-in the list, mixed dtypes, a tensor not on the NPU, a non-contiguous tensor. None for an empty
+in the list, mixed dtypes, a tensor not on the NPU, and (as upstream from 2.7.1; earlier
+versions accept it) a non-contiguous tensor: stricter, never more lenient. None for an empty
 list or a total size of 0.
 """
 import torch

@@ -2,8 +2,9 @@
 
 Unlike torch_npu's npu_combine_tensors, every tensor takes an aligned slot of
 ceil(numel / 16) * 16 + 32 elements (get_aligned_storage_size), and only float32 and float16
-are accepted. The storage re-pointing is Apex's C++ change_data_ptr, the same operation as
-torch_npu.npu_change_data_ptr.
+are accepted. The storage re-pointing is Apex's C++ change_data_ptr (which checks nothing),
+done here with the fake torch_npu.npu_change_data_ptr, which also refuses mixed dtypes and
+out-of-range offsets: stricter than Apex, never more lenient.
 """
 import math
 
