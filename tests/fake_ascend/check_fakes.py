@@ -251,6 +251,25 @@ def apex_initialize_refuses_ddp_and_host_models():
 
 
 @check
+def apex_initialize_refuses_what_it_cannot_do_faithfully():
+    """An optimizer that already has a method amp adds (upstream's refusal), and the arguments the
+    fake does not emulate (refused rather than ignored)."""
+    from apex.optimizers import NpuFusedSGD
+    amp = fresh_apex()
+    model = linear()
+    optimizer = NpuFusedSGD(model.parameters(), lr=0.1)
+    optimizer._amp_lazy_init = lambda: None
+    raises(RuntimeError, 'Incoming optimizer already has _amp_lazy_init defined', amp.initialize, model,
+           optimizer, opt_level='O2', verbosity=0)
+    for option in ({'check_combined_tensors': True}, {'keep_batchnorm_fp32': False},
+                   {'patch_torch_functions': True}):
+        amp = fresh_apex()
+        model = linear()
+        raises(NotImplementedError, 'not emulated', amp.initialize, model,
+               NpuFusedSGD(model.parameters(), lr=0.1), opt_level='O2', verbosity=0, **option)
+
+
+@check
 def apex_static_loss_scale_steps_on_overflow():
     from apex.optimizers import NpuFusedSGD
     amp = fresh_apex()

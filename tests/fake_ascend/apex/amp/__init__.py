@@ -343,6 +343,14 @@ def _process_optimizer(optimizer, properties):
     if hasattr(optimizer, '_amp_stash'):
         raise RuntimeError('A given optimizer should only be passed through amp.initialize once.')
     stash = optimizer._amp_stash = _Stash()
+    # _process_optimizer.py (npu.patch): the methods amp adds must not be there already.
+    for name in ('_lazy_init_maybe_master_weights', '_master_params_to_model_params', '_prepare_amp_backward',
+                 '_post_amp_backward', '_amp_lazy_init', '_amp_combined_init', '_reset_all_combine_flags',
+                 '_check_already_combined_params_and_grads', '_combine_params_and_grads_by_group',
+                 '_can_get_combined_tensors', 'get_model_combined_params', 'get_model_combined_grads',
+                 'get_optimizer_combined_params', 'get_optimizer_combined_grads'):
+        if hasattr(optimizer, name):
+            raise RuntimeError(f'Incoming optimizer already has {name} defined.')
     stash.lazy_init_called = False
     stash.already_patched = False
     stash.params_have_scaled_gradients = False
