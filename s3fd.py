@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data.config import MODEL_VARIANTS, cfg
+from data.config import MIN_INPUT_SIDE, MODEL_VARIANTS, cfg  # noqa: F401 (MIN_INPUT_SIDE: s3fd's public name)
 from layers.functions.detection import Detect
 from layers.functions.prior_box import PriorBox
 from layers.modules.l2norm import L2Norm
@@ -20,9 +20,6 @@ SOURCE_CHANNELS = [256, 512, 512, 1024, 512, 256]
 # Index into `vgg` after which conv3_3, conv4_3 and conv5_3 (with their ReLU) are taken.
 VGG_SOURCE_ENDS = (16, 23, 30)
 VARIANTS = MODEL_VARIANTS
-# Smallest input side the network accepts: the five poolings of VGG (floor, floor, ceil, floor,
-# floor halvings) take 28 to 14, 7, 4, 2, 1 and 27 to 13, 6, 3, 1, 0.
-MIN_INPUT_SIDE = 28
 
 
 def vgg(variant='reference'):

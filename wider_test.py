@@ -45,7 +45,7 @@ from utils.cli import UserError, at_least, input_side, run_cli
 
 # PyTorch, OpenCV and the model are imported inside the functions that use them, so that
 # `--help` and usage errors answer at once. The input side limit of --max_size is the
-# network's (s3fd.MIN_INPUT_SIDE), checked when the option is given.
+# network's (data.config.MIN_INPUT_SIDE), checked when the option is given.
 
 SPLITS = ('train', 'val', 'test')
 

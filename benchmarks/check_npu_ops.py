@@ -503,7 +503,7 @@ def record_training(recorder, config, batch_size=2, height=64, width=64, steps=N
     parameters and gradients are float32 too: SGD runs the same operators)."""
     from data.config import cfg
     from layers.modules.multibox_loss import MultiBoxLoss
-    from utils.augmentations import subtract_mean
+    from utils.transforms import subtract_mean
 
     if config not in CONFIGS:
         raise ValueError(f'unknown configuration {config!r}: choose from {CONFIGS}')
@@ -566,7 +566,7 @@ def cpu_first_loss(batch_size=2, height=64, width=64, seed=0, **_):
     """(loss_l, loss_c) of the first fp32 step of record_training, computed on the CPU."""
     from data.config import cfg
     from layers.modules.multibox_loss import MultiBoxLoss
-    from utils.augmentations import subtract_mean
+    from utils.transforms import subtract_mean
 
     net = initial_net(seed)
     images_u8, targets = make_batch(batch_size, height, width, seed)

@@ -21,6 +21,9 @@ _C.img_mean = (123.0, 117.0, 104.0)
 # (3x3, pad 3, no dilation).
 MODEL_VARIANTS = ('reference', 'caffe')
 _C.MODEL_VARIANT = 'reference'
+# Smallest input side the network accepts: the five poolings of VGG (floor, floor, ceil, floor,
+# floor halvings) take 28 to 14, 7, 4, 2, 1 and 27 to 13, 6, 3, 1, 0.
+MIN_INPUT_SIDE = 28
 
 # -- anchors ------------------------------------------------------------------------------
 # Feature-map sizes at 640x640; the network always uses the real sizes of its input.

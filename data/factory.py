@@ -34,7 +34,7 @@ def dataset_factory(dataset='face', input_size=None, seed=0, train_file=None, va
         input_size: output side S (default cfg.INPUT_SIZE).
         seed: base seed of the training augmentation.
         train_file, val_file: list files (default cfg.FACE.TRAIN_FILE / cfg.FACE.VAL_FILE).
-        normalize: False gives uint8 images to finish with `utils.augmentations.subtract_mean`
+        normalize: False gives uint8 images to finish with `utils.transforms.subtract_mean`
             on the device (see WIDERDetection).
     Returns:
         (WIDERDetection in 'train' mode, WIDERDetection in 'val' mode or None when the

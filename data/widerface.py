@@ -26,8 +26,8 @@ import torch
 from torch.utils.data import Dataset
 
 from data.config import cfg
-from utils.augmentations import (TrainAugmentation, clip_boxes, fallback_plan, to_tensor,
-                                 to_uint8_tensor, val_transform)
+from utils.augmentations import TrainAugmentation, fallback_plan, val_transform
+from utils.transforms import clip_boxes, to_tensor, to_uint8_tensor
 from utils.cli import UserError
 from utils.image_io import ImageReadError, load_rgb
 
@@ -252,7 +252,7 @@ class WIDERDetection(Dataset):
         params: augmentation configuration (default data.config.cfg).
         normalize: True returns float32 images minus the mean; False returns the uint8 images
             (a quarter of the bytes for the loader workers to hand over) for
-            `utils.augmentations.subtract_mean` to finish on the device, which gives the
+            `utils.transforms.subtract_mean` to finish on the device, which gives the
             same values. train.py uses False.
 
     `dataset[i]` or `dataset[(epoch, i)]` -> (image float32 [3, S, S] RGB minus cfg.img_mean,

@@ -11,8 +11,8 @@ import torch
 
 from data.config import cfg
 from data.widerface import read_wider_annotations
-from utils.augmentations import (TrainAugmentation, clip_boxes, distort_image, fallback_plan,
-                                 subtract_mean, to_tensor, to_uint8_tensor, train_transform, val_transform)
+from utils.augmentations import TrainAugmentation, distort_image, fallback_plan, train_transform, val_transform
+from utils.transforms import clip_boxes, subtract_mean, to_tensor, to_uint8_tensor
 from utils.image_io import load_rgb
 
 S = 640

@@ -12,7 +12,7 @@ from data.config import cfg
 from data.factory import EpochBatchSampler, dataset_factory, detection_collate, make_loader
 from data.widerface import (AnnotationError, DatasetError, WIDERDetection, read_face_list,
                             read_wider_annotations)
-from utils.augmentations import subtract_mean
+from utils.transforms import subtract_mean
 
 SIZE = 160  # small output keeps the suite fast; 640 is covered by the real-image test
 

@@ -38,8 +38,8 @@ def at_least(minimum, kind=int, maximum=None):
 
 def input_side(text):
     """argparse type of an image side given to the network (--input_size, --max_size): an
-    integer of at least s3fd.MIN_INPUT_SIDE."""
-    from s3fd import MIN_INPUT_SIDE  # only when the option is given: --help stays quick
+    integer of at least data.config.MIN_INPUT_SIDE."""
+    from data.config import MIN_INPUT_SIDE  # only when the option is given: --help stays quick
     return at_least(MIN_INPUT_SIDE)(text)
 
 

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from data.config import cfg
 from utils import device as devices
-from utils.augmentations import subtract_mean
+from utils.transforms import subtract_mean
 from utils.checkpoint import (CheckpointError, atomic_save, checkpoint_variant, extract_state_dict,
                               load_file, load_weights, nonfinite_tensors, tensor_bytes,
                               validate_training_checkpoint)

@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from torchvision.ops import box_iou
 
 from s3fd import MIN_INPUT_SIDE
-from utils.augmentations import clip_boxes, mirror_boxes, subtract_mean
+from utils.transforms import clip_boxes, mirror_boxes, subtract_mean
 from utils.device import setup_device
 
 OFFICIAL_MAX_PIXELS = 1700 * 1200

@@ -4,7 +4,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils.device import pins_host_memory
 from ..bbox_utils import PriorGrid, top_n_per_row, match_batch
 
 
@@ -80,9 +79,9 @@ class MultiBoxLoss(nn.Module):
             raise ValueError(f'target {face} of image {image} is no face box inside the image: '
                              f'(x1, y1, x2, y2) = {[round(v, 4) for v in flat_cpu[k, :4].tolist()]} '
                              '(normalised; needs x2 > x1, y2 > y1 and some area in [0, 1])')
-        if pins_host_memory(device.type):
+        if device.type in ('cuda', 'npu'):
             # A copy from pageable memory would wait for the device's queue (CUDA; torch_npu turns
-            # it into a stream synchronisation); pinned memory does not.
+            # it into a stream synchronisation); pinned memory does not (utils.device.pins_host_memory).
             flat, segment = flat_cpu.pin_memory(), segment.pin_memory()
         else:
             flat = flat_cpu
