@@ -48,3 +48,44 @@ def test_an_unreadable_file_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint, 'open', refuse, raising=False)
     with pytest.raises(CheckpointError, match=r'locked.pth: cannot read the file \(Permission denied\)$'):
         load_file(str(path))
+
+
+def _small_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 2, 1))
+
+
+def test_nan_and_inf_weights_are_named_at_load_time():
+    import copy
+    import math
+
+    from utils.checkpoint import check_finite_weights, load_weights, nonfinite_tensors
+
+    model = _small_model()
+    state = copy.deepcopy(model.state_dict())
+    assert nonfinite_tensors(state) == []
+    state['0.bias'][1] = math.nan
+    state['1.weight'][0, 0] = math.inf
+    assert nonfinite_tensors(state) == ['0.bias', '1.weight']
+    with pytest.raises(CheckpointError, match=r'^m\.pth: 2 of 4 weight tensors hold NaN or inf \(0\.bias, '
+                                              r'1\.weight\): the model had diverged when it was saved; use an '
+                                              r'earlier checkpoint$'):
+        check_finite_weights(state, 'm.pth')
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(CheckpointError, match=r'^m\.pth: 2 of 4 weight tensors hold NaN or inf'):
+        load_weights(model, state, 'm.pth')  # what train.py's --resume and --basenet go through
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing loaded
+
+
+@pytest.mark.parametrize('make, words', [
+    (lambda t: t.to(torch.int32), '0.weight (int32, cpu)'),  # load_state_dict would copy the integers in
+    (lambda t: torch.empty_like(t, device='meta'), '0.weight (float32, meta)'),  # no values to load
+])
+def test_weights_of_another_kind_are_refused_by_every_loading_path(make, words):
+    from utils.checkpoint import load_weights
+
+    model = _small_model()
+    state = dict(model.state_dict(), **{'0.weight': make(model.state_dict()['0.weight'])})
+    with pytest.raises(CheckpointError) as info:
+        load_weights(model, state, 'm.pth')
+    assert str(info.value).startswith('m.pth: does not fit Sequential: tensors of another kind') and words in str(info.value)

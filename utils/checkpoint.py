@@ -161,6 +161,15 @@ def load_weights(module, state_dict, path='<checkpoint>'):
              for k, v in own.items() if k in state_dict and state_dict[k].shape != v.shape]
     if wrong:
         problems.append(f'shape mismatch (file vs model): {describe_keys(wrong, 4)}')
+    # What load_state_dict would take without a word: integers copied into float weights, and
+    # tensors that hold no values ('meta') or are not dense.
+    odd = [f'{k} ({str(state_dict[k].dtype).replace("torch.", "")}, {state_dict[k].device.type})'
+           for k, v in own.items() if k in state_dict
+           and (state_dict[k].is_floating_point() != v.is_floating_point() or state_dict[k].device.type == 'meta'
+                or state_dict[k].layout != torch.strided)]
+    if odd:
+        problems.append(f'tensors of another kind than the model\'s (dense, with values, floating-point where '
+                        f'its are): {describe_keys(odd, 3)}')
     if problems:
         raise CheckpointError(f'{path}: does not fit {type(module).__name__}: ' + '; '.join(problems))
     check_finite_weights(state_dict, path)
