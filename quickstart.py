@@ -1,14 +1,18 @@
-"""The quick start behind `python train.py --demo`: the whole pipeline on a synthetic WIDER
-FACE, on the CPU, in a few minutes.
+"""The demo: the whole pipeline on a synthetic WIDER FACE, on the CPU, in a few minutes.
 
-Generates the synthetic dataset under data/demo/WIDER (once), writes its list files, trains
-from scratch at a reduced input size with a demo-only schedule (DEMO_RECIPE), evaluates the
-WIDER AP of every epoch with the official protocol and keeps the epoch of the best AP in
-data/demo/weights/sfd_face.pth, then draws that detector's faces on one validation image and
-prints the commands that reproduce its numbers. train.py's own defaults are not changed.
+    python quickstart.py [train.py options]      # the same as: python train.py --demo [options]
+
+Generates the synthetic dataset under data/demo/WIDER (once), writes its list files, then runs
+train.py with a demo-only recipe (DEMO_RECIPE: from scratch, a reduced input size, the WIDER AP of
+every epoch with the official protocol, the epoch of the best AP kept in
+data/demo/weights/sfd_face.pth), draws that detector's faces on one validation image and prints
+the commands that reproduce its numbers. Options given on the command line (e.g. --max_iter,
+--resume) override the recipe's; train.py's own defaults are not changed.
 """
+import argparse
 import os
 import shlex
+import sys
 
 DEMO_ROOT = os.path.join('data', 'demo')
 DEMO_WIDER = os.path.join(DEMO_ROOT, 'WIDER')
@@ -24,8 +28,21 @@ DEMO_DRAW_THRESH = 0.3  # demo.py --thresh for the drawing: what a model this sm
 DEMO_DRAW_MIN_FACE = 40  # px: the faces the drawing image is chosen by (Easy faces are 50 px and up)
 
 
-def prepare_demo(args):
-    """Create the synthetic data and list files; set args to the demo recipe."""
+def recipe_argv():
+    """train.py's options of the demo (DEMO_RECIPE, its lists and save folder), as a command line."""
+    argv = []
+    for key, value in DEMO_RECIPE.items():
+        if value is True:
+            argv.append(f'--{key}')
+        else:
+            argv += [f'--{key}', str(value)]
+    return argv + ['--train_file', os.path.join(DEMO_ROOT, 'face_train.txt'),
+                   '--val_file', os.path.join(DEMO_ROOT, 'face_val.txt'),
+                   '--save_folder', os.path.join(DEMO_ROOT, 'weights')]
+
+
+def prepare_data():
+    """The synthetic WIDER FACE (generated once) and its list files."""
     from data.synthetic import generate
     import prepare_wider_data
 
@@ -34,13 +51,49 @@ def prepare_demo(args):
     print(f'Demo: synthetic WIDER FACE {state} in {DEMO_WIDER} '
           f'({summary["train"]["images"]} train / {summary["val"]["images"]} val images)', flush=True)
     prepare_wider_data.main(prepare_wider_data.parse_args(['--dataset_dir', DEMO_WIDER, '--out_dir', DEMO_ROOT]))
-    for key, value in DEMO_RECIPE.items():
-        setattr(args, key, value)
-    args.train_file = os.path.join(DEMO_ROOT, 'face_train.txt')
-    args.val_file = os.path.join(DEMO_ROOT, 'face_val.txt')
-    args.save_folder = os.path.join(DEMO_ROOT, 'weights')
+
+
+def main(argv=None, signals=None):
+    """Prepare the data, train with the demo recipe (the options in `argv` override it), report and
+    draw. Returns (train.py's TrainState, the signal that stopped it or None, the kept epoch's APs
+    or None)."""
+    import train
+
+    prepare_data()
+    args = train.parse_args(recipe_argv() + [a for a in (argv or []) if a != '--demo'])
     print(f'Demo: training from scratch on the CPU at {args.input_size}x{args.input_size}, '
           f'batch {args.batch_size}, {args.epochs} epochs; the epoch of the best WIDER AP is kept', flush=True)
+    state, stop = train.main(args, signals)
+    return state, stop, finish_demo(args, state)
+
+
+def parse_args(argv=None):
+    """quickstart.py's own --help; every other option is train.py's. Returns the rest."""
+    parser = argparse.ArgumentParser(
+        prog='quickstart.py', description='The demo: generate a synthetic WIDER FACE under data/demo/, train S3FD '
+        'on it on the CPU for a few minutes with a small recipe, keep the epoch of the best WIDER AP, draw its '
+        'detections and print the commands that reproduce its numbers. The same as `python train.py --demo`.',
+        epilog='Any train.py option (python train.py --help) overrides the recipe, e.g. --max_iter 20 for a '
+               'shorter run, or --resume data/demo/weights/sfd_face_checkpoint.pth to continue one.')
+    return parser.parse_known_args(argv)[1]
+
+
+def cli(argv=None, signals=None):
+    """The demo's command line (also `python train.py --demo`); returns the exit status, as train.py."""
+    from utils.cli import run_cli
+    from utils.training.stop import EXIT_STOPPED, Interrupted, StopSignals
+
+    signals = (signals or StopSignals()).install()
+    rest = parse_args(sys.argv[1:] if argv is None else argv)
+    outcome = {}
+    try:
+        status = run_cli(lambda a: outcome.update(stop=main(a, signals)[1]), lambda a: a, rest, prog='train.py',
+                         status=2)
+    except Interrupted as stopped:
+        print(f'train.py: {stopped.signal} during start-up, before the first step: nothing new to save',
+              file=sys.stderr, flush=True)
+        return EXIT_STOPPED
+    return EXIT_STOPPED if status == 0 and outcome.get('stop') else status
 
 
 def demo_image(val_file):
@@ -58,17 +111,18 @@ def demo_image(val_file):
 def finish_demo(args, state):
     """Report the kept checkpoint's AP, draw its detections on one val image and print the
     commands that reproduce both; only when training ran to its end (`state` is train.py's
-    loop state). Returns the kept epoch's APs, or None."""
+    TrainState). Returns the kept epoch's APs, or None."""
     import demo
+    from utils.training.save_folder import SaveFolder
 
-    if state['epoch'] < args.epochs or state['unvalidated_epoch'] is not None:
-        checkpoint = os.path.join(args.save_folder, 'sfd_face_checkpoint.pth')
-        print(f'Demo: training stopped at iteration {state["iteration"]}, in epoch {state["epoch"]} of '
-              f'{args.epochs}; continue it with `python train.py --demo --resume {checkpoint}`', flush=True)
+    folder = SaveFolder(args.save_folder, args.dataset, writer=False)
+    if state.epoch < args.epochs or state.unvalidated_epoch is not None:
+        print(f'Demo: training stopped at iteration {state.iteration}, in epoch {state.epoch} of {args.epochs}; '
+              f'continue it with `python train.py --demo --resume {folder.checkpoint}`', flush=True)
         return None
-    best = os.path.join(args.save_folder, 'sfd_face.pth')
-    aps, size = state['best_aps'], args.val_ap_max_size
-    print(f'Demo: done. {best} holds epoch {state["best_ap_epoch"]}, the best WIDER AP on the synthetic val '
+    best = folder.best
+    aps, size = state.best_aps, args.val_ap_max_size
+    print(f'Demo: done. {best} holds epoch {state.best_ap_epoch}, the best WIDER AP on the synthetic val '
           f'split (official protocol, single-scale, longer side {size} px): Easy {aps["easy"]:.4f}, '
           f'Medium {aps["medium"]:.4f}, Hard {aps["hard"]:.4f}', flush=True)
     image, annotated, large = demo_image(args.val_file)
@@ -82,9 +136,13 @@ def finish_demo(args, state):
         ['python', 'wider_test.py', '--model', best, '--dataset_dir', DEMO_WIDER, '--device', 'cpu',
          '--max_size', str(size), '--eval', gt_dir],
         ['python', 'demo.py', image, *draw],
-        ['python', 'tools/plot_training.py', os.path.join(args.save_folder, 'metrics.jsonl')],
+        ['python', 'tools/plot_training.py', folder.metrics],
     ]
     print('Demo: the same AP from prediction files, the drawing, and the training curves:')
     for command in commands:
         print('  ' + ' '.join(shlex.quote(part) for part in command))
     return aps
+
+
+if __name__ == '__main__':
+    sys.exit(cli())

@@ -7,8 +7,10 @@
     python train.py --demo                             # synthetic WIDER, CPU, a few minutes
 
 Log lines, checkpoint names and defaults follow the original script-based repository;
-`weights/sfd_face_checkpoint.pth` holds everything needed to continue a run exactly. The
-loop itself is utils/engine.py; this script builds what it needs from the options.
+`weights/sfd_face_checkpoint.pth` holds everything needed to continue a run exactly. `main`
+shows the whole run: set-up, a fresh or resumed state, the epoch loop. The step, one epoch and
+the validation loss are utils/training/engine.py; the checkpoint's format and the resume are
+utils/training/checkpoint.py; the save folder's files and rules utils/training/save_folder.py.
 
 PyTorch is imported inside the functions that use it, so that `--help` and usage errors
 answer at once.
@@ -20,10 +22,6 @@ import time
 
 from data.config import cfg
 from utils.cli import UserError, at_least, input_side, run_cli
-
-
-class TrainSetupError(UserError, RuntimeError):
-    """The run cannot start as asked (a missing file, too few images); one line for the user."""
 
 
 def parse_args(argv=None):
@@ -119,7 +117,7 @@ def build_model(args, log):
         return net
     path = args.basenet if os.path.dirname(args.basenet) else os.path.join(args.save_folder, args.basenet)
     if not os.path.isfile(path):
-        raise TrainSetupError(
+        raise UserError(
             f'basenet {path} not found. Put the reduced-fc VGG16 (vgg16_reducedfc.pth) there, build it '
             f'from torchvision VGG16 weights with `python tools/make_basenet.py --src <vgg16.pth> '
             f'--dst {path}`, or train from scratch with --basenet none')
@@ -143,12 +141,12 @@ def _basenet_hint(state):
     return ''
 
 
-def build_loaders(args, ctx, rank, world):
+def build_loaders(args, runtime, rank, world):
     """(train loader, val loader or None): each process takes its shard of every batch list."""
     from data.factory import EpochBatchSampler, dataset_factory, make_loader
 
     if args.val_file != cfg.FACE.VAL_FILE and not os.path.exists(args.val_file):  # a directory: dataset_factory refuses it
-        raise TrainSetupError(f'--val_file {args.val_file}: no such file (without --val_file, a missing '
+        raise UserError(f'--val_file {args.val_file}: no such file (without --val_file, a missing '
                               f'{cfg.FACE.VAL_FILE} means training without validation)')
     try:
         train_set, val_set = dataset_factory(args.dataset, input_size=args.input_size, seed=args.seed,
@@ -157,11 +155,11 @@ def build_loaders(args, ctx, rank, world):
     except (OSError, ValueError) as e:
         if isinstance(e, UserError):
             raise
-        raise TrainSetupError(str(e).splitlines()[0] if str(e) else repr(e)) from None
-    pin = ctx.pin_memory
+        raise UserError(str(e).splitlines()[0] if str(e) else repr(e)) from None
+    pin = runtime.pin_memory
     train_sampler = EpochBatchSampler(len(train_set), args.batch_size, args.seed, rank, world)
     if train_sampler.batches_per_epoch == 0:
-        raise TrainSetupError(f'{args.train_file}: {len(train_set)} training images are fewer than one batch '
+        raise UserError(f'{args.train_file}: {len(train_set)} training images are fewer than one batch '
                               f'of {args.batch_size} per process')
     train_loader = make_loader(train_set, train_sampler, args.num_workers, pin)
     val_loader = None
@@ -174,13 +172,11 @@ def build_loaders(args, ctx, rank, world):
 
 def build_val_ap(args, val_loader, log):
     """The AP evaluation of --val_ap / --best_by ap, or None."""
-    if args.best_by == 'ap':
-        args.val_ap = True
-    if not args.val_ap:
+    if not (args.val_ap or args.best_by == 'ap'):
         return None
     if val_loader is None:
-        raise TrainSetupError(f'--val_ap needs validation images: {args.val_file} is missing or lists none')
-    from utils.val_ap import ValAP
+        raise UserError(f'--val_ap needs validation images: {args.val_file} is missing or lists none')
+    from utils.training.val_ap import ValAP
 
     val_ap = ValAP(args.val_file, args.eval_gt, args.val_ap_images, args.val_ap_max_size, log)
     log(f'val AP: {val_ap.describe()}' + (f', every {args.val_ap_interval} epochs' if args.val_ap_interval > 1 else ''))
@@ -205,130 +201,245 @@ def open_tensorboard(path, log):
 # -- the run -------------------------------------------------------------------------------------
 
 
-def claim_save_folder(args, ctx, log):
-    """The save folder for this run alone: made, its lock taken and the temporary files of
-    killed saves removed, on the process that saves (under torchrun, rank 0). Returns the lock
-    (None on the other processes), which the caller releases. When the folder is refused, every
+def claim_save_folder(folder, runtime, log):
+    """The save folder for this run alone, taken by the process that saves (under torchrun, rank 0):
+    made, its lock taken, the temporary files of killed saves removed. When it is refused every
     process stops: rank 0 with the one-line error, the others quietly."""
     from utils import device as devices
-    from utils.fileio import OutputDirError, format_bytes, make_output_dir
-    from utils import runguard
+    from utils.fileio import OutputDirError, format_bytes
 
-    lock = refused = None
-    if devices.is_main_process():
-        checkpoint = os.path.join(args.save_folder, f'sfd_{args.dataset}_checkpoint.pth')
-        try:
-            make_output_dir(args.save_folder, '--save_folder')
-            lock, removed, freed = runguard.claim_save_folder(
-                args.save_folder, args.dataset, '--save_folder',
-                advice=f'wait for it to end (then --resume {checkpoint} continues it) or give another --save_folder')
-        except OutputDirError as error:
-            refused = error
-    if devices.all_reduce_sum([float(refused is not None)], ctx.device)[0]:
+    refused = removed = freed = None
+    try:
+        removed, freed = folder.claim(advice=f'wait for it to end (then --resume {folder.checkpoint} continues it) '
+                                             'or give another --save_folder')
+    except OutputDirError as error:
+        refused = error
+    if devices.all_reduce_sum([float(refused is not None)], runtime.device)[0]:
         if refused is not None:
             raise refused
         raise SystemExit(2)  # rank 0 prints why
-    if lock is not None and lock.warning:
-        print(lock.warning, file=sys.stderr, flush=True)
-    if lock is not None and removed:
-        log(f'Removed {removed} temporary file(s) of interrupted saves from {args.save_folder} ({format_bytes(freed)})')
-    return lock
+    if folder.lock is not None and folder.lock.warning:
+        print(folder.lock.warning, file=sys.stderr, flush=True)
+    if removed:
+        log(f'Removed {removed} temporary file(s) of interrupted saves from {folder.path} ({format_bytes(freed)})')
 
 
-def main(args):
-    """Train as the options say; returns the loop state (see utils.engine.new_state) and sets
-    args.stopped (a stop signal ended the run before its end, the checkpoint saved). Raises a
-    UserError with a one-line message for bad input."""
+def save_checkpoint(folder, model, optimizer, runtime, args, state, world, reason=None):
+    """The full checkpoint, by the process that saves; under torchrun it holds every process's
+    running epoch loss (a collective: every process calls this at the same step). Refused, one
+    line, when the weights have diverged: the last checkpoint is kept. Returns its path."""
+    import dataclasses
+
     from utils import device as devices
+    from utils.training import checkpoint, engine
 
-    if args.demo:
-        import quickstart
-        quickstart.prepare_demo(args)
-    rank, world, local_rank = devices.distributed_env()
-    ctx = devices.setup_device(args.device, local_rank if world > 1 else args.device_id,
-                               args.amp, args.amp_dtype, args.loss_scale, args.npu_jit_compile)
-    devices.init_distributed(ctx.type)
-    from utils.engine import log
-    lock = claim_save_folder(args, ctx, log)
-    try:
-        state = train(args, ctx, rank, world)
-    finally:
-        if lock is not None:
-            lock.release()
-    if args.demo:
-        quickstart.finish_demo(args, state)
-    return state
+    trouble = engine.weights_diverged(model)  # the same on every process
+    if trouble:
+        raise UserError(f'{trouble}: a gradient went non-finite. Not saved over {folder.checkpoint}: its last state '
+                        'is kept to resume from (with a lower --lr)')
+    if state.mid_epoch and world > 1:
+        loss_sum, loss_count = devices.all_reduce_sum([state.loss_sum, state.loss_count], runtime.device)
+        state = dataclasses.replace(state, loss_sum=loss_sum, loss_count=int(loss_count))
+    if folder.writer:
+        checkpoint.save_checkpoint(folder.checkpoint, model, optimizer, runtime, args, state, world)
+    if reason:
+        engine.log(f'{reason}: checkpoint saved to {folder.checkpoint} (iteration {state.iteration})')
+    return folder.checkpoint
 
 
-def train(args, ctx, rank, world):
-    """The run, in a save folder of its own: data, model, optimizer, engine."""
+def main(args, signals=None):
+    """Train as the options say. Returns (state, stop): the TrainState reached, and the name of the
+    signal that stopped the run before its end (its checkpoint saved), else None. Raises a UserError
+    (one line for the user) for bad input, a damaged checkpoint or a diverged run."""
     import torch
 
     from layers.modules.multibox_loss import MultiBoxLoss
     from utils import device as devices
-    from utils.engine import Trainer, log, new_state, resume
-    from utils.runguard import stopped_message
+    from utils.checkpoint import tensor_bytes
+    from utils.training import engine
+    from utils.training.checkpoint import TrainState, resume
+    from utils.training.engine import log
+    from utils.training.save_folder import SaveFolder
+    from utils.training.stop import StopSignals, stopped_message
+    from utils.training.val_ap import format_ap_line
 
-    if args.channels_last is None:
-        args.channels_last = ctx.type == 'cuda'
-    ctx.share_cpu(args.num_workers, world)
-    torch.manual_seed(args.seed)
-    log(f'Device: {ctx.describe()}' + (f' | {world} processes, batch {args.batch_size} each' if world > 1 else ''))
+    signals = (signals or StopSignals()).install()  # until training starts, a signal ends the run at once
 
-    train_loader, val_loader = build_loaders(args, ctx, rank, world)
-    net = build_model(args, log).to(ctx.device)
-    if args.channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    optimizer = ctx.make_optimizer(net.parameters(), args.lr, args.momentum, args.weight_decay)
-    model = net  # the bare module: its state_dict has the plain key names
-    net, optimizer = ctx.initialize(net, optimizer)
-    state = new_state()
-    if args.resume:  # after ctx.initialize: Apex reads its loss scalers only then
-        state = resume(args.resume, model, optimizer, ctx, train_loader.batch_sampler.batches_per_epoch,
-                       args, world)
-    if args.compile:
-        net = torch.compile(net)
-    if world > 1:
-        ids = [ctx.device.index] if ctx.type in ('cuda', 'npu') else None
-        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
-    criterion = MultiBoxLoss(cfg, args.dataset)
-    val_ap = build_val_ap(args, val_loader, log)
-    writer = open_tensorboard(args.tensorboard, log)
-    log(f'Loading dataset: {len(train_loader.dataset)} training images, '
-        f'{len(val_loader.dataset) if val_loader else 0} validation images, '
-        f'{train_loader.batch_sampler.batches_per_epoch} iterations per epoch')
-    start, finished = time.time(), False
-    trainer = Trainer(args, ctx, net, model, criterion, optimizer, train_loader, val_loader, state, writer, val_ap)
+    # -- set-up: the device and its processes, the save folder, data, model, optimizer ------------
+    rank, world, local_rank = devices.distributed_env()
+    runtime = devices.setup_device(args.device, local_rank if world > 1 else args.device_id, args.amp,
+                                   args.amp_dtype, args.loss_scale, args.npu_jit_compile)
+    devices.init_distributed(runtime.type)
+    folder = SaveFolder(args.save_folder, args.dataset, writer=devices.is_main_process())
+    net = eval_net = writer = None
+    finished = False
     try:
-        trainer.run()
-        args.stopped = trainer.stopped
-        best_ap = (f', best val AP {state["best_ap"]:.4f} (epoch {state["best_ap_epoch"]})'
-                   if state['best_ap'] is not None else '')
-        # Before the process group goes: the main process prints.
-        if trainer.stopped:
-            log(stopped_message(state['iteration'], trainer.checkpoint_path, trainer.stop.signal))
+        claim_save_folder(folder, runtime, log)
+        channels_last = runtime.type == 'cuda' if args.channels_last is None else args.channels_last
+        runtime.share_cpu(args.num_workers, world)
+        torch.manual_seed(args.seed)
+        log(f'Device: {runtime.describe()}' + (f' | {world} processes, batch {args.batch_size} each' if world > 1 else ''))
+        train_loader, val_loader = build_loaders(args, runtime, rank, world)
+        per_epoch = train_loader.batch_sampler.batches_per_epoch
+        model = build_model(args, log).to(runtime.device)  # the bare S3FD: its state_dict has the plain names
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = runtime.make_optimizer(model.parameters(), args.lr, args.momentum, args.weight_decay)
+        net, optimizer = runtime.initialize(model, optimizer)
+
+        # -- a fresh state, or the checkpoint's (after initialize: Apex reads its scalers only then) --
+        state = TrainState()
+        if args.resume:
+            state = resume(args.resume, model, optimizer, runtime, args, per_epoch, world, log)
+        last_good = (args.resume, state.iteration) if args.resume else None  # a checkpoint to go back to
+
+        if args.compile:
+            net = torch.compile(net)
+        eval_net = net  # validation runs without DDP: processes validate different numbers of batches
+        if world > 1:
+            net = torch.nn.parallel.DistributedDataParallel(
+                net, device_ids=[runtime.device.index] if runtime.type in ('cuda', 'npu') else None)
+        criterion = MultiBoxLoss(cfg, args.dataset)
+        val_ap = build_val_ap(args, val_loader, log)
+        writer = open_tensorboard(args.tensorboard, log)
+        log(f'Loading dataset: {len(train_loader.dataset)} training images, '
+            f'{len(val_loader.dataset) if val_loader else 0} validation images, {per_epoch} iterations per epoch')
+        weights_bytes = tensor_bytes(model.state_dict())
+        finite, meter = engine.FiniteCheck(runtime.device), engine.SpeedMeter(args.batch_size * world)
+
+        def save_due(state, iteration):
+            return folder.weights_due(iteration)
+
+        def save(state, iteration):  # inside an epoch: the weights every cfg.SAVE_INTERVAL iterations
+            log('Saving state, iter:', iteration)
+            folder.save_weights(model.state_dict(), folder.numbered(iteration))
+
+        # -- the epoch loop --------------------------------------------------------------------------
+        start, stop = time.time(), None
+        signals.training()
+        net.train()
+        while state.unvalidated_epoch is not None or (state.epoch < args.epochs and state.iteration < args.max_iter):
+            if state.unvalidated_epoch is None:  # (else a stop cut the validation of this trained epoch short)
+                first = state.iteration
+                folder.check_space(weights_bytes, first, min(first + per_epoch - state.batch_in_epoch, args.max_iter),
+                                   state.epoch, with_best=val_loader is not None)
+                try:
+                    stop = engine.train_one_epoch(net, criterion, optimizer, runtime, train_loader, state, args,
+                                                  channels_last, signals, meter, finite, save_due, save, writer)
+                except engine.Diverged as diverged:
+                    raise stop_diverged(diverged, folder, model, optimizer, runtime, args, state, world, last_good)
+                if state.batch_in_epoch < per_epoch:  # a stop signal or --max_iter inside the epoch
+                    break
+                engine.close_epoch(state, runtime.device)
+            epoch = state.unvalidated_epoch
+            row = {'epoch': epoch, 'iteration': state.iteration, 'train_loss': state.train_loss, 'val_loss': None,
+                   'ap': None, 'ap_seconds': None, 'best_saved': False, 'best_by': args.best_by,
+                   'lr': optimizer.param_groups[0]['lr']}
+            if val_loader is not None:  # validation, and keeping the best
+                seconds = time.time()
+                val_loss = engine.validation_loss(eval_net, criterion, runtime, val_loader, channels_last, signals)
+                if val_loss is None:
+                    stop = signals.received or 'a stop signal to another process'
+                    break
+                aps = None
+                if val_ap is not None and ((epoch + 1) % args.val_ap_interval == 0 or epoch + 1 >= args.epochs
+                                           or state.iteration >= args.max_iter):
+                    ap_start = time.time()
+                    aps = val_ap.evaluate(model, runtime, args.num_workers, should_stop=lambda: signals.received)
+                    if aps is None:
+                        stop = signals.received or 'a stop signal to another process'
+                        break
+                    row['ap_seconds'] = time.time() - ap_start
+                log('Timer: %.4f' % (time.time() - seconds - (row['ap_seconds'] or 0)))
+                log('test epoch:' + repr(epoch) + ' || Loss:%.4f' % val_loss)
+                row.update(val_loss=val_loss, ap=aps)
+                better_loss, better_ap = state.record_validation(epoch, val_loss, aps)
+                if better_ap if args.best_by == 'ap' else better_loss:
+                    log('Saving best state,epoch', epoch)
+                    folder.save_weights(model.state_dict(), folder.best)
+                    row['best_saved'] = True
+                if aps is not None:
+                    log(format_ap_line(epoch, aps, len(val_ap.paths), row['ap_seconds']))
+                if writer is not None:
+                    writer.add_scalar('val/loss', val_loss, state.iteration)
+                    for setting, ap in (aps or {}).items():
+                        writer.add_scalar(f'val/ap_{setting}', ap, state.iteration)
+            state.unvalidated_epoch = None
+            folder.append_metrics(dict(row, time=time.time()))
+            last_good = (save_checkpoint(folder, model, optimizer, runtime, args, state, world), state.iteration)
+            if signals.requested_now(runtime.device):  # every process stops
+                stop = signals.received or 'a stop signal to another process'
+                log(f'{stop}: checkpoint saved to {folder.checkpoint}')
+                break
+
+        # -- the end: a checkpoint of an unfinished epoch, the last line ------------------------------
+        if state.mid_epoch:
+            save_checkpoint(folder, model, optimizer, runtime, args, state, world,
+                            reason='stop requested' if stop else f'reached --max_iter {args.max_iter}')
+        elif state.unvalidated_epoch is not None:
+            save_checkpoint(folder, model, optimizer, runtime, args, state, world,
+                            reason=f'{stop} during validation: epoch {state.unvalidated_epoch} is trained, a resume '
+                                   'validates it first')
+        if stop:
+            log(stopped_message(state.iteration, folder.checkpoint, stop))
         else:
-            log(f'Finished: iteration {state["iteration"]}, epoch {state["epoch"]}, '
-                f'best validation loss {state["best_loss"]:.4f}{best_ap}, {time.time() - start:.1f}s; '
-                f'weights in {args.save_folder}')
+            best_ap = f', best val AP {state.best_ap:.4f} (epoch {state.best_ap_epoch})' if state.best_ap is not None else ''
+            log(f'Finished: iteration {state.iteration}, epoch {state.epoch}, best validation loss '
+                f'{state.best_loss:.4f}{best_ap}, {time.time() - start:.1f}s; weights in {args.save_folder}')
         finished = True
     finally:
+        signals.close()
         if writer is not None:
             writer.close()
-        net = trainer = None  # DDP's reducer holds the process group: let it go first (see cleanup_distributed)
+        net = eval_net = None  # DDP's reducer holds the process group: let it go first (see cleanup_distributed)
         devices.cleanup_distributed(synchronize=finished)
-    return state
+        folder.release()
+    return state, stop
+
+
+def stop_diverged(diverged, folder, model, optimizer, runtime, args, state, world, last_good):
+    """The error that ends a run after MAX_NONFINITE_IN_A_ROW skipped steps in a row. Its state is
+    saved when its weights are sound (e.g. fp16 overflows at a fixed loss scale), so that a resume
+    can continue from it; otherwise the last checkpoint stays and the message names it."""
+    from utils.training import engine
+
+    trouble = engine.weights_diverged(model)
+    if trouble is None:
+        path = save_checkpoint(folder, model, optimizer, runtime, args, state, world,
+                               reason=f'stopped after {engine.MAX_NONFINITE_IN_A_ROW} skipped steps in a row')
+        return UserError(f'{diverged}: check the data and lower --lr (state saved to {path})')
+    return UserError(f'{diverged}, {trouble}: not saved over {folder.checkpoint}; ' + go_back(last_good, args))
+
+
+def go_back(last_good, args):
+    """What to resume after a divergence: the last checkpoint this run saved or resumed from."""
+    if last_good is None:
+        return 'no checkpoint of this run was saved: start again with a lower --lr'
+    path, iteration = last_good
+    return f'resume {path} (iteration {iteration}) with a lower --lr, e.g. --resume {path} --lr {args.lr / 10:g}'
 
 
 def cli(argv=None):
-    """Command-line entry. Exit status: 0 when the run reached its end; EXIT_STOPPED (75,
-    sysexits' EX_TEMPFAIL) when a stop signal ended it early with a resumable checkpoint saved,
-    for a scheduler to requeue; 2 with one line `train.py: error: ...` for a UserError."""
-    from utils.runguard import EXIT_STOPPED  # light: no PyTorch
+    """Command-line entry; returns the exit status (utils/training/stop.py): 0 when the run reached
+    its end; 75 when a stop signal ended it early, its checkpoint saved, or during start-up, with
+    nothing new to save (a scheduler requeues it); 2 with one line `train.py: error: ...`."""
+    from utils.training.stop import EXIT_STOPPED, Interrupted, StopSignals  # light: no PyTorch
 
+    signals = StopSignals().install()  # before PyTorch loads: a Ctrl-C in the first seconds is one line too
     args = parse_args(argv)
-    status = run_cli(main, lambda _: args, prog='train.py', status=2)
-    return EXIT_STOPPED if status == 0 and getattr(args, 'stopped', False) else status
+    if args.demo:
+        import quickstart
+        return quickstart.cli(argv, signals)
+    outcome = {}
+    try:
+        status = run_cli(lambda a: outcome.update(zip(('state', 'stop'), main(a, signals))), lambda _: args,
+                         prog='train.py', status=2)
+    except Interrupted as stopped:
+        print(f'train.py: {stopped.signal} during start-up, before the first step: nothing new to save; run the '
+              'same command again to start (with --resume auto, to continue from the checkpoint)',
+              file=sys.stderr, flush=True)
+        return EXIT_STOPPED
+    return EXIT_STOPPED if status == 0 and outcome.get('stop') else status
 
 
 if __name__ == '__main__':

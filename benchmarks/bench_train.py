@@ -57,7 +57,7 @@ from data.config import cfg  # noqa: E402
 from layers.modules.multibox_loss import MultiBoxLoss  # noqa: E402
 from s3fd import build_s3fd, init_weights_from_scratch  # noqa: E402
 from benchmarks.bench_layers import random_faces  # noqa: E402
-from utils.engine import FiniteCheck, training_step  # noqa: E402
+from utils.training.engine import FiniteCheck, training_step  # noqa: E402
 from utils import device as devices  # noqa: E402
 from utils.fileio import atomic_write_text  # noqa: E402
 

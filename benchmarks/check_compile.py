@@ -55,7 +55,7 @@ import torch  # noqa: E402
 from s3fd import build_s3fd, init_weights_from_scratch  # noqa: E402
 from benchmarks.bench_train import synthetic_batches  # noqa: E402
 from benchmarks.check_precision import train_steps  # noqa: E402
-from utils.engine import to_device  # noqa: E402
+from utils.training.engine import to_device  # noqa: E402
 from utils import device as devices  # noqa: E402
 
 

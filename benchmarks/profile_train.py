@@ -62,7 +62,7 @@ from torch.utils._pytree import tree_flatten  # noqa: E402
 
 from s3fd import build_s3fd, init_weights_from_scratch  # noqa: E402
 from benchmarks.bench_train import prepare_training, synthetic_batches  # noqa: E402
-from utils.engine import training_step  # noqa: E402
+from utils.training.engine import training_step  # noqa: E402
 from utils import device as devices  # noqa: E402
 
 PHASES = ('forward', 'loss', 'backward', 'optimizer')

@@ -14,7 +14,7 @@ from layers.modules.l2norm import L2Norm
 from layers.modules.multibox_loss import MultiBoxLoss
 from s3fd import build_s3fd, init_weights_from_scratch
 from benchmarks.bench_layers import MAPS_640, random_faces
-from utils.engine import FiniteCheck, training_step
+from utils.training.engine import FiniteCheck, training_step
 from utils import device as devices
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device (none is available)')

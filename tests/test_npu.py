@@ -211,7 +211,7 @@ def test_npu_host_copies_are_pinned(npu_run):
         steps = events(report, phase='step')
         ours = [e for e in steps if not e[3].startswith('tests/') and not e[3].startswith('/')]
         assert not [e for e in ours if e[1] == 'unpinned' or 'h2d blocking' in e[2]], steps
-        assert [e for e in ours if e[1] == 'async' and e[3].startswith('utils/engine.py') and 'to_device' in e[3]], steps
+        assert [e for e in ours if e[1] == 'async' and e[3].startswith('utils/training/engine.py') and 'to_device' in e[3]], steps
         assert [e for e in ours if e[1] == 'async' and e[3].startswith('layers/modules/multibox_loss.py')], steps
         library = [e for e in steps if e not in ours and e[1] == 'sync']
         if mode == 'apex':

@@ -17,7 +17,8 @@ import train
 from conftest import synthetic_lists
 from data.config import cfg
 from layers.modules import multibox_loss
-from utils import engine
+from utils.training import checkpoint as training_checkpoint
+from utils.training import engine
 from s3fd import build_s3fd, init_weights_from_scratch
 from utils.checkpoint import atomic_save, load_file
 
@@ -37,7 +38,8 @@ def run_args(lists, save_folder, *extra):
 
 
 def run_main(lists, save_folder, *extra):
-    return train.main(train.parse_args(run_args(lists, save_folder, *extra)))
+    """train.py's main in this process: the TrainState it ends with."""
+    return train.main(train.parse_args(run_args(lists, save_folder, *extra)))[0]
 
 
 def run_cli(lists, save_folder, *extra):
@@ -69,7 +71,7 @@ def test_end_to_end_logs_and_files(uninterrupted):
     assert not any('speed:' in line for line in out)
     assert any(re.fullmatch(r'test epoch:1 \|\| Loss:\d+\.\d{4}', line) for line in out)
     assert 'Saving best state,epoch 0' in out
-    assert state['epoch'] == 2 and state['iteration'] == 8  # 9 images with faces -> 4 batches of 2
+    assert state.epoch == 2 and state.iteration == 8  # 9 images with faces -> 4 batches of 2
     ckpt = load_file(str(folder / 'sfd_face_checkpoint.pth'))
     assert ckpt['epoch'] == 1 and set(ckpt['weight']) == set(build_s3fd('train').state_dict())
     net = build_s3fd('test')
@@ -148,31 +150,8 @@ def test_a_stop_during_the_last_validation_is_finished_by_a_resume(lists, tmp_pa
     state = run_main(lists, tmp_path, '--epochs', '1', '--batch_size', '4', '--resume', checkpoint)
     out = capsys.readouterr().out
     assert re.search(r'^test epoch:0 \|\| Loss:', out, re.M) and 'Saving best state,epoch 0' in out
-    assert (tmp_path / 'sfd_face.pth').exists() and state['unvalidated_epoch'] is None
+    assert (tmp_path / 'sfd_face.pth').exists() and state.unvalidated_epoch is None
     assert load_file(checkpoint)['state']['unvalidated_epoch'] is None
-
-
-def test_a_second_signal_stops_at_once_without_a_traceback(capsys):
-    stop = engine.StopRequest()
-    try:
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.05)
-        assert stop.signal == 'SIGINT'
-        with pytest.raises(SystemExit) as exc:
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)
-        assert exc.value.code == 128 + signal.SIGINT
-    finally:
-        stop.close()
-    stop = engine.StopRequest()
-    try:  # a repeated SIGTERM (a scheduler and torchrun both forward it) does not cancel the save
-        os.kill(os.getpid(), signal.SIGTERM)
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.05)
-        assert stop.signal == 'SIGTERM'
-    finally:
-        stop.close()
-    assert 'SIGINT received again: stopping now without saving' in capsys.readouterr().err
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_as_stopped_resumable(lists, tmp_path):
@@ -225,8 +204,8 @@ def test_resume_loads_after_initialize_and_checks_what_defines_the_batches(lists
                         lambda self, *a: order.append('initialize') or initialize(self, *a))
     monkeypatch.setattr(devices.DeviceContext, 'load_state_dict',
                         lambda self, *a: order.append('amp state') or load_amp(self, *a))
-    load_weights = engine.load_weights
-    monkeypatch.setattr(engine, 'load_weights', lambda *a: order.append('weights') or load_weights(*a))
+    load_weights = training_checkpoint.load_weights
+    monkeypatch.setattr(training_checkpoint, 'load_weights', lambda *a: order.append('weights') or load_weights(*a))
     run_main(lists, tmp_path, '--epochs', '2', '--max_iter', '4', '--lr', '5e-4', '--resume', checkpoint)
     assert order == ['initialize', 'weights', 'amp state']
     assert 'Resuming with changed options: --lr 0.0005 (checkpoint 0.001)' in capsys.readouterr().out
@@ -242,19 +221,6 @@ def test_resume_loads_after_initialize_and_checks_what_defines_the_batches(lists
     atomic_save(ckpt, str(tmp_path / 'caffe.pth'))
     assert run_cli(lists, tmp_path, '--epochs', '2', '--resume', str(tmp_path / 'caffe.pth')) == 2
     assert "holds a 'caffe' model, this run builds 'reference'" in capsys.readouterr().err
-
-
-def test_a_stop_signal_reaching_a_forked_worker_is_left_to_the_main_process(monkeypatch):
-    stop = engine.StopRequest()
-    try:
-        monkeypatch.setattr(engine.os, 'getpid', lambda: -1)  # as in a DataLoader worker
-        stop._handle(signal.SIGINT, None)
-        assert stop.signal is None
-        monkeypatch.undo()
-        stop._handle(signal.SIGINT, None)
-        assert stop.signal == 'SIGINT'
-    finally:
-        stop.close()
 
 
 def _run_cli(*args):
@@ -435,7 +401,7 @@ def test_resume_from_an_original_repository_checkpoint(lists, tmp_path, capsys):
     atomic_save(old, str(tmp_path / 'old.pth'))
     state = run_main(lists, tmp_path, '--epochs', '2', '--resume', str(tmp_path / 'old.pth'))
     assert 'holds weights only' in capsys.readouterr().out
-    assert state['epoch'] == 2 and state['iteration'] == 8  # epoch 1 only: iterations 4..7
+    assert state.epoch == 2 and state.iteration == 8  # epoch 1 only: iterations 4..7
 
 
 def test_demo_keeps_the_best_ap_draws_its_faces_and_prints_commands_that_work(tmp_path, monkeypatch, capsys):
@@ -451,11 +417,11 @@ def test_demo_keeps_the_best_ap_draws_its_faces_and_prints_commands_that_work(tm
                                                       val_ap_max_size=64))
 
     small_demo(tmp_path / 'full')
-    state = train.main(train.parse_args(['--demo']))
+    state = demo.main([])[0]
     out = capsys.readouterr().out
     assert re.search(r'->> speed:\d+\.\d img/s', out) and re.search(AP_LINE.replace('4 images', '3 images'), out)
     best = tmp_path / 'full' / 'weights' / 'sfd_face.pth'
-    aps = state['best_aps']
+    aps = state.best_aps
     assert (f'Demo: done. {best} holds epoch 0, the best WIDER AP on the synthetic val split (official protocol, '
             f'single-scale, longer side 64 px): Easy {aps["easy"]:.4f}, Medium {aps["medium"]:.4f}, '
             f'Hard {aps["hard"]:.4f}') in out
@@ -468,14 +434,14 @@ def test_demo_keeps_the_best_ap_draws_its_faces_and_prints_commands_that_work(tm
     printed = wider_test.main(wider_test.parse_args(wider_test_argv[2:] + ['--out', str(tmp_path / 'pred')]))
     assert printed == aps  # the command as printed gives the AP the demo reported
     small_demo(tmp_path / 'short')
-    train.main(train.parse_args(['--demo', '--max_iter', '1']))
+    demo.main(['--max_iter', '1'])
     checkpoint = tmp_path / 'short' / 'weights' / 'sfd_face_checkpoint.pth'
     assert (f'Demo: training stopped at iteration 1, in epoch 0 of 1; continue it with '
             f'`python train.py --demo --resume {checkpoint}`') in capsys.readouterr().out
-    state = train.main(train.parse_args(['--demo', '--resume', str(checkpoint)]))
+    state = demo.main(['--resume', str(checkpoint)])[0]
     out = capsys.readouterr().out
     assert 'Resuming training' in out and 'Demo: done.' in out
-    assert state['epoch'] == 1 and state['iteration'] > 1
+    assert state.epoch == 1 and state.iteration > 1
 
 
 AP_LINE = r'val AP epoch:\d+ \|\| Easy:\d\.\d{4} Medium:\d\.\d{4} Hard:\d\.\d{4} \|\| 4 images, \d+\.\ds'
@@ -495,7 +461,7 @@ def test_val_ap_adds_one_line_and_a_metrics_row_and_leaves_training_alone(lists,
     assert [row['epoch'] for row in rows] == [0, 1] and rows[1]['iteration'] == 8
     assert set(rows[0]['ap']) == {'easy', 'medium', 'hard'} and rows[0]['best_by'] == 'loss'
     assert all(row['train_loss'] > 0 and row['val_loss'] > 0 for row in rows)
-    assert state['best_ap'] == pytest.approx(max(sum(r['ap'].values()) / 3 for r in rows))
+    assert state.best_ap == pytest.approx(max(sum(r['ap'].values()) / 3 for r in rows))
     # Evaluating draws no random number of the training's: the weights are those of a run without it.
     a, b = load_file(str(full / 'sfd_face_checkpoint.pth')), load_file(str(tmp_path / 'sfd_face_checkpoint.pth'))
     for key, value in a['weight'].items():
@@ -504,7 +470,7 @@ def test_val_ap_adds_one_line_and_a_metrics_row_and_leaves_training_alone(lists,
 
 def _scripted_aps(monkeypatch, means):
     """ValAP.evaluate returns these mean APs in turn (Easy = Medium = Hard = the mean)."""
-    from utils.val_ap import ValAP
+    from utils.training.val_ap import ValAP
     calls = iter(means)
     monkeypatch.setattr(ValAP, 'evaluate', lambda self, *a, **k: dict.fromkeys(('easy', 'medium', 'hard'), next(calls)))
 
@@ -517,20 +483,20 @@ def test_best_by_ap_keeps_the_epoch_of_the_highest_ap_and_records_both(lists, tm
     state = run_main(lists, tmp_path, '--epochs', '2', '--best_by', 'ap', '--val_ap_max_size', '64')
     out = capsys.readouterr().out
     assert out.count('Saving best state,epoch') == 2 and 'Saving best state,epoch 0' in out  # by loss, then by AP
-    assert state['best_ap_epoch'] == 0 and state['best_ap'] == 0.5 and state['best_aps']['easy'] == 0.5
-    assert state['best_loss_epoch'] is not None and state['best_loss'] < float('inf')
+    assert state.best_ap_epoch == 0 and state.best_ap == 0.5 and state.best_aps['easy'] == 0.5
+    assert state.best_loss_epoch is not None and state.best_loss < float('inf')
     kept = torch.load(tmp_path / 'sfd_face.pth', weights_only=True)
     epoch0 = load_file(str(first_epoch / 'sfd_face_checkpoint.pth'))['weight']
     final = load_file(str(tmp_path / 'sfd_face_checkpoint.pth'))
     assert all(torch.equal(kept[k], epoch0[k]) for k in kept)                   # epoch 0: AP 0.5
     assert not all(torch.equal(kept[k], final['weight'][k]) for k in kept)      # not epoch 1: AP 0.2
-    assert final['state']['best_ap_epoch'] == 0 and final['state']['best_loss_epoch'] == state['best_loss_epoch']
+    assert final['state']['best_ap_epoch'] == 0 and final['state']['best_loss_epoch'] == state.best_loss_epoch
     rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
     assert [(row['best_saved'], row['best_by']) for row in rows] == [(True, 'ap'), (False, 'ap')]
     assert 'best val AP 0.5000 (epoch 0)' in out
 
 
-# -- runs that share a machine, a disk and a scheduler (utils/runguard.py wired into train.py) --
+# -- runs that share a machine, a disk and a scheduler (utils/training/save_folder.py and stop.py) --
 
 
 def test_a_second_run_on_the_same_save_folder_is_refused_naming_the_first(lists, tmp_path):

@@ -1,6 +1,6 @@
 """Face detection over a list of image files: decoding in worker processes, single-scale
 passes batched by input size, unreadable images reported instead of raised. Used by
-wider_test.py and by the AP evaluation during training (utils/val_ap.py).
+wider_test.py and by the AP evaluation during training (utils/training/val_ap.py).
 
     for index, dets, hw, error in detect_files(detector, paths, mode='single', batch_size=4):
         ...  # dets: float32 [n, 5] (x1, y1, x2, y2, score) in pixels of the original image

@@ -25,7 +25,7 @@ from torch_npu import _core  # noqa: E402
 
 import train  # noqa: E402
 from layers.modules import multibox_loss  # noqa: E402
-from utils import engine  # noqa: E402
+from utils.training import engine  # noqa: E402
 
 
 def main(spec):

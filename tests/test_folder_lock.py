@@ -1,5 +1,6 @@
-"""utils/runguard.py with real processes: one run per save folder, a kill -9'd owner never blocks
-the next run, and the temporary files of an interrupted save are removed by the next run only."""
+"""utils/folder_lock.py and the save folder's claim (utils/training/save_folder.py) with real
+processes: one run per save folder, a kill -9'd owner never blocks the next run, and the
+temporary files of an interrupted save are removed by the next run only."""
 import errno
 import fcntl
 import os
@@ -14,18 +15,20 @@ import pytest
 import utils.fileio as fileio
 from conftest import REPO_ROOT
 from utils.fileio import DiskFullError, OutputDirError
-from utils.runguard import (EXIT_STOPPED, LOCK_NAME, FolderInUseError, SaveFolderLock, check_space_for_epoch,
-                            claim_save_folder, periodic_saves, stopped_message, training_output_pattern)
+from utils.folder_lock import LOCK_NAME, FolderInUseError, FolderLock
+from utils.training.save_folder import SaveFolder
 
 # A stand-in for train.py's start: claim the folder, report, then do what `mode` says.
 RUN = textwrap.dedent('''
     import os, sys, time
     sys.path.insert(0, {repo!r})
     from utils.fileio import atomic_path
-    from utils.runguard import FolderInUseError, claim_save_folder
+    from utils.folder_lock import FolderInUseError
+    from utils.training.save_folder import SaveFolder
     folder, mode = sys.argv[1], sys.argv[2]
+    save_folder = SaveFolder(folder)
     try:
-        lock, removed, freed = claim_save_folder(folder)
+        removed, freed = save_folder.claim()
     except FolderInUseError as exc:
         print(exc, file=sys.stderr)
         sys.exit(1)
@@ -45,7 +48,7 @@ RUN = textwrap.dedent('''
             time.sleep(60)
     if mode != 'exit':
         time.sleep(60)
-    lock.release()  # as train.py does at its end (a killed run cannot)
+    save_folder.release()  # as train.py does at its end (a killed run cannot)
 ''').format(repo=REPO_ROOT)
 
 
@@ -150,22 +153,22 @@ def test_a_kill_9_during_a_save_leaves_a_temporary_that_only_the_next_owner_remo
 
 
 def test_lock_in_one_process_release_and_context_manager(tmp_path):
-    with SaveFolderLock(str(tmp_path)) as lock:
+    with FolderLock(str(tmp_path)) as lock:
         assert lock.enforced and lock.held
         assert '"pid": %d' % os.getpid() in (tmp_path / LOCK_NAME).read_text()
         with pytest.raises(FolderInUseError, match=rf'pid {os.getpid()} on host .* \(this process: a lock taken '
                                                    r'earlier and not released\).*: resume later$'):
-            SaveFolderLock(str(tmp_path), advice='resume later').acquire()
+            FolderLock(str(tmp_path), advice='resume later').acquire()
         assert lock.acquire() is lock  # taking it again is a no-op
     assert not lock.held and os.listdir(tmp_path) == []
     lock.release()  # twice: harmless
-    SaveFolderLock(str(tmp_path)).acquire().release()
+    FolderLock(str(tmp_path)).acquire().release()
 
 
 def test_a_folder_that_cannot_hold_the_lock_file_is_one_line(tmp_path):
     (tmp_path / 'file').write_text('')
     with pytest.raises(OutputDirError, match=f'^--save_folder {tmp_path / "file"}: cannot create the lock file'):
-        SaveFolderLock(str(tmp_path / 'file')).acquire()
+        FolderLock(str(tmp_path / 'file')).acquire()
 
 
 def test_a_file_system_without_locks_warns_and_keeps_the_temporaries(tmp_path, monkeypatch):
@@ -175,7 +178,9 @@ def test_a_file_system_without_locks_warns_and_keeps_the_temporaries(tmp_path, m
     monkeypatch.setattr(fcntl, 'flock', no_locks)
     stale = tmp_path / '.sfd_face_checkpoint.pth.abcd1234.tmp'
     stale.write_bytes(b'x')
-    lock, removed, freed = claim_save_folder(str(tmp_path))
+    folder = SaveFolder(str(tmp_path))
+    removed, freed = folder.claim()
+    lock = folder.lock
     try:
         assert not lock.enforced and (removed, freed) == (0, 0) and stale.exists()
         assert lock.warning.startswith(f'warning: --save_folder {tmp_path}: its file system refuses file locks '
@@ -185,7 +190,7 @@ def test_a_file_system_without_locks_warns_and_keeps_the_temporaries(tmp_path, m
 
 
 def test_only_this_datasets_training_outputs_count_as_its_temporaries():
-    pattern = training_output_pattern('face')
+    pattern = SaveFolder('weights', 'face').output_pattern()
     assert all(pattern.fullmatch(n) for n in ('sfd_face.pth', 'sfd_face_checkpoint.pth', 'sfd_face_5000.pth'))
     assert not any(pattern.fullmatch(n) for n in ('vgg16_reducedfc.pth', 'sfd_face.pth.bak', 'sfd_hand.pth'))
 
@@ -194,37 +199,31 @@ def test_space_for_the_next_epoch_is_checked_before_it(tmp_path, monkeypatch):
     checkpoint = tmp_path / 'sfd_face_checkpoint.pth'
     checkpoint.write_bytes(b'\0' * 3000)
     monkeypatch.setattr(fileio, 'free_bytes', lambda folder: 4000)
-    assert check_space_for_epoch(str(tmp_path), str(checkpoint), 1000, 10, 20, 5000, epoch=1) == 3000
+    folder = SaveFolder(str(tmp_path))
+    assert folder.check_space(1000, 10, 20, epoch=1, with_best=False) == 3000
     with pytest.raises(DiskFullError) as info:  # iteration 5000 of the next epoch saves sfd_face_5000.pth
-        check_space_for_epoch(str(tmp_path), str(checkpoint), 1500, 4990, 5800, 5000, epoch=6)
+        folder.check_space(1500, 4990, 5800, epoch=6, with_best=False)
     assert str(info.value) == (
         f'--save_folder {tmp_path}: 3.9 KiB free, about 4.4 KiB needed for the checkpoint (2.9 KiB) and a '
         f'weights file (1.5 KiB) saved by epoch 6; stopped before epoch 6 rather than after it: free some '
         f'space or give another --save_folder, then resume with --resume {checkpoint}')
     best = tmp_path / 'sfd_face.pth'
     best.write_bytes(b'\0' * 1000)  # replaced before the checkpoint is: covered by the checkpoint's room
-    assert check_space_for_epoch(str(tmp_path), str(checkpoint), 1000, 10, 20, 5000, 1, str(best)) == 3000
+    assert folder.check_space(1000, 10, 20, 1, with_best=True) == 3000
     best.unlink()  # the first validation writes a new file
     with pytest.raises(DiskFullError, match=r'4\.9 KiB needed for the checkpoint \(2\.9 KiB\) and a weights file '):
-        check_space_for_epoch(str(tmp_path), str(checkpoint), 2000, 10, 20, 5000, 1, str(best))
+        folder.check_space(2000, 10, 20, 1, with_best=True)
     checkpoint.unlink()  # before the first save: weights and momentum
     with pytest.raises(DiskFullError, match=r'about 11\.7 KiB needed for the checkpoint \(5\.9 KiB\) and 2 weights '
                                             r'files of 2\.9 KiB each saved by epoch 0; .*, then start again$'):
-        check_space_for_epoch(str(tmp_path), str(checkpoint), 3000, 0, 5001, 5000, epoch=0, best_path=str(best))
+        folder.check_space(3000, 0, 5001, epoch=0, with_best=True)
 
 
-def test_periodic_saves_follow_train_py():
-    # train.py saves after iteration i when i != 0 and i % interval == 0.
-    def brute(first, last, k):
-        return sum(1 for i in range(first, last) if i != 0 and i % k == 0)
+def test_numbered_saves_follow_the_rule_of_each_step(monkeypatch):
+    # train.py saves after iteration i when i != 0 and i % cfg.SAVE_INTERVAL == 0.
+    from data.config import cfg
 
     for first, last, k in [(0, 10, 5), (0, 5, 5), (5, 6, 5), (6, 10, 5), (0, 0, 5), (4990, 5800, 5000),
                            (1, 20001, 5000)]:
-        assert periodic_saves(first, last, k) == brute(first, last, k)
-
-
-def test_stopped_status_and_message():
-    assert EXIT_STOPPED == 75 and EXIT_STOPPED not in (0, 1, 2, 128 + signal.SIGINT, 128 + signal.SIGTERM)
-    assert stopped_message(4, 'weights/sfd_face_checkpoint.pth', 'SIGTERM') == \
-        'Stopped at iteration 4 (SIGTERM); resume with --resume weights/sfd_face_checkpoint.pth'
-    assert stopped_message(4, 'my weights/c.pth') == "Stopped at iteration 4; resume with --resume 'my weights/c.pth'"
+        monkeypatch.setattr(cfg, 'SAVE_INTERVAL', k)
+        assert SaveFolder.numbered_saves(first, last) == sum(SaveFolder.weights_due(i) for i in range(first, last))

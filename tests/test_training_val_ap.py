@@ -1,4 +1,4 @@
-"""utils/val_ap.py: the AP train.py --val_ap reports is the AP that wider_test.py + wider_eval.py
+"""utils/training/val_ap.py: the AP train.py --val_ap reports is the AP that wider_test.py + wider_eval.py
 give for the same weights, and its fall-back to the list's own faces."""
 import os
 import shutil
@@ -13,7 +13,7 @@ from data.synthetic import generate
 from s3fd import build_s3fd, init_weights_from_scratch
 from utils.checkpoint import atomic_save
 from utils.device import setup_device
-from utils.val_ap import ValAP, ValAPError, format_ap_line, image_key, list_ground_truth, mean_ap
+from utils.training.val_ap import ValAP, ValAPError, format_ap_line, image_key, list_ground_truth, mean_ap
 from utils.widerface_eval import evaluate_detections
 
 

@@ -1,0 +1,138 @@
+"""A training run's save folder (--save_folder, `weights/` by default): the one place that knows
+its file names and its rules.
+
+    sfd_face.pth               the best model by --best_by (weights only)
+    sfd_face_checkpoint.pth    the full, resumable checkpoint (utils/training/checkpoint.py)
+    sfd_face_<iteration>.pth   the weights after iteration i, when i != 0 and i % cfg.SAVE_INTERVAL == 0
+    metrics.jsonl              one row per validated epoch (tools/plot_training.py draws it)
+    .sfd_run.lock              held by the run that uses the folder (utils/folder_lock.py)
+
+One process writes (under torchrun, global rank 0): on the others the writing methods do nothing.
+"""
+import json
+import math
+import os
+import re
+import shlex
+
+from data.config import cfg
+from utils.checkpoint import atomic_save
+from utils.fileio import OutputDirError, check_free_space, format_bytes, make_output_dir, remove_stale_temporaries
+from utils.folder_lock import FolderLock
+
+METRICS_NAME = 'metrics.jsonl'
+
+
+def _json_safe(value):
+    """NaN and inf as null: strict JSON readers refuse them (a diverged epoch's loss is NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return value
+
+
+class SaveFolder:
+    """The files of one training run. `writer`: whether this process writes them."""
+
+    def __init__(self, path, dataset='face', writer=True, option='--save_folder'):
+        self.path, self.dataset, self.writer, self.option = path, dataset, writer, option
+        self.best = os.path.join(path, f'sfd_{dataset}.pth')
+        self.checkpoint = os.path.join(path, f'sfd_{dataset}_checkpoint.pth')
+        self.metrics = os.path.join(path, METRICS_NAME)
+        self.lock = None
+
+    def numbered(self, iteration):
+        return os.path.join(self.path, f'sfd_{self.dataset}_{iteration}.pth')
+
+    def output_pattern(self):
+        """The names of the files a run writes here (another dataset's or tool's files, the basenet, are
+        not its business)."""
+        return re.compile(rf'sfd_{re.escape(self.dataset)}(_checkpoint|_\d+)?\.pth')
+
+    # -- when files are written ------------------------------------------------------------------
+
+    @staticmethod
+    def weights_due(iteration):
+        """Whether the step of (0-based) `iteration` is followed by sfd_face_<iteration>.pth, the
+        original repository's rule."""
+        return iteration != 0 and iteration % cfg.SAVE_INTERVAL == 0
+
+    @staticmethod
+    def numbered_saves(first, last):
+        """How many of the iterations first..last-1 are followed by a numbered weights file."""
+        if last <= first:
+            return 0
+        return max(0, (last - 1) // cfg.SAVE_INTERVAL - (max(first, 1) - 1) // cfg.SAVE_INTERVAL)
+
+    # -- the run's claim on the folder -----------------------------------------------------------
+
+    def claim(self, advice=None):
+        """Make the folder, take its lock and remove the temporary files of this run's outputs
+        that killed saves left (no live process can be writing them any more). Returns
+        (temporaries removed, bytes freed). FolderInUseError / OutputDirError in one line."""
+        if not self.writer:
+            return 0, 0
+        make_output_dir(self.path, self.option)
+        self.lock = FolderLock(self.path, self.option, advice).acquire()
+        if not self.lock.enforced:  # another run might be writing them
+            return 0, 0
+        try:
+            return remove_stale_temporaries(self.path, self.output_pattern())
+        except OutputDirError:
+            self.release()
+            raise
+
+    def release(self):
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def check_space(self, weights_bytes, first_iteration, last_iteration, epoch, with_best):
+        """Raise DiskFullError unless the folder has room for what the coming epoch saves: the
+        checkpoint at its end (the size of the current one, else twice `weights_bytes`: weights and
+        SGD momentum), one `weights_bytes` per numbered file among iterations first..last-1, and the
+        best model when `with_best` (the epoch ends with a validation) and there is none yet (an
+        existing one is replaced before the checkpoint is, and is smaller). So a full disk stops
+        the run before the epoch's work rather than after it. Returns the bytes needed."""
+        if not self.writer:
+            return 0
+        try:
+            checkpoint_bytes = os.path.getsize(self.checkpoint)
+        except OSError:
+            checkpoint_bytes = 2 * weights_bytes
+        saves = self.numbered_saves(first_iteration, last_iteration)
+        if with_best and not os.path.exists(self.best):
+            saves += 1
+        needed = checkpoint_bytes + saves * weights_bytes
+        what = f'the checkpoint ({format_bytes(checkpoint_bytes)})'
+        if saves:
+            what += (f' and a weights file ({format_bytes(weights_bytes)})' if saves == 1
+                     else f' and {saves} weights files of {format_bytes(weights_bytes)} each')
+        resume = (f'then resume with --resume {shlex.quote(self.checkpoint)}' if os.path.isfile(self.checkpoint)
+                  else 'then start again')
+        check_free_space(self.path, needed, f'{what} saved by epoch {epoch}',
+                         f'stopped before epoch {epoch} rather than after it: free some space or give another '
+                         f'{self.option}, {resume}', label=f'{self.option} {self.path}')
+        return needed
+
+    # -- writing ------------------------------------------------------------------------------------
+
+    def save_weights(self, state_dict, path):
+        """A weights file (the best model, a numbered one), written atomically."""
+        if self.writer:
+            atomic_save(state_dict, path)
+
+    def append_metrics(self, row):
+        """Append one epoch's row to metrics.jsonl, synced (NaN and inf written as null). A resumed run
+        may write an epoch again; readers take its last row."""
+        if not self.writer:
+            return
+        try:
+            with open(self.metrics, 'a', encoding='utf-8') as handle:
+                handle.write(json.dumps(_json_safe(row), allow_nan=False) + '\n')
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as exc:
+            raise OutputDirError(f'{self.metrics}: cannot add the row of epoch {row.get("epoch")} '
+                                 f'({exc.strerror or exc}); the last checkpoint is kept') from None
