@@ -33,7 +33,15 @@ def parse_args(argv=None):
                              "'none' trains from scratch")
     parser.add_argument('--batch_size', default=16, type=at_least(1), help='images per batch and per process')
     parser.add_argument('--resume', default=None, type=str,
-                        help='checkpoint to continue from (sfd_face_checkpoint.pth for an exact resume)')
+                        help="checkpoint to continue from (sfd_face_checkpoint.pth for an exact resume); 'auto': "
+                             "the save folder's checkpoint when there is one, else a new run (a command a "
+                             'scheduler can re-run as often as it likes)')
+    parser.add_argument('--overwrite', action='store_true',
+                        help="start a new run in a --save_folder that holds another run's checkpoint or best "
+                             'weights, removing its files (without it such a run is refused)')
+    parser.add_argument('--checkpoint_interval', default=500, type=at_least(0),
+                        help='also write the full, resumable checkpoint every N iterations inside an epoch (0: at '
+                             'epoch ends only); see docs/training.md#long-runs-on-a-cluster')
     parser.add_argument('--num_workers', default=4, type=at_least(0), help='data loading processes')
     parser.add_argument('--device', default='gpu', choices=['gpu', 'npu', 'cpu'], help='where to train')
     parser.add_argument('--device_id', default=0, type=int,
@@ -56,8 +64,8 @@ def parse_args(argv=None):
     parser.add_argument('--npu_jit_compile', action='store_true',
                         help="NPU: compile operators just in time (torch_npu's default before the 910B) instead "
                              'of running the precompiled ones (set_compile_mode(jit_compile=False))')
-    parser.add_argument('--epochs', default=cfg.EPOCHES, type=int, help='epochs to train')
-    parser.add_argument('--max_iter', default=cfg.MAX_STEPS, type=int,
+    parser.add_argument('--epochs', default=cfg.EPOCHES, type=at_least(1), help='epochs to train')
+    parser.add_argument('--max_iter', default=cfg.MAX_STEPS, type=at_least(1),
                         help='stop after this many iterations in total, saving a checkpoint')
     parser.add_argument('--input_size', default=cfg.INPUT_SIZE, type=input_side, help='training image side')
     parser.add_argument('--train_file', default=cfg.FACE.TRAIN_FILE, help='training list (prepare_wider_data.py)')
@@ -101,15 +109,15 @@ def parse_args(argv=None):
 # -- building the pieces -------------------------------------------------------------------------
 
 
-def build_model(args, log):
+def build_model(args, log, resuming=False):
     """S3FD in the train phase: the basenet loaded into its VGG trunk and the new layers
     Xavier-initialised, or Kaiming from scratch with --basenet none; left as built when
-    resuming (the weights come from the checkpoint)."""
+    `resuming` (the weights come from the checkpoint)."""
     from s3fd import build_s3fd, init_weights_from_scratch, init_weights_xavier
     from utils.checkpoint import CheckpointError, extract_state_dict, load_file, load_weights
 
     net = build_s3fd('train', cfg.NUM_CLASSES)
-    if args.resume:
+    if resuming:
         return net
     if args.basenet.lower() == 'none':
         log('Training from scratch (--basenet none): Kaiming init for the VGG trunk')
@@ -201,20 +209,27 @@ def open_tensorboard(path, log):
 # -- the run -------------------------------------------------------------------------------------
 
 
-def claim_save_folder(folder, runtime, log):
+def claim_save_folder(folder, args, runtime, log):
     """The save folder for this run alone, taken by the process that saves (under torchrun, rank 0):
-    made, its lock taken, the temporary files of killed saves removed. When it is refused every
-    process stops: rank 0 with the one-line error, the others quietly."""
+    made, its lock taken, the temporary files of killed saves removed, and for a new run, no other
+    run's results in it (refused, or removed with --overwrite). When it is refused every process
+    stops: rank 0 with the one-line error, the others quietly. Returns the checkpoint to resume
+    from: --resume's, or with --resume auto the folder's own when there is one; None for a new run."""
     from utils import device as devices
     from utils.fileio import OutputDirError, format_bytes
 
     refused = removed = freed = None
+    found = False
     try:
         removed, freed = folder.claim(advice=f'wait for it to end (then --resume {folder.checkpoint} continues it) '
                                              'or give another --save_folder')
+        found = folder.writer and args.resume == 'auto' and os.path.isfile(folder.checkpoint)
+        if folder.writer and (args.resume is None or (args.resume == 'auto' and not found)):
+            make_room_for_a_new_run(folder, args.overwrite, log)
     except OutputDirError as error:
         refused = error
-    if devices.all_reduce_sum([float(refused is not None)], runtime.device)[0]:
+    refused_anywhere, found = devices.all_reduce_sum([float(refused is not None), float(found)], runtime.device)
+    if refused_anywhere:
         if refused is not None:
             raise refused
         raise SystemExit(2)  # rank 0 prints why
@@ -222,6 +237,28 @@ def claim_save_folder(folder, runtime, log):
         print(folder.lock.warning, file=sys.stderr, flush=True)
     if removed:
         log(f'Removed {removed} temporary file(s) of interrupted saves from {folder.path} ({format_bytes(freed)})')
+    if args.resume != 'auto':
+        return args.resume
+    log(f'--resume auto: continuing from {folder.checkpoint}' if found else
+        f'--resume auto: no checkpoint in {folder.path}, starting a new run')
+    return folder.checkpoint if found else None
+
+
+def make_room_for_a_new_run(folder, overwrite, log):
+    """A new run never silently replaces another's results: where one left its checkpoint, best
+    weights or other files, refuse (OutputDirError naming what is there and the ways on), or with
+    --overwrite remove them, naming them."""
+    from utils.fileio import OutputDirError
+
+    names = folder.run_files()
+    if not names:
+        return
+    if not overwrite:
+        what = folder.previous_run() or 'files of another run: ' + ', '.join(names)
+        raise OutputDirError(f'{folder.option} {folder.path} holds another run ({what}); a new run would replace '
+                             'it: continue it with --resume auto, give another --save_folder, or start over with '
+                             '--overwrite (removes its files)')
+    log(f'--overwrite: removed the earlier run\'s files from {folder.path}: {", ".join(folder.remove_run())}')
 
 
 def save_checkpoint(folder, model, optimizer, runtime, args, state, world, reason=None):
@@ -237,9 +274,10 @@ def save_checkpoint(folder, model, optimizer, runtime, args, state, world, reaso
     if trouble:
         raise UserError(f'{trouble}: a gradient went non-finite. Not saved over {folder.checkpoint}: its last state '
                         'is kept to resume from (with a lower --lr)')
-    if state.mid_epoch and world > 1:
+    if state.mid_epoch and world > 1:  # every process's running epoch loss, and their totals
+        parts = devices.all_gather_floats([state.loss_sum, state.loss_count], runtime.device)
         loss_sum, loss_count = devices.all_reduce_sum([state.loss_sum, state.loss_count], runtime.device)
-        state = dataclasses.replace(state, loss_sum=loss_sum, loss_count=int(loss_count))
+        state = dataclasses.replace(state, loss_sum=loss_sum, loss_count=int(loss_count), process_losses=parts)
     if folder.writer:
         checkpoint.save_checkpoint(folder.checkpoint, model, optimizer, runtime, args, state, world)
     if reason:
@@ -270,18 +308,19 @@ def main(args, signals=None):
     runtime = devices.setup_device(args.device, local_rank if world > 1 else args.device_id, args.amp,
                                    args.amp_dtype, args.loss_scale, args.npu_jit_compile)
     devices.init_distributed(runtime.type)
-    folder = SaveFolder(args.save_folder, args.dataset, writer=devices.is_main_process())
+    folder = SaveFolder(args.save_folder, args.dataset, writer=devices.is_main_process(),
+                        checkpoint_interval=args.checkpoint_interval)
     net = eval_net = writer = None
     finished = False
     try:
-        claim_save_folder(folder, runtime, log)
+        resume_from = claim_save_folder(folder, args, runtime, log)
         channels_last = runtime.type == 'cuda' if args.channels_last is None else args.channels_last
         runtime.share_cpu(args.num_workers, world)
         torch.manual_seed(args.seed)
         log(f'Device: {runtime.describe()}' + (f' | {world} processes, batch {args.batch_size} each' if world > 1 else ''))
         train_loader, val_loader = build_loaders(args, runtime, rank, world)
         per_epoch = train_loader.batch_sampler.batches_per_epoch
-        model = build_model(args, log).to(runtime.device)  # the bare S3FD: its state_dict has the plain names
+        model = build_model(args, log, resuming=bool(resume_from)).to(runtime.device)  # the bare S3FD: its state_dict has the plain names
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         optimizer = runtime.make_optimizer(model.parameters(), args.lr, args.momentum, args.weight_decay)
@@ -289,9 +328,9 @@ def main(args, signals=None):
 
         # -- a fresh state, or the checkpoint's (after initialize: Apex reads its scalers only then) --
         state = TrainState()
-        if args.resume:
-            state = resume(args.resume, model, optimizer, runtime, args, per_epoch, world, log)
-        last_good = (args.resume, state.iteration) if args.resume else None  # a checkpoint to go back to
+        if resume_from:
+            state = resume(resume_from, model, optimizer, runtime, args, per_epoch, world, log)
+        last_good = (resume_from, state.iteration) if resume_from else None  # a checkpoint to go back to
 
         if args.compile:
             net = torch.compile(net)
@@ -307,12 +346,18 @@ def main(args, signals=None):
         weights_bytes = tensor_bytes(model.state_dict())
         finite, meter = engine.FiniteCheck(runtime.device), engine.SpeedMeter(args.batch_size * world)
 
-        def save_due(state, iteration):
-            return folder.weights_due(iteration)
+        def save_due(state, iteration):  # inside an epoch: checked after every step
+            return any(folder.saves_due(iteration, state.iteration, state.batch_in_epoch == per_epoch))
 
-        def save(state, iteration):  # inside an epoch: the weights every cfg.SAVE_INTERVAL iterations
-            log('Saving state, iter:', iteration)
-            folder.save_weights(model.state_dict(), folder.numbered(iteration))
+        def save(state, iteration):
+            nonlocal last_good
+            weights, full = folder.saves_due(iteration, state.iteration, state.batch_in_epoch == per_epoch)
+            if weights:  # the original repository's numbered weights, every cfg.SAVE_INTERVAL iterations
+                log('Saving state, iter:', iteration)
+                folder.save_weights(model.state_dict(), folder.numbered(iteration))
+            if full:  # --checkpoint_interval
+                last_good = (save_checkpoint(folder, model, optimizer, runtime, args, state, world,
+                                             f'every {args.checkpoint_interval} iterations'), state.iteration)
 
         # -- the epoch loop --------------------------------------------------------------------------
         start, stop = time.time(), None
@@ -335,34 +380,29 @@ def main(args, signals=None):
             row = {'epoch': epoch, 'iteration': state.iteration, 'train_loss': state.train_loss, 'val_loss': None,
                    'ap': None, 'ap_seconds': None, 'best_saved': False, 'best_by': args.best_by,
                    'lr': optimizer.param_groups[0]['lr']}
-            if val_loader is not None:  # validation, and keeping the best
-                seconds = time.time()
-                val_loss = engine.validation_loss(eval_net, criterion, runtime, val_loader, channels_last, signals)
-                if val_loss is None:
+            if val_loader is not None:
+                measured = validate(epoch, eval_net, model, criterion, runtime, val_loader, val_ap, args, state,
+                                    channels_last, signals)
+                if measured is None:  # a stop signal came during the validation
                     stop = signals.received or 'a stop signal to another process'
                     break
-                aps = None
-                if val_ap is not None and ((epoch + 1) % args.val_ap_interval == 0 or epoch + 1 >= args.epochs
-                                           or state.iteration >= args.max_iter):
-                    ap_start = time.time()
-                    aps = val_ap.evaluate(model, runtime, args.num_workers, should_stop=lambda: signals.received)
-                    if aps is None:
-                        stop = signals.received or 'a stop signal to another process'
-                        break
-                    row['ap_seconds'] = time.time() - ap_start
-                log('Timer: %.4f' % (time.time() - seconds - (row['ap_seconds'] or 0)))
-                log('test epoch:' + repr(epoch) + ' || Loss:%.4f' % val_loss)
-                row.update(val_loss=val_loss, ap=aps)
-                better_loss, better_ap = state.record_validation(epoch, val_loss, aps)
+                row.update(measured)
+            trouble = engine.epoch_diverged(model, row['val_loss'] if val_loader is not None else state.train_loss)
+            if trouble:  # never kept: the last good checkpoint and best weights stay
+                folder.append_metrics(dict(row, time=time.time(), diverged=trouble))
+                raise UserError(f'epoch {epoch} diverged: {trouble}. Not saved over {folder.checkpoint}: '
+                                + go_back(last_good, args))
+            if val_loader is not None:  # keeping the best
+                better_loss, better_ap = state.record_validation(epoch, row['val_loss'], row['ap'])
                 if better_ap if args.best_by == 'ap' else better_loss:
                     log('Saving best state,epoch', epoch)
                     folder.save_weights(model.state_dict(), folder.best)
                     row['best_saved'] = True
-                if aps is not None:
-                    log(format_ap_line(epoch, aps, len(val_ap.paths), row['ap_seconds']))
+                if row['ap'] is not None:
+                    log(format_ap_line(epoch, row['ap'], len(val_ap.paths), row['ap_seconds']))
                 if writer is not None:
-                    writer.add_scalar('val/loss', val_loss, state.iteration)
-                    for setting, ap in (aps or {}).items():
+                    writer.add_scalar('val/loss', row['val_loss'], state.iteration)
+                    for setting, ap in (row['ap'] or {}).items():
                         writer.add_scalar(f'val/ap_{setting}', ap, state.iteration)
             state.unvalidated_epoch = None
             folder.append_metrics(dict(row, time=time.time()))
@@ -397,6 +437,29 @@ def main(args, signals=None):
     return state, stop
 
 
+def validate(epoch, net, model, criterion, runtime, loader, val_ap, args, state, channels_last, signals):
+    """The validation loss of the trained `epoch` and, when due, its WIDER AP (every
+    --val_ap_interval epochs and the last), with the original log lines. Returns {'val_loss',
+    'ap', 'ap_seconds'}, or None when a stop signal cut it short. `net` runs the loss (not
+    DDP-wrapped), `model` is the bare S3FD the AP test runs."""
+    from utils.training import engine
+
+    start = time.time()
+    val_loss = engine.validation_loss(net, criterion, runtime, loader, channels_last, signals)
+    if val_loss is None:
+        return None
+    seconds, aps, ap_seconds = time.time() - start, None, None
+    if val_ap is not None and ((epoch + 1) % args.val_ap_interval == 0 or epoch + 1 >= args.epochs
+                               or state.iteration >= args.max_iter):
+        aps = val_ap.evaluate(model, runtime, args.num_workers, should_stop=lambda: signals.received)
+        if aps is None:
+            return None
+        ap_seconds = time.time() - start - seconds
+    engine.log('Timer: %.4f' % seconds)
+    engine.log('test epoch:' + repr(epoch) + ' || Loss:%.4f' % val_loss)
+    return {'val_loss': val_loss, 'ap': aps, 'ap_seconds': ap_seconds}
+
+
 def stop_diverged(diverged, folder, model, optimizer, runtime, args, state, world, last_good):
     """The error that ends a run after MAX_NONFINITE_IN_A_ROW skipped steps in a row. Its state is
     saved when its weights are sound (e.g. fp16 overflows at a fixed loss scale), so that a resume
@@ -408,7 +471,7 @@ def stop_diverged(diverged, folder, model, optimizer, runtime, args, state, worl
         path = save_checkpoint(folder, model, optimizer, runtime, args, state, world,
                                reason=f'stopped after {engine.MAX_NONFINITE_IN_A_ROW} skipped steps in a row')
         return UserError(f'{diverged}: check the data and lower --lr (state saved to {path})')
-    return UserError(f'{diverged}, {trouble}: not saved over {folder.checkpoint}; ' + go_back(last_good, args))
+    return UserError(f'{diverged}; {trouble}. Not saved over {folder.checkpoint}: ' + go_back(last_good, args))
 
 
 def go_back(last_good, args):

@@ -111,13 +111,21 @@ def read_text_lines(path):
         raise AnnotationError(path, line, f'not UTF-8 text (byte 0x{data[exc.start]:02x})') from None
 
 
-def _numbers(path, lineno, text, what):
-    try:
-        values = [float(tok) for tok in text.split()]
-    except ValueError:
-        raise AnnotationError(path, lineno, f'non-numeric field in {what}: {text.strip()!r}') from None
-    if not all(math.isfinite(v) for v in values):
-        raise AnnotationError(path, lineno, f'non-finite number (nan or inf) in {what}: {text.strip()!r}')
+def _numbers(path, lineno, text, what, group=None):
+    """The numbers of `text`; AnnotationError naming the first bad one (with its place among groups
+    of `group` numbers, e.g. the face of a list line) rather than quoting a line of any length."""
+    tokens = text.split()
+    values = []
+    for k, tok in enumerate(tokens):
+        try:
+            value = float(tok)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value):
+            where = f' (face {k // group + 1}, number {k % group + 1} of {group})' if group else ''
+            kind = 'non-numeric field' if value is None else 'non-finite number (nan or inf)'
+            raise AnnotationError(path, lineno, f'{kind} {tok[:20]!r} in {what}{where}')
+        values.append(value)
     return values
 
 
@@ -196,7 +204,7 @@ def _parse_list_line(path, lineno, line):
             continue
         if tok.isdigit() and len(spans) - k - 1 == 5 * int(tok):
             image = line[:spans[k][0]].strip()
-            values = _numbers(path, lineno, ' '.join(t for _, t in spans[k + 1:]), 'a box')
+            values = _numbers(path, lineno, ' '.join(t for _, t in spans[k + 1:]), 'a box', group=5)
             table = np.asarray(values, dtype=np.float32).reshape(-1, 5)
             labels = table[:, 4]
             bad = (labels != np.round(labels)) | (labels < 1) | (labels >= cfg.NUM_CLASSES)
@@ -380,8 +388,9 @@ class WIDERDetection(Dataset):
         if path not in self.bad_images:
             self.bad_images[path] = exc.reason
             kind = 'image without a face inside it' if isinstance(exc, UnusableImageError) else 'unreadable image'
-            warnings.warn(f'skipping {kind} ({len(self.bad_images)} so far in this process): {exc}',
-                          RuntimeWarning, stacklevel=3)
+            # One line: warn_explicit at a place without source, which the warning would quote.
+            warnings.warn_explicit(f'skipping {kind} ({len(self.bad_images)} so far in this process): {exc}',
+                                   RuntimeWarning, 'WIDERDetection', 0)
 
     def _target(self, boxes, labels):
         target = np.empty((len(boxes), 5), dtype=np.float32)

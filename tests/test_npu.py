@@ -154,7 +154,7 @@ def npu_run(request, lists, upstream_dir, tmp_path_factory):
     if amp == 'apex':  # ten overflowing steps in a row stop the run
         runs.append({'argv': npu_args(lists, amp, root / 'overflow', '--epochs', '2', val=2, batch=1),
                      'loss_factor': OVERFLOW, 'soc': 'Ascend910B1'})
-        runs.append({'argv': npu_args(lists, amp, root / 'jit', '--epochs', '1', '--max_iter', '0',
+        runs.append({'argv': npu_args(lists, amp, root / 'jit', '--epochs', '1', '--max_iter', '1',
                                       '--npu_jit_compile')})
     else:
         runs.append({'argv': npu_args(lists, amp, root / 'overflow', '--epochs', '1', '--max_iter', '2'),

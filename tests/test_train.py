@@ -2,9 +2,11 @@
 import contextlib
 import io
 import json
+import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -175,18 +177,25 @@ def test_sigterm_saves_a_checkpoint_and_exits_as_stopped_resumable(lists, tmp_pa
             f'{tmp_path / "sfd_face_checkpoint.pth"}') in rest.splitlines()
 
 
-def test_torchrun_two_processes_one_log_stream(lists, tmp_path):
+@pytest.fixture(scope='module')
+def torchrun_epoch(lists, tmp_path_factory):
+    """One epoch under torchrun, 2 processes: (the finished process, its save folder)."""
+    folder = tmp_path_factory.mktemp('torchrun')
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-           'train.py', *run_args(lists, tmp_path, '--epochs', '1')]
+           'train.py', *run_args(lists, folder, '--epochs', '1')]
     env = dict(os.environ, OMP_NUM_THREADS='1')
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env), folder
+
+
+def test_torchrun_two_processes_one_log_stream(torchrun_epoch):
+    proc, folder = torchrun_epoch
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out, everything = proc.stdout.splitlines(), proc.stdout + proc.stderr
     assert sum(line.startswith('epoch:0 || iter:0 ') for line in out) == 1, everything
     assert sum(line.startswith('test epoch:0 ') for line in out) == 1, everything
     assert '2 processes, batch 2 each' in proc.stdout, everything
     assert sum(line.startswith('Finished: ') for line in out) == 1, everything
-    ckpt = load_file(str(tmp_path / 'sfd_face_checkpoint.pth'))
+    ckpt = load_file(str(folder / 'sfd_face_checkpoint.pth'))
     assert ckpt['state']['iteration'] == 2  # 9 images / (2 processes x 2) -> 2 iterations
     assert 'module.vgg.0.weight' not in ckpt['weight'] and ckpt['world_size'] == 2
 
@@ -337,7 +346,9 @@ def test_a_list_of_unreadable_images_is_one_line(tmp_path, capsys, workers):
 @pytest.mark.parametrize('option, value, words', [
     ('--lr', '-1', 'must be at least 0.0'), ('--lr', 'nan', 'must be at least 0.0'),
     ('--seed', '-1', 'must be at least 0'), ('--seed', str(2**32), 'must be at most 4294967295'),
-    ('--batch_size', '0', 'must be at least 1'), ('--momentum', 'fast', "expected a number, got 'fast'")])
+    ('--batch_size', '0', 'must be at least 1'), ('--momentum', 'fast', "expected a number, got 'fast'"),
+    ('--max_iter', '0', 'must be at least 1'), ('--max_iter', '-5', 'must be at least 1'),
+    ('--epochs', '0', 'must be at least 1'), ('--epochs', '-1', 'must be at least 1')])
 def test_out_of_range_options_are_usage_errors(option, value, words, capsys):
     with pytest.raises(SystemExit) as exc:
         train.parse_args([option, value])
@@ -355,6 +366,8 @@ def test_empty_train_list(lists, tmp_path, capsys):
 
 
 def test_nonfinite_losses_are_skipped_then_stop_the_run(lists, tmp_path, capsys, monkeypatch):
+    """Steps with a NaN loss are skipped and counted; the epoch ends with a NaN loss, so the run
+    stops there, keeps nothing of it and says what to do (no checkpoint was saved before)."""
     class NanLoss(torch.nn.Module):
         def __init__(self, *a, **k):
             super().__init__()
@@ -367,13 +380,17 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(lists, tmp_path, capsys,
     monkeypatch.setattr(multibox_loss, 'MultiBoxLoss', NanLoss)
     assert run_cli(lists, tmp_path, '--epochs', '5') == 2
     captured = capsys.readouterr()
-    assert captured.out.count('step skipped') == 10 and '10 in a row' in captured.out
-    ckpt = load_file(str(tmp_path / 'sfd_face_checkpoint.pth'))
-    torch.manual_seed(0)
-    reference = build_s3fd('train')
-    init_weights_from_scratch(reference)
-    for key, value in reference.state_dict().items():  # no step was applied
-        assert torch.equal(value, ckpt['weight'][key]), key
+    assert captured.out.count('step skipped') == 4 and '4 in a row' in captured.out  # one epoch of 4 batches
+    assert captured.err.strip().splitlines()[-1] == (
+        f'train.py: error: epoch 0 diverged: its loss is nan. Not saved over {tmp_path / "sfd_face_checkpoint.pth"}: '
+        'no checkpoint of this run was saved: start again with a lower --lr')
+    assert not (tmp_path / 'sfd_face_checkpoint.pth').exists() and not (tmp_path / 'sfd_face.pth').exists()
+    rows = [json.loads(line, parse_constant=_refuse) for line in open(tmp_path / 'metrics.jsonl')]
+    assert rows[0]['val_loss'] is None and rows[0]['diverged'] == 'its loss is nan'
+
+
+def _refuse(constant):
+    raise ValueError(f'not strict JSON: {constant}')
 
 
 def test_nonfinite_weights_are_never_saved_over_the_checkpoint(lists, tmp_path, capsys, monkeypatch):
@@ -557,3 +574,211 @@ def test_a_resume_applies_a_changed_momentum_and_weight_decay(lists, uninterrupt
         capsys.readouterr().out
     group = load_file(str(tmp_path / 'sfd_face_checkpoint.pth'))['optimizer']['param_groups'][0]
     assert (group['momentum'], group['weight_decay']) == (0.5, 0.001)
+
+
+# -- runs that survive a cluster: one run per folder, --resume auto, periodic checkpoints, torchrun elastic --
+
+
+def _launch(lists, folder, *extra, launcher_options=()):
+    """tools/launch.py (torchrun with train.py's exit statuses), 2 processes, reading its output."""
+    cmd = [sys.executable, 'tools/launch.py', '--standalone', '--nproc_per_node', '2', '--monitor_interval', '0.1',
+           *launcher_options, 'train.py', *run_args(lists, folder, *extra)]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS='1'))
+
+
+def test_a_new_run_never_replaces_another_and_resume_auto_continues_it(lists, uninterrupted, tmp_path, capsys):
+    _, full, _ = uninterrupted
+    checkpoint = tmp_path / 'sfd_face_checkpoint.pth'
+    run_main(lists, tmp_path, '--epochs', '2', '--max_iter', '5')  # epoch 0 validated, then 1 step of epoch 1
+    saved, metrics = checkpoint.read_bytes(), (tmp_path / 'metrics.jsonl').read_text()
+    capsys.readouterr()
+    err = _train_error(lists, tmp_path, capsys, '--epochs', '2', '--seed', '1')
+    assert re.fullmatch(rf'train\.py: error: --save_folder {tmp_path} holds another run \(a checkpoint at iteration '
+                        r'5, saved \d{4}-\d\d-\d\d \d\d:\d\d and best weights saved \d{4}-\d\d-\d\d \d\d:\d\d\); a new '
+                        r'run would replace it: continue it with --resume auto, give another --save_folder, or start '
+                        r'over with --overwrite \(removes its files\)', err), err
+    assert checkpoint.read_bytes() == saved and (tmp_path / 'metrics.jsonl').read_text() == metrics
+    # The same command with --resume auto continues it exactly, as --resume PATH does; re-run, it has nothing left.
+    for _ in range(2):
+        state = run_main(lists, tmp_path, '--epochs', '2', '--resume', 'auto')
+        assert f'--resume auto: continuing from {checkpoint}' in capsys.readouterr().out
+    assert state.iteration == 8
+    a, b = load_file(str(full / 'sfd_face_checkpoint.pth')), load_file(str(checkpoint))
+    assert all(torch.equal(v, b['weight'][k]) for k, v in a['weight'].items()) and a['state'] == b['state']
+    rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+    assert [row['epoch'] for row in rows] == [0, 1]
+    # --overwrite starts over, naming what it removes; nothing of the earlier run stays.
+    run_main(lists, tmp_path, '--epochs', '1', '--max_iter', '1', '--seed', '1', '--overwrite')
+    assert (f"--overwrite: removed the earlier run's files from {tmp_path}: metrics.jsonl, sfd_face.pth, "
+            'sfd_face_checkpoint.pth') in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path)) == ['sfd_face_checkpoint.pth']
+    assert load_file(str(checkpoint))['args']['seed'] == 1
+    # In a folder without a checkpoint, --resume auto starts a new run and says so.
+    state = run_main(lists, tmp_path / 'new', '--epochs', '1', '--max_iter', '1', '--resume', 'auto')
+    assert f'--resume auto: no checkpoint in {tmp_path / "new"}, starting a new run' in capsys.readouterr().out
+    assert state.iteration == 1
+
+
+def test_a_killed_torchrun_worker_is_restarted_and_the_run_ends_as_if_uninterrupted(lists, torchrun_epoch, tmp_path):
+    """torchrun --max_restarts 1, --resume auto, a full checkpoint every iteration: kill -9 of one
+    worker after the checkpoint of iteration 1 (mid-epoch); the other leaves its collective (Gloo
+    sees the connection close), the agent restarts the group, which resumes from the checkpoint
+    and ends with the weights of the uninterrupted run, bitwise."""
+    _, reference = torchrun_epoch
+    proc = _launch(lists, tmp_path, '--epochs', '1', '--resume', 'auto', '--checkpoint_interval', '1',
+                   launcher_options=('--max_restarts', '1'))
+    lines, killed, restarted = [], None, None
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if killed is None and 'checkpoint saved to' in line and '(iteration 1)' in line:
+                workers = open(f'/proc/{proc.pid}/task/{proc.pid}/children').read().split()
+                os.kill(int(workers[-1]), signal.SIGKILL)
+                killed = time.time()
+            if killed and restarted is None and '--resume auto: continuing from' in line:
+                restarted = time.time() - killed
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    everything = ''.join(lines)
+    assert proc.returncode == 0 and killed and restarted, everything
+    assert restarted < 60, restarted  # the survivor left its collective and the group came back (about 5 s here)
+    a, b = load_file(str(reference / 'sfd_face_checkpoint.pth')), load_file(str(tmp_path / 'sfd_face_checkpoint.pth'))
+    assert a['state'] == b['state'] and b['state']['iteration'] == 2
+    for key, value in a['weight'].items():
+        assert torch.equal(value, b['weight'][key]), key
+
+
+def test_sigterm_to_the_launcher_stops_every_worker_within_a_step_with_exit_75(lists, tmp_path):
+    """Preemption: SIGTERM to the agent (tools/launch.py), which forwards it to its workers. The stop
+    travels with the step's finite check, so the workers stop after the step in progress (they
+    looked every 10 iterations before), save, and the launcher exits 75 (torchrun: 1)."""
+    proc = _launch(lists, tmp_path, '--epochs', '50')
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith('epoch:0 || iter:0 '):
+                proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    everything = ''.join(lines)
+    assert proc.returncode == 75, everything
+    ckpt = load_file(str(tmp_path / 'sfd_face_checkpoint.pth'))
+    assert 1 <= ckpt['state']['iteration'] <= 5, everything
+    assert f'Stopped at iteration {ckpt["state"]["iteration"]} (SIGTERM)' in everything
+    assert 'launch.py: SIGTERM received: the workers were told to stop and save (exit 75' in everything
+
+
+# -- training that fails safe --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope='module')
+def longer_lists(tmp_path_factory):
+    """12 training images (11 with faces): an epoch of 11 steps at batch 1, longer than the 10
+    skipped steps in a row that stop a run."""
+    return synthetic_lists(tmp_path_factory.mktemp('wider12'), train=12, val=2, seed=4)
+
+
+def test_a_diverged_run_keeps_the_good_checkpoint_and_names_it_for_a_lower_lr(longer_lists, tmp_path, capsys):
+    lists = longer_lists
+    checkpoint = tmp_path / 'sfd_face_checkpoint.pth'
+    run_main(lists, tmp_path, '--epochs', '1', '--batch_size', '1')
+    good = checkpoint.read_bytes()
+    # --lr 1e12: the first step explodes the weights, the next losses are not finite: ten skipped steps stop it.
+    err = _train_error(lists, tmp_path, capsys, '--epochs', '2', '--batch_size', '1', '--lr', '1e12', '--resume', 'auto')
+    assert '10 steps in a row skipped for a non-finite loss or a gradient overflow; weights reach' in err, err
+    assert err.endswith(f'Not saved over {checkpoint}: resume {checkpoint} (iteration 11) with a lower --lr, e.g. '
+                        f'--resume {checkpoint} --lr 1e+11'), err
+    assert checkpoint.read_bytes() == good
+    # That state does continue with a lower --lr.
+    state = run_main(lists, tmp_path, '--epochs', '2', '--batch_size', '1', '--lr', '1e-4', '--resume', str(checkpoint))
+    assert state.epoch == 2 and state.iteration == 22 and math.isfinite(state.best_loss)
+
+
+def test_an_epoch_whose_validation_loss_is_not_finite_is_never_kept(lists, uninterrupted, tmp_path, capsys, monkeypatch):
+    _, full, _ = uninterrupted
+    shutil.copy(full / 'sfd_face_checkpoint.pth', tmp_path)
+    shutil.copy(full / 'sfd_face.pth', tmp_path)
+    kept = {name: (tmp_path / name).read_bytes() for name in ('sfd_face_checkpoint.pth', 'sfd_face.pth')}
+    monkeypatch.setattr(engine, 'validation_loss', lambda *a, **k: math.nan)
+    err = _train_error(lists, tmp_path, capsys, '--epochs', '3', '--resume', 'auto')
+    assert err == (f'train.py: error: epoch 2 diverged: its loss is nan. Not saved over {tmp_path / "sfd_face_checkpoint.pth"}'
+                   f': resume {tmp_path / "sfd_face_checkpoint.pth"} (iteration 8) with a lower --lr, e.g. --resume '
+                   f'{tmp_path / "sfd_face_checkpoint.pth"} --lr 0.0001')
+    assert {name: (tmp_path / name).read_bytes() for name in kept} == kept
+    row, = [json.loads(line, parse_constant=_refuse) for line in open(tmp_path / 'metrics.jsonl')]
+    assert row['epoch'] == 2 and row['val_loss'] is None and row['diverged'] == 'its loss is nan'
+
+
+def test_a_resume_at_an_epoch_end_with_a_larger_batch_trains_the_remaining_epochs(lists, uninterrupted, tmp_path, capsys):
+    _, full, _ = uninterrupted
+    state = run_main(lists, tmp_path, '--epochs', '3', '--batch_size', '4', '--resume', str(full / 'sfd_face_checkpoint.pth'))
+    out = capsys.readouterr().out
+    assert 'Resuming with changed options: --epochs 3 (checkpoint 2), --batch_size 4 (checkpoint 2)' in out, out
+    assert re.search(r'^test epoch:2 \|\| Loss:', out, re.M)
+    assert (state.epoch, state.iteration) == (3, 10)  # 8, then 9 images // 4 = 2 steps of epoch 2
+
+
+# Each one loads: what the issue's probe did to a mid-epoch checkpoint, and the field the refusal names.
+DAMAGE = [
+    (lambda c: c.update(rng=None), "field 'rng': expected a dict, found None"),
+    (lambda c: c['rng'].update(torch=torch.randint(0, 256, c['rng']['torch'].shape, dtype=torch.uint8,
+                                                     generator=torch.Generator().manual_seed(0))),
+     "field 'rng' cannot be restored ("),
+    (lambda c: c['optimizer']['param_groups'][0].pop('dampening'), "field 'optimizer.param_groups[0].dampening' is missing"),
+    (lambda c: c['optimizer']['state'][3].update(momentum_buffer=torch.empty(c['optimizer']['state'][3]['momentum_buffer'].shape, device='meta')),
+     "field 'optimizer.state.3.momentum_buffer': a tensor on device 'meta'"),
+    (lambda c: c.update(weight={k: v.to(torch.int32) for k, v in c['weight'].items()}),
+     'does not fit S3FD: tensors of another kind than the model'),
+    (lambda c: c['optimizer']['param_groups'][0].update(nesterov='yes'),
+     "field 'optimizer.param_groups[0].nesterov': expected a boolean, found 'yes' (str)"),
+    (lambda c: c['state'].update(epoch=10 ** 30), "field 'state.epoch': expected an integer from 0 to"),
+    (lambda c: c['state'].update(iteration=10 ** 30), "field 'state.iteration': expected an integer from 0 to"),
+    (lambda c: c['args'].update(batch_size='2'), "field 'args.batch_size': expected an integer, found '2' (str)"),
+]
+
+
+def test_a_damaged_checkpoint_is_one_line_before_any_work(lists, tmp_path, capsys):
+    run_main(lists, tmp_path / 'run', '--epochs', '2', '--max_iter', '3')  # 3 steps into epoch 0
+    good = load_file(str(tmp_path / 'run' / 'sfd_face_checkpoint.pth'))
+    capsys.readouterr()
+    for number, (damage, words) in enumerate(DAMAGE):
+        ckpt = load_file(str(tmp_path / 'run' / 'sfd_face_checkpoint.pth'))
+        damage(ckpt)
+        path = tmp_path / f'damaged{number}.pth'
+        torch.save(ckpt, path)
+        status = run_cli(lists, tmp_path / f'resumed{number}', '--epochs', '2', '--resume', str(path))
+        out, err = capsys.readouterr()
+        last = err.strip().splitlines()[-1]  # after the data set's notes
+        assert status == 2 and last.startswith(f'train.py: error: {path}') and words in last, (words, err)
+        assert 'Traceback' not in err and 'epoch:' not in out, err
+        assert not (tmp_path / f'resumed{number}').exists()  # nothing left behind
+    assert good['state']['iteration'] == 3
+
+
+def test_a_signal_during_start_up_is_one_line_and_exit_75(lists, tmp_path, capsys, monkeypatch):
+    real = train.build_loaders
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        def build_loaders(*args, **kwargs):  # a signal while the data lists load
+            os.kill(os.getpid(), sig)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(train, 'build_loaders', build_loaders)
+        assert run_cli(lists, tmp_path, '--epochs', '1') == 75
+        err = capsys.readouterr().err
+        assert err == (f'train.py: {signal.Signals(sig).name} during start-up, before the first step: nothing new to '
+                       'save; run the same command again to start (with --resume auto, to continue from the '
+                       'checkpoint)\n'), err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    # In a fresh process, while PyTorch is still loading:
+    proc = subprocess.Popen([sys.executable, 'train.py', *run_args(lists, tmp_path, '--epochs', '1')], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75 and err.startswith('train.py: SIGINT during start-up') and err.count('\n') == 1, err

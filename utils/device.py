@@ -357,10 +357,23 @@ def distributed_env():
 
 
 def init_distributed(device_type):
-    """Join the process group started by torchrun (backend nccl, hccl or gloo by device)."""
+    """Join the process group started by torchrun (backend nccl, hccl or gloo by device).
+
+    Under torchrun the keys of the group go under a prefix of their own per restart of the group
+    (TORCHELASTIC_RESTART_COUNT): its agent keeps one store across restarts (c10d rendezvous,
+    torch/distributed/rendezvous.py `_create_c10d_store` adds no prefix per attempt), and a
+    restarted Gloo group could otherwise read the address of a process of the group before,
+    which is dead ("Connection refused" in connectFullMesh; seen on torch 2.14 with
+    --max_restarts)."""
     rank, world, local_rank = distributed_env()
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend=DIST_BACKENDS[device_type])
+        attempt = os.environ.get('TORCHELASTIC_RESTART_COUNT')
+        if attempt is None:
+            dist.init_process_group(backend=DIST_BACKENDS[device_type])
+        else:
+            store, _, _ = next(dist.rendezvous('env://'))
+            dist.init_process_group(backend=DIST_BACKENDS[device_type], rank=rank, world_size=world,
+                                    store=dist.PrefixStore(f'/s3fd/attempt_{attempt}', store))
     return rank, world, local_rank
 
 
@@ -375,6 +388,19 @@ def all_reduce_sum(values, device):
     t = torch.tensor(values, dtype=torch.float32, device=device)  # float64 is not on every backend
     dist.all_reduce(t)
     return t.tolist()
+
+
+def all_gather_floats(values, device):
+    """Every process's list of floats (float32, as all_reduce_sum carries them), concatenated in
+    rank order: an all-reduce of each process's values in its own slot, zeros elsewhere (x + 0 is
+    exact). The list itself when not distributed."""
+    if not dist.is_initialized():
+        return [float(v) for v in values]
+    rank, world = dist.get_rank(), dist.get_world_size()
+    t = torch.zeros(world, len(values), dtype=torch.float32, device=device)
+    t[rank] = torch.tensor(values, dtype=torch.float32)
+    dist.all_reduce(t)
+    return t.flatten().tolist()
 
 
 def cleanup_distributed(synchronize=False):

@@ -58,6 +58,9 @@ class TrainState:
     overflow. unvalidated_epoch: an epoch trained whose validation a stop cut short (a resume
     validates it first). train_loss: the mean training loss of the last epoch trained. The best
     validation loss and the best mean AP so far (every setting's in best_aps), with their epochs.
+    process_losses: in a checkpoint saved inside an epoch under torchrun, every process's
+    (loss_sum, loss_count) in rank order, flattened, so that a resume gives each its own and the
+    sums add up in the order of an uninterrupted run (loss_sum/loss_count there are the totals).
     """
     epoch: int = 0
     iteration: int = 0
@@ -72,6 +75,7 @@ class TrainState:
     best_ap: typing.Optional[float] = None
     best_ap_epoch: typing.Optional[int] = None
     best_aps: typing.Optional[typing.Dict[str, float]] = None
+    process_losses: typing.Optional[typing.List[float]] = None  # in a mid-epoch checkpoint under torchrun
 
     @property
     def mid_epoch(self):
@@ -277,6 +281,11 @@ class _Checker:
             field = f'state.{name}'
             if item is None and optional:
                 pass
+            elif typing.get_origin(hint) is list:
+                if not isinstance(item, list):
+                    self.bad(field, 'a list of numbers', item)
+                for k, number in enumerate(item):
+                    self.scalar(number, 0.0, f'{field}[{k}]')
             elif typing.get_origin(hint) is dict:
                 if not isinstance(item, dict) or not all(isinstance(k, str) for k in item):
                     self.bad(field, 'a dict of numbers by name', item)
@@ -425,6 +434,11 @@ def resume(path, model, optimizer, device, args, batches_per_epoch, world_size=1
     for group in optimizer.param_groups:  # the options of this run (the log says when they changed)
         group['momentum'], group['weight_decay'] = args.momentum, args.weight_decay
     _restore(path, 'rng', lambda: _restore_rng(ckpt.get('rng'), device))
-    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
-        state.loss_sum, state.loss_count = 0.0, 0  # rank 0 carries every process's running epoch loss
+    if torch.distributed.is_initialized():  # this process's part of the running epoch loss
+        rank = torch.distributed.get_rank()
+        if state.process_losses and len(state.process_losses) == 2 * world_size:
+            state.loss_sum, state.loss_count = state.process_losses[2 * rank], int(state.process_losses[2 * rank + 1])
+        elif rank != 0:  # older checkpoints: rank 0 carries every process's sums
+            state.loss_sum, state.loss_count = 0.0, 0
+    state.process_losses = None
     return state

@@ -151,6 +151,16 @@ def weights_diverged(model):
     return None
 
 
+def epoch_diverged(model, loss):
+    """Why an epoch just trained must not be kept: its weights are not sound (weights_diverged), or
+    its loss (the validation loss, else the mean training loss; None when no step was finite) is
+    not finite. None when it may be kept."""
+    trouble = weights_diverged(model)
+    if trouble is None and (loss is None or not math.isfinite(loss)):
+        trouble = 'no finite training loss' if loss is None else f'its loss is {loss}'
+    return trouble
+
+
 # -- timing -------------------------------------------------------------------------------------
 
 

@@ -8,12 +8,15 @@ its file names and its rules.
     .sfd_run.lock              held by the run that uses the folder (utils/folder_lock.py)
 
 One process writes (under torchrun, global rank 0): on the others the writing methods do nothing.
+A folder holds one run: a new run is refused where another left its checkpoint or best weights,
+unless it continues that run (--resume) or replaces it (--overwrite, which removes its files).
 """
 import json
 import math
 import os
 import re
 import shlex
+import time
 
 from data.config import cfg
 from utils.checkpoint import atomic_save
@@ -21,6 +24,10 @@ from utils.fileio import OutputDirError, check_free_space, format_bytes, make_ou
 from utils.folder_lock import FolderLock
 
 METRICS_NAME = 'metrics.jsonl'
+
+
+def _date(path):
+    return time.strftime('%Y-%m-%d %H:%M', time.localtime(os.path.getmtime(path)))
 
 
 def _json_safe(value):
@@ -33,10 +40,13 @@ def _json_safe(value):
 
 
 class SaveFolder:
-    """The files of one training run. `writer`: whether this process writes them."""
+    """The files of one training run. `writer`: whether this process writes them;
+    `checkpoint_interval`: the full checkpoint every N iterations inside an epoch (0: never)."""
 
-    def __init__(self, path, dataset='face', writer=True, option='--save_folder'):
+    def __init__(self, path, dataset='face', writer=True, checkpoint_interval=0, option='--save_folder'):
         self.path, self.dataset, self.writer, self.option = path, dataset, writer, option
+        self.checkpoint_interval = checkpoint_interval
+        self.created = False  # by this run's claim: removed again if the run leaves nothing in it
         self.best = os.path.join(path, f'sfd_{dataset}.pth')
         self.checkpoint = os.path.join(path, f'sfd_{dataset}_checkpoint.pth')
         self.metrics = os.path.join(path, METRICS_NAME)
@@ -58,12 +68,63 @@ class SaveFolder:
         original repository's rule."""
         return iteration != 0 and iteration % cfg.SAVE_INTERVAL == 0
 
+    def saves_due(self, iteration, iterations_done, epoch_done):
+        """(a numbered weights file, the full checkpoint) due after the step of `iteration`, with
+        `iterations_done` steps done in all; none of the latter at the end of an epoch, whose own
+        checkpoint follows its validation."""
+        checkpoint = (self.checkpoint_interval > 0 and iterations_done % self.checkpoint_interval == 0
+                      and not epoch_done)
+        return self.weights_due(iteration), checkpoint
+
     @staticmethod
     def numbered_saves(first, last):
         """How many of the iterations first..last-1 are followed by a numbered weights file."""
         if last <= first:
             return 0
         return max(0, (last - 1) // cfg.SAVE_INTERVAL - (max(first, 1) - 1) // cfg.SAVE_INTERVAL)
+
+    # -- the run that is here ---------------------------------------------------------------------
+
+    def run_files(self):
+        """The names of the files a run wrote here: checkpoint, best weights, numbered weights,
+        metrics.jsonl (sorted)."""
+        try:
+            names = os.listdir(self.path)
+        except OSError:
+            return []
+        pattern = self.output_pattern()
+        return sorted(n for n in names if pattern.fullmatch(n) or n == METRICS_NAME)
+
+    def previous_run(self):
+        """What a run left here, as words for a message ('a checkpoint at iteration 4, saved
+        2026-12-04 21:03 and best weights saved 2026-12-04 21:02'), or None when there is no
+        checkpoint and no best weights."""
+        parts = []
+        if os.path.isfile(self.checkpoint):
+            try:
+                import torch  # here: a folder check before anything heavy otherwise
+
+                saved = torch.load(self.checkpoint, map_location='cpu', weights_only=True, mmap=True)
+                what = f"a checkpoint at iteration {saved['state']['iteration']}"
+            except Exception:  # any damage: it is still another run's file
+                what = 'a checkpoint (unreadable)'
+            parts.append(f'{what}, saved {_date(self.checkpoint)}')
+        if os.path.isfile(self.best):
+            parts.append(f'best weights saved {_date(self.best)}')
+        return ' and '.join(parts) or None
+
+    def remove_run(self):
+        """Remove the files a run wrote here (run_files); returns their names."""
+        names = self.run_files()
+        for name in names:
+            try:
+                os.remove(os.path.join(self.path, name))
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise OutputDirError(f'{self.option} {self.path}: cannot remove {name} of the earlier run '
+                                     f'({exc.strerror or exc})') from None
+        return names
 
     # -- the run's claim on the folder -----------------------------------------------------------
 
@@ -73,6 +134,7 @@ class SaveFolder:
         (temporaries removed, bytes freed). FolderInUseError / OutputDirError in one line."""
         if not self.writer:
             return 0, 0
+        self.created = not os.path.isdir(self.path)
         make_output_dir(self.path, self.option)
         self.lock = FolderLock(self.path, self.option, advice).acquire()
         if not self.lock.enforced:  # another run might be writing them
@@ -84,9 +146,16 @@ class SaveFolder:
             raise
 
     def release(self):
+        """Let the folder go; a folder this run made and left empty (it stopped before any save:
+        e.g. a refused model) goes too."""
         if self.lock is not None:
             self.lock.release()
             self.lock = None
+        if self.created:
+            try:
+                os.rmdir(self.path)  # only when empty
+            except OSError:
+                pass
 
     def check_space(self, weights_bytes, first_iteration, last_iteration, epoch, with_best):
         """Raise DiskFullError unless the folder has room for what the coming epoch saves: the
