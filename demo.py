@@ -124,7 +124,7 @@ def main(args):
 
 def cli(argv=None):
     """Command-line entry: one-line errors and exit status 1 instead of tracebacks."""
-    return run_cli(main, parse_args, argv)
+    return run_cli(main, parse_args, argv, prog='demo.py')
 
 
 if __name__ == '__main__':

@@ -172,4 +172,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    sys.exit(run_cli(main, parse_args))
+    sys.exit(run_cli(main, parse_args, prog='bench_infer.py'))

@@ -93,3 +93,41 @@ def test_at_least_refuses_with_argparse_words(text, error):
     assert at_least(0.5, float)('0.5') == 0.5
     with pytest.raises(argparse.ArgumentTypeError):
         at_least(0.0, float)('nan')
+
+
+
+# A mistake each script finds once its arguments are parsed, and the name its error line must
+# start with: argparse's `prog`, the start of its own usage errors.
+MISTAKES = [
+    (['wider_test.py', '--dataset_dir', 'nowhere'], 'wider_test.py'),
+    (['wider_eval.py', '-p', 'nowhere', '-g', 'nowhere'], 'wider_eval.py'),
+    (['prepare_wider_data.py', '--dataset_dir', 'nowhere'], 'prepare_wider_data.py'),
+    (['data.synthetic', '--out', 'README.md', '--train', '1', '--val', '0'], 'python -m data.synthetic'),
+    (['tools/plot_training.py', 'nowhere.jsonl'], 'plot_training.py'),
+]
+
+
+def run_as_main(argv, monkeypatch):
+    """Run a script (a path, or a module's dotted name as `python -m` runs it) as its command
+    line does, in this process; returns its exit status."""
+    import runpy
+    path = os.path.join(REPO, argv[0] if argv[0].endswith('.py') else argv[0].replace('.', os.sep) + '.py')
+    monkeypatch.setattr(sys, 'argv', [path] + argv[1:])
+    try:
+        runpy.run_path(path, run_name='__main__')
+    except SystemExit as stop:
+        if isinstance(stop.code, str):
+            print(stop.code, file=sys.stderr)
+            return 1
+        return stop.code
+    return 0
+
+
+@pytest.mark.parametrize('argv, prog', MISTAKES, ids=[m[1] for m in MISTAKES])
+def test_every_script_starts_its_errors_as_argparse_does(argv, prog, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    assert run_as_main(argv, monkeypatch) not in (0, None)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f'{prog}: error: '), lines
+    assert run_as_main(argv + ['--no_such_option'], monkeypatch) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f'{prog}: error: unrecognized arguments')

@@ -70,7 +70,7 @@ def test_unreadable_images_are_skipped_and_reported(model, images, tmp_path, cap
 def cli_error(capsys, *argv):
     status = demo.cli([str(a) for a in argv])
     err = capsys.readouterr().err.strip().splitlines()
-    assert status == 1 and err[-1].startswith('error: ') and not any('Traceback' in line for line in err)
+    assert status == 1 and err[-1].startswith('demo.py: error: ') and not any('Traceback' in line for line in err)
     return err[-1]
 
 
@@ -130,11 +130,11 @@ def test_nan_weights_and_a_full_disk_are_one_line_errors(model, images, tmp_path
     state['loc.0.bias'][0] = float('inf')
     torch.save(state, tmp_path / 'diverged.pth')
     assert cli_error(capsys, '--model', tmp_path / 'diverged.pth', images, '--out', tmp_path / 'o',
-                     '--device', 'cpu') == (f'error: {tmp_path / "diverged.pth"}: 1 of 65 weight tensors hold NaN or '
+                     '--device', 'cpu') == (f'demo.py: error: {tmp_path / "diverged.pth"}: 1 of 65 weight tensors hold NaN or '
                                             f'inf (loc.0.bias): the model had diverged when it was saved; use an '
                                             f'earlier checkpoint')
     assert not (tmp_path / 'o').exists() or os.listdir(tmp_path / 'o') == []
     SimulatedFullDisk(monkeypatch, budget=0)
     err = cli_error(capsys, '--model', model, images, '--out', tmp_path / 'out', '--device', 'cpu')
-    assert err.startswith(f'error: {tmp_path / "out" / "im0.png"}: no space left on the device (0 bytes free in ')
+    assert err.startswith(f'demo.py: error: {tmp_path / "out" / "im0.png"}: no space left on the device (0 bytes free in ')
     assert err.endswith('needed); nothing was written') and os.listdir(tmp_path / 'out') == []

@@ -220,5 +220,5 @@ def test_command_line_error_is_one_line(tmp_path):
                            '--src', str(src), '--dst', str(tmp_path / 'x.pth')],
                           capture_output=True, text=True, cwd=str(tmp_path), timeout=120)
     assert proc.returncode == 1
-    assert proc.stderr.startswith('error: ') and str(src) in proc.stderr
+    assert proc.stderr.startswith('make_basenet.py: error: ') and str(src) in proc.stderr
     assert 'Traceback' not in proc.stderr

@@ -602,7 +602,7 @@ def test_cli_plot_without_matplotlib_is_one_clear_line(tiny_case, tmp_path, caps
     pred, gt_dir, _ = tiny_case
     assert wider_eval.main(wider_eval.parse_args(['-p', pred, '-g', gt_dir, '--plot', str(tmp_path / 'x.png')])) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ['error: --plot needs matplotlib, which is not installed (pip install matplotlib)']
+    assert err == ['wider_eval.py: error: --plot needs matplotlib, which is not installed (pip install matplotlib)']
 
 
 def test_cli_errors_are_one_line_without_traceback(tiny_case, tmp_path):
@@ -616,7 +616,7 @@ def test_cli_errors_are_one_line_without_traceback(tiny_case, tmp_path):
     assert proc.stdout == ''
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and 'Traceback' not in proc.stderr
-    assert lines[0].startswith('error: ') and 'img.txt, line 7: not a number' in lines[0]
+    assert lines[0].startswith('wider_eval.py: error: ') and 'img.txt, line 7: not a number' in lines[0]
 
 
 def test_matlab_int32_conversion_rounds_half_away_saturates_and_zeroes_nan():

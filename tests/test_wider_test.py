@@ -256,7 +256,7 @@ def test_image_list_falls_back_to_the_mat_file(wider, random_model, tmp_path):
 def cli_error(capsys, *argv):
     status = wider_test.cli(list(argv))
     err = capsys.readouterr().err.strip()
-    assert status == 1 and err.startswith('error: ') and '\n' not in err and 'Traceback' not in err
+    assert status == 1 and err.startswith('wider_test.py: error: ') and '\n' not in err and 'Traceback' not in err
     return err
 
 
@@ -288,7 +288,7 @@ def test_command_line_failure_has_no_traceback(wider, tmp_path):
                            str(tmp_path / 'absent.pth'), '--dataset_dir', wider, '--device', 'cpu'],
                           capture_output=True, text=True, cwd=str(tmp_path))
     assert proc.returncode == 1
-    assert proc.stderr.strip().startswith('error: ') and 'Traceback' not in proc.stderr
+    assert proc.stderr.strip().startswith('wider_test.py: error: ') and 'Traceback' not in proc.stderr
 
 
 @pytest.mark.parametrize('disk', ['tmpfs', 'simulated'])
@@ -307,7 +307,7 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_space(wider, random_mod
         err = capsys.readouterr().err
         last = err.strip().splitlines()[-1]
         # Not "OSError: [Errno 28]" and a traceback: the file, the space, how far it got.
-        assert status == 1 and 'Traceback' not in err and last.startswith(f'error: {out}{os.sep}')
+        assert status == 1 and 'Traceback' not in err and last.startswith(f'wider_test.py: error: {out}{os.sep}')
         assert re.search(r'\.txt: no space left on the device \(.* free in .*, about [\d.]+ KiB needed\); '
                          r'nothing was written; stopped after 0 of 6 prediction files: free some space \(or give '
                          r'another --out\) and run again$', last), last
@@ -323,6 +323,6 @@ def test_nan_weights_are_refused_before_any_prediction(wider, random_model, tmp_
     torch.save(state, tmp_path / 'diverged.pth')
     err = cli_error(capsys, '--model', str(tmp_path / 'diverged.pth'), '--dataset_dir', wider, '--device', 'cpu',
                     '--out', str(tmp_path / 'pred'))
-    assert err == (f'error: {tmp_path / "diverged.pth"}: 1 of 65 weight tensors hold NaN or inf (conf.5.weight): '
+    assert err == (f'wider_test.py: error: {tmp_path / "diverged.pth"}: 1 of 65 weight tensors hold NaN or inf (conf.5.weight): '
                    f'the model had diverged when it was saved; use an earlier checkpoint')
     assert earlier.read_text() == f'{file_name}\n0\n'  # kept: the run did not start

@@ -129,4 +129,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    sys.exit(run_cli(main, parse_args))
+    sys.exit(run_cli(main, parse_args, prog='convert_official.py'))

@@ -252,4 +252,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    sys.exit(run_cli(main, parse_args))
+    sys.exit(run_cli(main, parse_args, prog='export_onnx.py'))

@@ -111,4 +111,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    sys.exit(run_cli(main, parse_args))
+    sys.exit(run_cli(main, parse_args, prog='plot_training.py'))

@@ -5,6 +5,7 @@ line and turns it into an exit status.
 It imports nothing heavy, so that a script's `--help` answers before PyTorch is loaded.
 """
 import argparse
+import os
 import sys
 
 
@@ -57,12 +58,14 @@ def one_line(error):
 
 def run_cli(main, parse_args, argv=None, prog=None, status=1):
     """Run `main(parse_args(argv))` and return the exit status: 0, or `status` when it raised a
-    UserError, printed as one line on stderr (`<prog>: error: ...`, or `error: ...`) instead of
-    a traceback."""
+    UserError, printed as one line on stderr, `<prog>: error: ...` as argparse prints its usage
+    errors (prog: the script's file name; default the name it was run by), instead of a
+    traceback."""
+    prog = prog or os.path.basename(sys.argv[0])
     args = parse_args(argv)
     try:
         main(args)
     except UserError as error:
-        print(f'{prog + ": " if prog else ""}error: {one_line(error)}', file=sys.stderr, flush=True)
+        print(f'{prog}: error: {one_line(error)}', file=sys.stderr, flush=True)
         return status
     return 0
