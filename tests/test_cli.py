@@ -131,3 +131,58 @@ def test_every_script_starts_its_errors_as_argparse_does(argv, prog, tmp_path, m
     assert len(lines) == 1 and lines[0].startswith(f'{prog}: error: '), lines
     assert run_as_main(argv + ['--no_such_option'], monkeypatch) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f'{prog}: error: unrecognized arguments')
+
+
+def fake_torchvision_for_another_torch(root, version='0.28.0+cu128'):
+    """A torchvision package that cannot load with this torch, as a CPU torch beside a CUDA
+    torchvision (or another version) fails. Upstream (pytorch/vision, torchvision/__init__.py)
+    imports `.extension`, whose `_load_library` swallows the failed load of its C++ operators,
+    then `_meta_registrations`, whose `@torch.library.register_fake("torchvision::nms")` makes
+    torch itself raise `RuntimeError: operator torchvision::nms does not exist`. The fake runs
+    that same torch call; its dist-info gives the installed version importlib.metadata reads."""
+    package = root / 'torchvision'
+    package.mkdir(parents=True)
+    (package / '__init__.py').write_text('import torch\nfrom . import _meta_registrations\n')
+    (package / '_meta_registrations.py').write_text(
+        'import torch\n\n\n@torch.library.register_fake("torchvision::nms")\n'
+        'def meta_nms(dets, scores, iou_threshold):\n    return dets.new_empty(0, dtype=torch.long)\n')
+    info = root / f'torchvision-{version}.dist-info'
+    info.mkdir()
+    (info / 'METADATA').write_text(f'Metadata-Version: 2.1\nName: torchvision\nVersion: {version}\n')
+    return str(root)
+
+
+def test_a_torchvision_built_for_another_torch_is_one_line_naming_both_and_the_fix(tmp_path):
+    import torch
+    from utils.cli import torch_pair_advice
+    fake = fake_torchvision_for_another_torch(tmp_path / 'site')
+    (tmp_path / 'face.jpg').write_bytes(b'not read: torchvision fails first')
+    expected = (f'error: torchvision 0.28.0+cu128 does not work with torch {torch.__version__} (operator '
+                f'torchvision::nms does not exist): they must be builds made for each other; '
+                f'{torch_pair_advice(torch.__version__)}')
+    # demo.py imports torchvision inside run_cli, make_basenet.py at its top level.
+    for argv in (['demo.py', 'face.jpg', '--model', 'model.pth', '--device', 'cpu'],
+                 ['tools/make_basenet.py', '--src', 'vgg16.pth', '--dst', 'basenet.pth']):
+        proc = subprocess.run([sys.executable, os.path.join(REPO, argv[0]), *argv[1:]], cwd=tmp_path,
+                              env=dict(os.environ, PYTHONPATH=fake), capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1
+        assert proc.stderr.strip() == f'{os.path.basename(argv[0])}: {expected}'
+
+
+def test_the_torch_pair_advice_installs_the_torchvision_of_that_torch_build():
+    from utils.cli import torch_pair_advice
+    assert torch_pair_advice('2.14.1+cpu') == ('pip install --force-reinstall --no-deps torchvision==0.29.1 '
+                                               '--index-url https://download.pytorch.org/whl/cpu')
+    assert torch_pair_advice('2.5.1+cu124').endswith('torchvision==0.20.1 --index-url https://download.pytorch.org/whl/cu124')
+    assert torch_pair_advice('2.9.0').endswith('torchvision==0.24.0')  # the default index's build
+
+
+def test_an_error_inside_a_torchvision_operator_keeps_its_traceback():
+    import torch
+    from torchvision.ops import box_iou
+
+    def main(args):
+        box_iou(torch.zeros(2, 3), torch.zeros(2, 4))   # a bug, not an install problem
+
+    with pytest.raises((RuntimeError, IndexError)):
+        run_cli(main, lambda argv: argparse.Namespace(), prog='tool.py')

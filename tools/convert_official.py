@@ -39,6 +39,8 @@ def parse_args(argv=None):
 
 if __name__ == '__main__':
     parse_args()  # --help and usage errors answer here, before PyTorch is imported below
+    from utils.cli import exit_if_torchvision_broken
+    exit_if_torchvision_broken('convert_official.py')  # one line, not a traceback, when it does not fit torch
 
 
 import torch  # noqa: E402

@@ -34,6 +34,8 @@ import os
 import sys
 import warnings
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 # How each source was trained: source input channel k reads RGB channel order[k] as
 # (pixel / scale - mean[k]) / std[k], pixel in 0..255.
 SOURCE_NORMS = {
@@ -53,12 +55,12 @@ def parse_args(argv=None):
 
 if __name__ == '__main__':
     parse_args()  # --help and usage errors answer here, before PyTorch is imported below
+    from utils.cli import exit_if_torchvision_broken
+    exit_if_torchvision_broken('make_basenet.py')  # one line, not a traceback, when it does not fit torch
 
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data.config import cfg  # noqa: E402
 from s3fd import VARIANTS, vgg  # noqa: E402
