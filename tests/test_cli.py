@@ -173,7 +173,8 @@ def test_the_torch_pair_advice_installs_the_torchvision_of_that_torch_build():
     from utils.cli import torch_pair_advice
     assert torch_pair_advice('2.14.1+cpu') == ('pip install --force-reinstall --no-deps torchvision==0.29.1 '
                                                '--index-url https://download.pytorch.org/whl/cpu')
-    assert torch_pair_advice('2.5.1+cu124').endswith('torchvision==0.20.1 --index-url https://download.pytorch.org/whl/cu124')
+    assert torch_pair_advice('2.5.1+cu124').endswith('torchvision==0.20.1 --index-url '
+                                                     'https://download.pytorch.org/whl/cu124')
     assert torch_pair_advice('2.9.0').endswith('torchvision==0.24.0')  # the default index's build
 
 

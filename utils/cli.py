@@ -112,7 +112,8 @@ def torchvision_failure(error):
     import torch
     tv_version = _installed_version('torchvision') or '(version unknown)'
     reason = (str(error).strip().splitlines() or [type(error).__name__])[-1]
-    if isinstance(error, ModuleNotFoundError) and error.name and error.name.split('.')[0] not in ('torch', 'torchvision'):
+    missing = getattr(error, 'name', None) if isinstance(error, ModuleNotFoundError) else None
+    if missing and missing.split('.')[0] not in ('torch', 'torchvision'):
         return f'torchvision {tv_version} cannot be imported: {reason}'  # a dependency of its own is missing
     return (f'torchvision {tv_version} does not work with torch {torch.__version__} ({reason}): '
             f'they must be builds made for each other; {torch_pair_advice(torch.__version__)}')
