@@ -1,7 +1,7 @@
 """Run S3FD over a WIDER FACE split and write the predictions in the official layout.
 
     python wider_test.py --model weights/sfd_face.pth --dataset_dir DIR [--split val]
-        [--out DIR] [--mode single|multiscale] [--device cpu|gpu|npu]
+        [--out OUT] [--mode single|multiscale] [--device cpu|gpu|npu]
         [--device_id N] [--batch_size N] [--workers N] [--max_size N] [--thresh 0.05]
         [--variant reference|caffe] [--amp off|bf16|fp16] [--num_images N] [--eval GT_DIR]
 
@@ -42,6 +42,14 @@ Prediction folder
     recorded (another tool's, an older wider_test.py's) are never removed: the run is refused
     until they are moved away. Other files in the folder are left alone.
 
+Test size
+    A detector finds the faces of the sizes it was trained on. The official test size suits
+    a model trained at the default --input_size 640; a model trained at another size sees its
+    faces at that size when the images are shrunk in proportion (--max_size). When the
+    training size is known (a training checkpoint's options, or those of the checkpoint
+    beside a best/periodic weights file train.py saved) and the test size is more than twice
+    or less than half the one that matches it, a warning says so and gives --max_size.
+
 An image that cannot be decoded is skipped, reported at the end, and gets no prediction
 file, so its faces count as missed.
 ``--eval GT_DIR`` scores the predictions with the official protocol (wider_eval.py); with
@@ -52,6 +60,8 @@ import datetime
 import hashlib
 import json
 import os
+import re
+import statistics
 import sys
 import time
 
@@ -327,6 +337,87 @@ def _now():
     return datetime.datetime.now().astimezone().isoformat(timespec='seconds')
 
 
+# ----------------------------------------------------------------------------- test size
+
+SIZE_TOLERANCE = 2.0  # one anchor octave: S3FD's anchors (16 ... 512 px) double from one layer to the next
+SIZE_SAMPLE = 20  # images whose sizes stand for the split's
+
+
+def training_input_size(model_path):
+    """`(input_size, source)`: the --input_size the weights were trained at and the file whose
+    training options say so, or None when nothing says. A training checkpoint keeps train.py's
+    options under 'args'; a weights file train.py wrote (sfd_face.pth, the best epoch, or
+    sfd_face_<iteration>.pth) holds weights only, and the options of its run are in the
+    checkpoint beside it (sfd_face_checkpoint.pth). Files are only mapped (mmap), not read
+    whole."""
+    import torch
+
+    folder, name = os.path.split(model_path)
+    candidates = [model_path]
+    match = re.fullmatch(r'(sfd_[A-Za-z]+)(?:_\d+)?\.pth', name)
+    if match:
+        candidates.append(os.path.join(folder, f'{match.group(1)}_checkpoint.pth'))
+    for path in candidates:
+        try:
+            obj = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+        except Exception:  # absent, or not a zip checkpoint: nothing to learn from it
+            continue
+        options = obj.get('args') if isinstance(obj, dict) else None
+        size = options.get('input_size') if isinstance(options, dict) else None
+        if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+            return size, path
+    return None
+
+
+def official_test_side(items):
+    """The longer side, in pixels, at which the official single-scale rule (H*W <= 1700*1200)
+    runs the split's images: the median over the first SIZE_SAMPLE readable ones (sizes read
+    from the file headers), or None."""
+    from PIL import Image
+
+    from utils.inference import single_scale
+
+    sides = []
+    for _, _, path in items[:SIZE_SAMPLE]:
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+        except (OSError, ValueError):
+            continue
+        sides.append(max(height, width) * single_scale(height, width))
+    return statistics.median(sides) if sides else None
+
+
+def size_mismatch_warning(trained, official_side, max_size, model):
+    """The warning line when the test runs the images far from the size that matches the
+    training size, else None. `trained` is training_input_size's `(size, source)`.
+
+    Training at cfg.INPUT_SIZE (640) goes with the official test size; training at S, with the
+    images shrunk by S / 640, i.e. a longer side of official_side * S / 640 (faces keep the
+    sizes they had in training). The test runs at min(official_side, max_size); a factor of
+    more than SIZE_TOLERANCE either way moves every face past a whole anchor size."""
+    if trained is None or not official_side:
+        return None
+    size, source = trained
+    matching = official_side * size / cfg.INPUT_SIZE
+    tested = min(official_side, max_size) if max_size else official_side
+    factor = tested / matching
+    if 1 / SIZE_TOLERANCE <= factor <= SIZE_TOLERANCE:
+        return None
+    if factor > 1:
+        advice = f'{"use" if max_size else "add"} --max_size {round(matching)}'
+    elif not max_size:
+        return None  # the official size is the largest this test runs: nothing to advise
+    elif matching >= official_side:
+        advice = 'drop --max_size'
+    else:
+        advice = f'raise --max_size to {round(matching)}'
+    return (f'warning: {model} was trained at --input_size {size} (training options in {source}); this test runs '
+            f'the images at a longer side of about {round(tested)} px, {factor:.2g}x the {round(matching)} px '
+            f'that matches that training (training at {cfg.INPUT_SIZE} matches the official {round(official_side)} '
+            f'px), and finds few faces of sizes it never saw: {advice}')
+
+
 # ----------------------------------------------------------------------------- main
 
 def run(detector, items, args):
@@ -396,6 +487,10 @@ def test_into_folder(args, items, source, gt, record, earlier):
     print(f'wider_test: {len(items)} {args.split} images from {source}; model {args.model}; '
           f'{ctx.describe()}; mode {args.mode}'
           + (f'; longer side capped at {args.max_size}' if args.max_size else ''), flush=True)
+    warning = size_mismatch_warning(training_input_size(args.model), official_test_side(items), args.max_size,
+                                args.model)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     # Only now that the model has loaded: a mistyped --model must not cost the old predictions.
     removed = remove_earlier_run(args.out, earlier)
     if removed:

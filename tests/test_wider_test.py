@@ -399,3 +399,49 @@ def test_nan_weights_are_refused_before_any_prediction(wider, random_model, tmp_
                    f'(conf.5.weight): '
                    f'the model had diverged when it was saved; use an earlier checkpoint')
     assert earlier.read_text() == kept  # kept: the run did not start
+
+
+# ----------------------------------------------------------------------------- test size
+
+def train_py_save_folder(folder, model, input_size):
+    """A save folder as train.py leaves it: the best weights sfd_face.pth (weights only) and
+    sfd_face_checkpoint.pth, whose 'args' are train.py's options (utils.engine.save_checkpoint
+    keeps the plain values of vars(args))."""
+    import train
+    folder.mkdir()
+    shutil.copyfile(model, folder / 'sfd_face.pth')
+    options = {k: v for k, v in vars(train.parse_args(['--input_size', str(input_size)])).items()
+               if isinstance(v, (int, float, str, bool, type(None)))}
+    torch.save({'weight': torch.load(model, weights_only=True), 'args': options}, folder / 'sfd_face_checkpoint.pth')
+    return folder / 'sfd_face.pth'
+
+
+def test_a_model_trained_small_and_tested_at_full_size_gets_the_max_size_that_matches(random_model, tmp_path):
+    """The issue's case: trained at --input_size 160, tested at the official size (a longer
+    side of 1024 px on WIDER): faces 4x larger than any it saw. sfd_face.pth holds weights
+    only; the options of its run are in the checkpoint beside it."""
+    best = train_py_save_folder(tmp_path / 'weights', random_model, 160)
+    trained = wider_test.training_input_size(str(best))
+    assert trained == (160, str(tmp_path / 'weights' / 'sfd_face_checkpoint.pth'))
+    assert wider_test.size_mismatch_warning(trained, 1024, None, 'weights/sfd_face.pth') == (
+        f'warning: weights/sfd_face.pth was trained at --input_size 160 (training options in {trained[1]}); this '
+        f'test runs the images at a longer side of about 1024 px, 4x the 256 px that matches that training '
+        f'(training at 640 matches the official 1024 px), and finds few faces of sizes it never saw: add '
+        f'--max_size 256')
+    assert wider_test.size_mismatch_warning(trained, 1024, 240, 'm') is None   # the demo's own test size
+    assert wider_test.size_mismatch_warning((640, 'c'), 1024, None, 'm') is None   # the defaults
+    assert wider_test.size_mismatch_warning((320, 'c'), 1500, 256, 'm').endswith('raise --max_size to 750')
+    assert wider_test.training_input_size(random_model) is None   # weights alone say nothing
+
+
+def test_the_size_warning_comes_before_the_run(wider, random_model, tmp_path, capsys):
+    best = train_py_save_folder(tmp_path / 'weights', random_model, 640)
+    run(str(best), wider, tmp_path / 'pred', '--num_images', '1')   # at MAX_SIZE: far below 640's size
+    items, _ = wider_test.image_list(wider, 'val')
+    official = wider_test.official_test_side(items[:1])   # the images run
+    warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith('warning')]
+    assert warning == [f'warning: {best} was trained at --input_size 640 (training options in '
+                       f'{best.parent / "sfd_face_checkpoint.pth"}); this test runs the images at a longer side '
+                       f'of about {MAX_SIZE} px, {MAX_SIZE / official:.2g}x the {round(official)} px that matches '
+                       f'that training (training at 640 matches the official {round(official)} px), and finds few '
+                       f'faces of sizes it never saw: drop --max_size']
