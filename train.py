@@ -120,9 +120,9 @@ def build_model(args, log):
     path = args.basenet if os.path.dirname(args.basenet) else os.path.join(args.save_folder, args.basenet)
     if not os.path.isfile(path):
         raise TrainSetupError(
-            f'basenet {path} not found. Put the reduced-fc VGG16 (vgg16_reducedfc.pth) there, build it '
-            f'from torchvision VGG16 weights with `python tools/make_basenet.py --src <vgg16.pth> '
-            f'--dst {path}`, or train from scratch with --basenet none')
+            f'basenet {path} not found. Build the reduced-fc VGG16 from torchvision\'s ImageNet VGG16 with '
+            f'`python tools/make_basenet.py --src torchvision --dst {path}` (downloads vgg16-397923af.pth once '
+            f'into torch\'s cache; --src takes a local copy too), or train from scratch with --basenet none')
     log(f'Load base network {path}')
     state = extract_state_dict(load_file(path), path)
     try:
