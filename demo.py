@@ -1,12 +1,13 @@
 """Detect faces in images and save copies with the boxes and scores drawn.
 
-    python demo.py --model weights/sfd_face.pth IMAGE_OR_DIR [--out runs/demo] [--thresh 0.6]
-        [--mode single|multiscale] [--max_size N] [--device cpu|gpu|npu] [--device_id N]
-        [--variant reference|caffe]
+    python demo.py --model weights/sfd_face.pth IMAGE_OR_DIR [IMAGE_OR_DIR ...] [--out runs/demo]
+        [--thresh 0.6] [--mode single|multiscale] [--max_size N] [--device cpu|gpu|npu]
+        [--device_id N] [--variant reference|caffe]
 
-IMAGE_OR_DIR is one image or a directory (its images, not its subdirectories: .jpg, .jpeg,
-.png, .bmp, .webp, .tif, .tiff). Each result is written to ``OUT/<file name>`` in the input's
-format; one line per image gives the number of faces at ``--thresh`` and the detection time
+Each IMAGE_OR_DIR is an image or a directory (its images, not its subdirectories: .jpg,
+.jpeg, .png, .bmp, .webp, .tif, .tiff); give several, or a shell glob (photos/*.jpg). Each
+result is written to ``OUT/<file name>`` in the input's format (two inputs of the same file
+name are refused: one would replace the other); one line per image gives the number of faces at ``--thresh`` and the detection time
 (preprocessing, network and post-processing on the device; decoding and drawing excluded; the
 first image also pays the warm-up). Unreadable images are skipped and reported; the exit
 status is 1 when no image could be processed.
@@ -30,7 +31,8 @@ class DemoError(UserError, RuntimeError):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='S3FD face detection demo: draw the detected faces.')
-    parser.add_argument('path', metavar='IMAGE_OR_DIR', help='an image or a directory of images')
+    parser.add_argument('paths', nargs='+', metavar='IMAGE_OR_DIR',
+                        help='images or directories of images (several, or a shell glob)')
     parser.add_argument('--model', default='weights/sfd_face.pth',
                         help='weights: a state_dict or a training checkpoint (default weights/sfd_face.pth)')
     parser.add_argument('--out', default=os.path.join('runs', 'demo'), help='output directory (default runs/demo)')
@@ -60,6 +62,25 @@ def list_inputs(path):
     raise DemoError(f'{path}: no such file or directory')
 
 
+def list_all_inputs(paths):
+    """The image files of every path in order, each file once. DemoError when two different
+    files have the same name: their results (OUT/<file name>) would replace each other."""
+    files, seen, by_name = [], set(), {}
+    for path in paths:
+        for file in list_inputs(path):
+            real = os.path.realpath(file)
+            if real in seen:
+                continue
+            seen.add(real)
+            name = os.path.basename(file)
+            if name in by_name:
+                raise DemoError(f'{by_name[name]} and {file}: both would be saved as {name} in --out, one over '
+                                f'the other: give them in separate runs with separate --out folders')
+            by_name[name] = file
+            files.append(file)
+    return files
+
+
 def save_image(path, rgb):
     """Write ``rgb`` (uint8 [H, W, 3]) to ``path`` atomically, in the format of its extension."""
     import cv2
@@ -83,7 +104,7 @@ def main(args):
     from utils.image_io import ImageReadError, load_rgb
     from utils.inference import Detector, draw_detections, inference_device
 
-    files = list_inputs(args.path)
+    files = list_all_inputs(args.paths)
     out_dir = os.path.abspath(args.out)
     if any(os.path.dirname(os.path.abspath(f)) == out_dir for f in files):
         raise DemoError(f'--out {args.out} is the input directory: the results would replace the images')

@@ -138,3 +138,21 @@ def test_nan_weights_and_a_full_disk_are_one_line_errors(model, images, tmp_path
     err = cli_error(capsys, '--model', model, images, '--out', tmp_path / 'out', '--device', 'cpu')
     assert err.startswith(f'demo.py: error: {tmp_path / "out" / "im0.png"}: no space left on the device (0 bytes free in ')
     assert err.endswith('needed); nothing was written') and os.listdir(tmp_path / 'out') == []
+
+
+def test_several_images_and_folders_as_a_shell_glob_gives_them(model, images, tmp_path, capsys):
+    """`demo.py a.jpg b.jpg` and `demo.py photos/*.png` (the shell expands the glob into several
+    arguments): every image once, in the order given."""
+    more = tmp_path / 'more'
+    more.mkdir()
+    cv2.imwrite(str(more / 'im2.png'), np.full((70, 90, 3), 128, np.uint8))
+    results = run('--model', model, images / 'im1.png', more, images / 'im0.png', images / 'im1.png',
+                  '--out', tmp_path / 'out', '--device', 'cpu', '--max_size', '64')
+    assert [os.path.basename(r[0]) for r in results] == ['im1.png', 'im2.png', 'im0.png']
+    assert sorted(os.listdir(tmp_path / 'out')) == ['im0.png', 'im1.png', 'im2.png']
+    capsys.readouterr()
+    (more / 'im0.png').write_bytes((images / 'im0.png').read_bytes())   # another file of the same name
+    err = cli_error(capsys, '--model', model, images, more, '--out', tmp_path / 'out2', '--device', 'cpu')
+    assert err == (f'demo.py: error: {images / "im0.png"} and {more / "im0.png"}: both would be saved as im0.png in '
+                   f'--out, one over the other: give them in separate runs with separate --out folders')
+    assert not (tmp_path / 'out2').exists()
