@@ -18,7 +18,7 @@ import sys
 import time
 
 from data.config import MODEL_VARIANTS, cfg
-from utils.cli import UserError, input_side, run_cli
+from utils.cli import HelpFormatter, UserError, input_side, run_cli
 
 # PyTorch, OpenCV and the model are imported inside the functions that use them, so that
 # `--help` and usage errors answer at once.
@@ -30,20 +30,20 @@ class DemoError(UserError, RuntimeError):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description='S3FD face detection demo: draw the detected faces.')
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter, description='S3FD face detection demo: draw the detected faces.')
     parser.add_argument('paths', nargs='+', metavar='IMAGE_OR_DIR',
                         help='images or directories of images (several, or a shell glob)')
     parser.add_argument('--model', default='weights/sfd_face.pth',
                         help='weights: a state_dict or a training checkpoint (default weights/sfd_face.pth)')
     parser.add_argument('--out', default=os.path.join('runs', 'demo'), help='output directory (default runs/demo)')
-    parser.add_argument('--thresh', type=float, default=0.6, help='draw and count faces scoring >= this (0.6)')
+    parser.add_argument('--thresh', type=float, default=0.6, help='draw and count faces scoring >= this')
     parser.add_argument('--mode', default='single', choices=('single', 'multiscale'),
                         help='single pass (default) or the S3FD multi-scale + flip test')
     parser.add_argument('--max_size', type=input_side, default=None,
                         help='cap the longer input side at N px (default: H*W <= 1700*1200)')
     parser.add_argument('--device', default=None, choices=('cpu', 'gpu', 'npu'),
                         help='default: gpu when CUDA is available, else cpu')
-    parser.add_argument('--device_id', type=int, default=0)
+    parser.add_argument('--device_id', type=int, default=0, help='GPU/NPU index')
     parser.add_argument('--variant', default=None, choices=MODEL_VARIANTS,
                         help='network variant (default: from the checkpoint, else cfg.MODEL_VARIANT)')
     return parser.parse_args(argv)

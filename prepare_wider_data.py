@@ -16,6 +16,7 @@ import os
 
 
 from data.config import cfg
+from utils.cli import HelpFormatter
 from utils.fileio import OutputDirError, atomic_write_text, make_output_dir
 
 # The annotation parser (data/widerface.py, which loads PyTorch for its dataset) is imported
@@ -26,7 +27,7 @@ PROG = 'prepare_wider_data.py'  # the start of its error lines, as argparse's
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description='Write face_train.txt / face_val.txt from WIDER FACE.')
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter, description='Write face_train.txt / face_val.txt from WIDER FACE.')
     parser.add_argument('--dataset_dir', default=cfg.FACE.WIDER_DIR,
                         help='WIDER FACE root holding wider_face_split/ and WIDER_{train,val}/images '
                              '(default: cfg.FACE.WIDER_DIR = %(default)s)')

@@ -19,7 +19,7 @@ import sys
 import time
 
 from data.config import cfg
-from utils.cli import UserError, at_least, input_side, run_cli
+from utils.cli import HelpFormatter, UserError, at_least, input_side, run_cli
 
 
 class TrainSetupError(UserError, RuntimeError):
@@ -28,7 +28,7 @@ class TrainSetupError(UserError, RuntimeError):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='S3FD face detector training',
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument('--dataset', default='face', choices=['face'], help='training dataset')
     parser.add_argument('--basenet', default='vgg16_reducedfc.pth',
                         help="pretrained VGG16 trunk, a file in --save_folder (or a path); "

@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 
+from utils.cli import HelpFormatter
 from utils.widerface_eval import (ARITHMETICS, SETTINGS, WiderEvalError, evaluate,
                                   load_ground_truth, plot_pr_curves)
 
@@ -22,7 +23,7 @@ PROG = 'wider_eval.py'  # the start of its error lines, as argparse's: 'wider_ev
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description='WIDER FACE val evaluation (official protocol, NumPy).')
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter, description='WIDER FACE val evaluation (official protocol, NumPy).')
     parser.add_argument('-p', '--pred', required=True, metavar='PRED_DIR',
                         help='prediction directory: <event>/<image name>.txt files')
     parser.add_argument('-g', '--gt', required=True, metavar='GT_DIR',

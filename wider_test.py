@@ -66,7 +66,7 @@ import sys
 import time
 
 from data.config import MODEL_VARIANTS, cfg
-from utils.cli import UserError, at_least, input_side, run_cli
+from utils.cli import HelpFormatter, UserError, at_least, input_side, run_cli
 
 # PyTorch, OpenCV and the model are imported inside the functions that use them, so that
 # `--help` and usage errors answer at once. The input side limit of --max_size is the
@@ -81,14 +81,15 @@ class WiderTestError(UserError, RuntimeError):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description='S3FD detections on a WIDER FACE split, in the official '
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter, description='S3FD detections on a WIDER FACE split, in the official '
                                                  'prediction layout.')
     parser.add_argument('--model', default='weights/sfd_face.pth',
                         help='weights: a state_dict or a training checkpoint (default weights/sfd_face.pth)')
     parser.add_argument('--dataset_dir', default=cfg.FACE.WIDER_DIR,
                         help=f'WIDER FACE root holding WIDER_<split>/images and wider_face_split '
                              f'(default cfg.FACE.WIDER_DIR = {cfg.FACE.WIDER_DIR})')
-    parser.add_argument('--split', default='val', choices=SPLITS)
+    parser.add_argument('--split', default='val', choices=SPLITS,
+                        help='the split whose images are tested (the official ground truth is of val)')
     parser.add_argument('--out', default=None,
                         help='prediction directory, holding this run\'s predictions only (default: '
                              'eval_output/<model file>-<dataset folder>-<split>_<mode>[_first<N>]-<6 hex '
@@ -98,7 +99,7 @@ def parse_args(argv=None):
                              'shrunk/enlarged passes and box voting')
     parser.add_argument('--device', default=None, choices=('cpu', 'gpu', 'npu'),
                         help='default: gpu when CUDA is available, else cpu')
-    parser.add_argument('--device_id', type=int, default=0)
+    parser.add_argument('--device_id', type=int, default=0, help='GPU/NPU index')
     parser.add_argument('--amp', default='off', choices=('off', 'bf16', 'fp16'),
                         help='autocast the network in this precision (default off: float32)')
     parser.add_argument('--batch_size', type=at_least(1), default=1,

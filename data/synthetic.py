@@ -50,11 +50,14 @@ import shutil
 import sys
 import time
 
+from utils.cli import HelpFormatter
+
 PROG = 'python -m data.synthetic'  # how it is run: argparse starts its usage errors with it, main() its own
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
+        formatter_class=HelpFormatter,
         prog=PROG,
         description='Generate a synthetic WIDER FACE (images, bbx_gt annotation files, evaluation '
                     '.mat files) in the real dataset\'s on-disk layout.')

@@ -57,6 +57,36 @@ def test_help_answers_before_the_heavy_imports(script):
     proc = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith('usage:'), proc.stdout[:500]
+    for option, text in option_help(proc.stdout).items():
+        # One default per option: not a sentence that states it and a '(default: ...)' after it.
+        assert text.lower().count('default') <= 1 or option == '--sgd', (option, text)
+        assert '(default: None)' not in text and '(default: False)' not in text, (option, text)
+    if script in DEFAULTS_SHOWN:
+        shown = option_help(proc.stdout)
+        for option, default in DEFAULTS_SHOWN[script].items():
+            assert shown[option].endswith(f'(default: {default})'), (option, shown[option])
+
+
+# Options whose defaults --help once left out (issue 25).
+DEFAULTS_SHOWN = {'wider_test.py': {'--split': 'val', '--device_id': '0'},
+                  'data/synthetic.py': {'--train': '200', '--val': '50'},
+                  'train.py': {'--seed': '0', '--device_id': '0'}}
+
+
+def option_help(usage):
+    """{option: its help text on one line} from the options section of an argparse --help."""
+    lines = usage.split('\noptions:\n', 1)[-1].splitlines()
+    found, option = {}, None
+    for line in lines:
+        if line.startswith('  -'):
+            words = line.split()
+            option = next(w.rstrip(',') for w in words if w.startswith('--'))
+            found[option] = ' '.join(words[1:])
+        elif line.startswith('   ') and option:
+            found[option] += ' ' + line.strip()
+        else:
+            option = None
+    return {k: v.strip() for k, v in found.items()}
 
 
 def test_every_user_error_is_one_line_and_a_status(capsys):

@@ -35,10 +35,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Where the face-alignment package (face_alignment/detection/sfd/sfd_detector.py) downloads the file.
 RELEASED_URL = 'https://www.adrianbulat.com/downloads/python-fan/s3fd-619a316812.pth'
+from utils.cli import HelpFormatter  # noqa: E402
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('--src', required=True,
                         help='released S3FD weights in the layout of its PyTorch port: s3fd-619a316812.pth '
                              '(where to get it: above)')

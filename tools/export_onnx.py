@@ -37,14 +37,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.config import MODEL_VARIANTS, cfg  # noqa: E402
 
 EXPORTERS = ('dynamo', 'torchscript')
+from utils.cli import HelpFormatter  # noqa: E402
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('--model', required=True, help='S3FD checkpoint (train.py output or converted weights)')
     parser.add_argument('--out', default='s3fd.onnx', help='output ONNX file')
     parser.add_argument('--input_size', type=int, nargs=2, default=[640, 640], metavar=('H', 'W'),
-                        help='input height and width (fixed, or the example size with --dynamic)')
+                        help='input height and width (fixed, or the example size with --dynamic; default 640 640)')
     parser.add_argument('--dynamic', action='store_true', help='any input height and width')
     parser.add_argument('--check_size', type=int, nargs=2, metavar=('H', 'W'),
                         help='second size checked with --dynamic (default: about 3/4 of --input_size)')

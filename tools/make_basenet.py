@@ -54,10 +54,11 @@ SOURCE_NORMS = {
     'torchvision': dict(order=(0, 1, 2), scale=255.0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
     'caffe': dict(order=(2, 1, 0), scale=1.0, mean=(103.939, 116.779, 123.68), std=(1.0, 1.0, 1.0)),
 }
+from utils.cli import HelpFormatter  # noqa: E402
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('--src', required=True,
                         help="'torchvision': torchvision's ImageNet VGG16 through its weights API (downloaded "
                              "once into torch's cache); or a local VGG16 state_dict in torchvision's layout, "

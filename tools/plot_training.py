@@ -15,11 +15,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.cli import ToolError, run_cli  # noqa: E402
+from utils.cli import HelpFormatter, ToolError, run_cli  # noqa: E402
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('metrics', help='metrics.jsonl written by train.py in its --save_folder')
     parser.add_argument('--out', default=None, help='image file (png, pdf, svg; default: training.png '
                                                     'beside the metrics file)')

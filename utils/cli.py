@@ -10,6 +10,20 @@ import re
 import sys
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The --help of every script: the description as written (a module docstring keeps its
+    layout), and each option's default shown once. `(default: X)` is added to an option's help
+    unless the help already says what the default is (it mentions 'default'), or there is no
+    value to show (None, a flag's False, a required option, a positional argument)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ''
+        nothing = action.default is None or action.default is False or action.default is argparse.SUPPRESS
+        if 'default' in text.lower() or nothing or action.required or not action.option_strings:
+            return text
+        return f'{text} (default: %(default)s)' if text else '(default: %(default)s)'
+
+
 class UserError(Exception):
     """An error whose message is written for the user: bad input, a missing file or package, a
     failed check. `run_cli` prints it as one line instead of a traceback. Each module derives
