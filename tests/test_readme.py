@@ -34,3 +34,8 @@ def test_the_set_up_says_what_each_install_weighs_and_its_pinned_pair_matches():
     for torch_version, vision in re.findall(r'torch==(2\.\d+\.\d+) torchvision==(\S+)', text):
         assert torch_pair_advice(torch_version).split('torchvision==')[1] == vision
 
+
+def test_the_demo_section_says_its_time_and_ap_vary_and_why():
+    text = ' '.join(section('Quick start').split())
+    assert 'vary from machine to machine' in text and 'AVX-512' in text and 'AVX2' in text
+    assert 'busy' in text
