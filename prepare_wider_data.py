@@ -16,16 +16,18 @@ import os
 
 
 from data.config import cfg
+from utils.cli import HelpFormatter
 from utils.fileio import OutputDirError, atomic_write_text, make_output_dir
 
 # The annotation parser (data/widerface.py, which loads PyTorch for its dataset) is imported
 # inside the functions that use it, so that `--help` answers at once.
 
 SPLITS = ('train', 'val')
+PROG = 'prepare_wider_data.py'  # the start of its error lines, as argparse's
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description='Write face_train.txt / face_val.txt from WIDER FACE.')
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter, description='Write face_train.txt / face_val.txt from WIDER FACE.')
     parser.add_argument('--dataset_dir', default=cfg.FACE.WIDER_DIR,
                         help='WIDER FACE root holding wider_face_split/ and WIDER_{train,val}/images '
                              '(default: cfg.FACE.WIDER_DIR = %(default)s)')
@@ -92,12 +94,12 @@ def main(args):
     found = {s: annotation_path(args.dataset_dir, s) for s in SPLITS}
     present = {s: p for s, p in found.items() if os.path.isfile(p)}
     if not present:
-        raise SystemExit(f'error: no WIDER FACE annotation file found: looked for '
+        raise SystemExit(f'{PROG}: error: no WIDER FACE annotation file found: looked for '
                          f'{found["train"]} and {found["val"]} (set --dataset_dir)')
     try:
         make_output_dir(args.out_dir, '--out_dir')
     except OutputDirError as exc:
-        raise SystemExit(f'error: {exc}') from None
+        raise SystemExit(f'{PROG}: error: {exc}') from None
     results = {}
     for split in SPLITS:
         if split not in present:
@@ -107,7 +109,7 @@ def main(args):
             lines, stats = convert_split(present[split], image_root(args.dataset_dir, split),
                                          args.drop_invalid)
         except AnnotationError as exc:
-            raise SystemExit(f'error: {exc}') from None
+            raise SystemExit(f'{PROG}: error: {exc}') from None
         out_file = os.path.join(args.out_dir, f'face_{split}.txt')
         write_atomic(out_file, lines)
         dropped = f'dropped {stats["dropped_size"]} faces with w<=0 or h<=0'

@@ -21,12 +21,12 @@ import sys
 import time
 
 from data.config import cfg
-from utils.cli import UserError, at_least, input_side, run_cli
+from utils.cli import HelpFormatter, UserError, at_least, input_side, run_cli
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='S3FD face detector training',
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument('--dataset', default='face', choices=['face'], help='training dataset')
     parser.add_argument('--basenet', default='vgg16_reducedfc.pth',
                         help="pretrained VGG16 trunk, a file in --save_folder (or a path); "
@@ -126,9 +126,9 @@ def build_model(args, log, resuming=False):
     path = args.basenet if os.path.dirname(args.basenet) else os.path.join(args.save_folder, args.basenet)
     if not os.path.isfile(path):
         raise UserError(
-            f'basenet {path} not found. Put the reduced-fc VGG16 (vgg16_reducedfc.pth) there, build it '
-            f'from torchvision VGG16 weights with `python tools/make_basenet.py --src <vgg16.pth> '
-            f'--dst {path}`, or train from scratch with --basenet none')
+            f'basenet {path} not found. Build the reduced-fc VGG16 from torchvision\'s ImageNet VGG16 with '
+            f'`python tools/make_basenet.py --src torchvision --dst {path}` (downloads vgg16-397923af.pth once '
+            f'into torch\'s cache; --src takes a local copy too), or train from scratch with --basenet none')
     log(f'Load base network {path}')
     state = extract_state_dict(load_file(path), path)
     try:

@@ -14,14 +14,16 @@ import argparse
 import json
 import sys
 
+from utils.cli import HelpFormatter
 from utils.widerface_eval import (ARITHMETICS, SETTINGS, WiderEvalError, evaluate,
                                   load_ground_truth, plot_pr_curves)
 
 RULE = '=' * 49
+PROG = 'wider_eval.py'  # the start of its error lines, as argparse's: 'wider_eval.py: error: ...'
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description='WIDER FACE val evaluation (official protocol, NumPy).')
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter, description='WIDER FACE val evaluation (official protocol, NumPy).')
     parser.add_argument('-p', '--pred', required=True, metavar='PRED_DIR',
                         help='prediction directory: <event>/<image name>.txt files')
     parser.add_argument('-g', '--gt', required=True, metavar='GT_DIR',
@@ -56,7 +58,7 @@ def main(args):
         try:
             import matplotlib  # noqa: F401  (checked before the evaluation, used by plot_pr_curves)
         except ImportError:
-            print('error: --plot needs matplotlib, which is not installed (pip install matplotlib)',
+            print(f'{PROG}: error: --plot needs matplotlib, which is not installed (pip install matplotlib)',
                   file=sys.stderr)
             return 1
     try:
@@ -64,7 +66,7 @@ def main(args):
         aps, curves = evaluate(args.pred, gt, warn=_print_warning, return_curves=True,
                                arithmetic=args.arithmetic)
     except WiderEvalError as exc:
-        print(f'error: {exc}', file=sys.stderr)
+        print(f'{PROG}: error: {exc}', file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps({s: aps[s] for s in SETTINGS}))
@@ -74,7 +76,7 @@ def main(args):
         try:
             plot_pr_curves(curves, aps, args.plot)
         except (OSError, ValueError) as exc:
-            print(f'error: cannot save the plot to {args.plot}: {exc}', file=sys.stderr)
+            print(f'{PROG}: error: cannot save the plot to {args.plot}: {exc}', file=sys.stderr)
             return 1
         print(f'PR curves saved to {args.plot}', file=sys.stderr)
     return 0

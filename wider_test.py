@@ -1,7 +1,7 @@
 """Run S3FD over a WIDER FACE split and write the predictions in the official layout.
 
     python wider_test.py --model weights/sfd_face.pth --dataset_dir DIR [--split val]
-        [--out eval_output/s3fd_val_single] [--mode single|multiscale] [--device cpu|gpu|npu]
+        [--out OUT] [--mode single|multiscale] [--device cpu|gpu|npu]
         [--device_id N] [--batch_size N] [--workers N] [--max_size N] [--thresh 0.05]
         [--variant reference|caffe] [--amp off|bf16|fp16] [--num_images N] [--eval GT_DIR]
 
@@ -30,24 +30,50 @@ Modes
     ``--max_size N`` caps the longer side of every pass (a deviation for quick runs; the
     official rule alone is the default).
 
+Prediction folder
+    One run's predictions only, so that its score depends on nothing else. The default OUT is
+    ``eval_output/<model file>-<dataset folder>-<split>_<mode>[_first<N>]-<6 hex digits>``, one
+    per model file, dataset and test (the digits, from the absolute paths of the model and the
+    dataset, tell apart models and datasets of the same name). A run takes the folder's lock
+    (``OUT/.sfd_run.lock``; a second run on it is refused while the first lives), records
+    itself in ``OUT/.wider_test_run.json`` (model, dataset, split, mode and the prediction
+    files it writes), and, once its model has loaded, removes every prediction file of the
+    run recorded there before, saying how many and whose. Prediction files that no run
+    recorded (another tool's, an older wider_test.py's) are never removed: the run is refused
+    until they are moved away. Other files in the folder are left alone.
+
+Test size
+    A detector finds the faces of the sizes it was trained on. The official test size suits
+    a model trained at the default --input_size 640; a model trained at another size sees its
+    faces at that size when the images are shrunk in proportion (--max_size). When the
+    training size is known (a training checkpoint's options, or those of the checkpoint
+    beside a best/periodic weights file train.py saved) and the test size is more than twice
+    or less than half the one that matches it, a warning says so and gives --max_size.
+
 An image that cannot be decoded is skipped, reported at the end, and gets no prediction
-file (a stale one from an earlier run is removed), so its faces count as missed.
+file, so its faces count as missed.
 ``--eval GT_DIR`` scores the predictions with the official protocol (wider_eval.py); with
 ``--num_images`` only the images run are scored.
 """
 import argparse
+import datetime
+import hashlib
+import json
 import os
+import re
+import statistics
 import sys
 import time
 
 from data.config import MODEL_VARIANTS, cfg
-from utils.cli import UserError, at_least, input_side, run_cli
+from utils.cli import HelpFormatter, UserError, at_least, input_side, run_cli
 
 # PyTorch, OpenCV and the model are imported inside the functions that use them, so that
 # `--help` and usage errors answer at once. The input side limit of --max_size is the
 # network's (data.config.MIN_INPUT_SIDE), checked when the option is given.
 
 SPLITS = ('train', 'val', 'test')
+RUN_RECORD = '.wider_test_run.json'  # in the prediction folder: the run that wrote it (see "Prediction folder")
 
 
 class WiderTestError(UserError, RuntimeError):
@@ -55,23 +81,25 @@ class WiderTestError(UserError, RuntimeError):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description='S3FD detections on a WIDER FACE split, in the official '
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter, description='S3FD detections on a WIDER FACE split, in the official '
                                                  'prediction layout.')
     parser.add_argument('--model', default='weights/sfd_face.pth',
                         help='weights: a state_dict or a training checkpoint (default weights/sfd_face.pth)')
     parser.add_argument('--dataset_dir', default=cfg.FACE.WIDER_DIR,
                         help=f'WIDER FACE root holding WIDER_<split>/images and wider_face_split '
                              f'(default cfg.FACE.WIDER_DIR = {cfg.FACE.WIDER_DIR})')
-    parser.add_argument('--split', default='val', choices=SPLITS)
+    parser.add_argument('--split', default='val', choices=SPLITS,
+                        help='the split whose images are tested (the official ground truth is of val)')
     parser.add_argument('--out', default=None,
-                        help='prediction directory (default eval_output/s3fd_<split>_<mode>, with '
-                             '_first<N> added under --num_images N)')
+                        help='prediction directory, holding this run\'s predictions only (default: '
+                             'eval_output/<model file>-<dataset folder>-<split>_<mode>[_first<N>]-<6 hex '
+                             'digits of their paths>, one per model, dataset and test)')
     parser.add_argument('--mode', default='single', choices=('single', 'multiscale'),
                         help='single: one pass (1700x1200 budget); multiscale: the S3FD test with flip, '
                              'shrunk/enlarged passes and box voting')
     parser.add_argument('--device', default=None, choices=('cpu', 'gpu', 'npu'),
                         help='default: gpu when CUDA is available, else cpu')
-    parser.add_argument('--device_id', type=int, default=0)
+    parser.add_argument('--device_id', type=int, default=0, help='GPU/NPU index')
     parser.add_argument('--amp', default='off', choices=('off', 'bf16', 'fp16'),
                         help='autocast the network in this precision (default off: float32)')
     parser.add_argument('--batch_size', type=at_least(1), default=1,
@@ -90,10 +118,24 @@ def parse_args(argv=None):
     parser.add_argument('--eval', metavar='GT_DIR', default=None,
                         help='then score the predictions against the official ground truth in GT_DIR')
     args = parser.parse_args(argv)
-    if args.out is None:  # a quick subset run never replaces a whole split's predictions
-        subset = f'_first{args.num_images}' if args.num_images else ''
-        args.out = os.path.join('eval_output', f's3fd_{args.split}_{args.mode}{subset}')
+    if args.out is None:
+        args.out = default_out(args.model, args.dataset_dir, args.split, args.mode, args.num_images)
     return args
+
+
+def default_out(model, dataset_dir, split, mode, num_images=None):
+    """The default prediction folder of a test: ``eval_output/<model file name>-<dataset folder
+    name>-<split>_<mode>[_first<N>]-<6 hex digits>``, the digits from the absolute paths of the
+    model file and the dataset, so that two models or datasets of the same name (a demo's
+    data/demo/weights/sfd_face.pth and weights/sfd_face.pth) never share a folder; a quick
+    subset run (--num_images) never replaces a whole split's predictions."""
+    model_path = os.path.normpath(os.path.abspath(model))
+    data_path = os.path.normpath(os.path.abspath(dataset_dir))
+    digits = hashlib.sha1(f'{model_path}\n{data_path}'.encode('utf-8')).hexdigest()[:6]
+    model_name = os.path.splitext(os.path.basename(model_path))[0] or 'model'
+    data_name = os.path.basename(data_path) or 'dataset'
+    subset = f'_first{num_images}' if num_images else ''
+    return os.path.join('eval_output', f'{model_name}-{data_name}-{split}_{mode}{subset}-{digits}')
 
 
 # ----------------------------------------------------------------------------- image list
@@ -167,18 +209,214 @@ def prediction_path(out_dir, event, name):
     return os.path.join(out_dir, event, name + '.txt')
 
 
-def remove_predictions(out_dir, items):
-    """Delete the prediction files of `items` already in `out_dir` (an earlier or interrupted
-    run); returns how many. Only the files this split's images would get are touched, so
-    that a folder never mixes two runs' predictions and nothing else in it is deleted."""
-    removed = 0
-    for event, name, _ in items:
+def relative_prediction_path(event, name):
+    """`prediction_path` relative to the folder, with '/' separators (as the run record keeps it)."""
+    return f'{event}/{name}.txt' if event else f'{name}.txt'
+
+
+def _looks_like_prediction(path):
+    """Whether the file reads as a WIDER prediction file (wider_eval would score it): line 1 an
+    image file name whose stem is the file's, line 2 a count."""
+    try:
+        with open(path, 'rb') as handle:
+            head = handle.read(4096).decode('utf-8', 'replace').lstrip('\ufeff').splitlines()
+    except OSError:
+        return False
+    stem = os.path.splitext(os.path.basename(path))[0]
+    image = head[0].strip().replace('\\', '/').rsplit('/', 1)[-1] if head else ''
+    return (len(head) >= 2 and os.path.splitext(image)[0] == stem and head[1].strip().isdigit())
+
+
+def folder_predictions(out_dir, known=()):
+    """The prediction files in `out_dir` that wider_eval.py would read: `.txt` files in the folder
+    and in its subfolders (events) that are in `known` (relative paths) or look like prediction
+    files; relative paths, '/'-separated, sorted."""
+    found = []
+    try:
+        entries = sorted(os.scandir(out_dir), key=lambda e: e.name)
+    except FileNotFoundError:
+        return found
+    for entry in entries:
+        if entry.is_dir():  # as wider_eval.py reads an event folder
+            candidates = [(f'{entry.name}/{name}', os.path.join(entry.path, name))
+                          for name in sorted(os.listdir(entry.path)) if name.endswith('.txt')]
+        else:
+            candidates = [(entry.name, entry.path)] if entry.name.endswith('.txt') else []
+        found += [rel for rel, path in candidates if rel in known or _looks_like_prediction(path)]
+    return found
+
+
+def read_run_record(out_dir):
+    """The record of the run that last wrote `out_dir` (RUN_RECORD), or None."""
+    try:
+        with open(os.path.join(out_dir, RUN_RECORD), encoding='utf-8') as handle:
+            record = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get('files'), list):
+        return None
+    return record
+
+
+def describe_run(record):
+    """'model M on D, split val, mode single, started 2025-01-02T03:04:05+00:00[; it did not finish]'."""
+    text = (f'model {record.get("model", "?")} on {record.get("dataset_dir", "?")}, split {record.get("split", "?")}, '
+            f'mode {record.get("mode", "?")}, started {record.get("started", "?")}')
+    return text + ('' if record.get('finished') else '; it did not finish')
+
+
+def claim_out_dir(out_dir):
+    """Take `out_dir` for this run: its lock, then a look at what is in it. Returns `(lock,
+    record, earlier)`: the record of the run that wrote it before (or None) and the prediction
+    files of that run still there. Raises WiderTestError, the lock released, when another run
+    holds the folder, or when it holds prediction files that no run recorded (they would be
+    scored with this run's and are not this script's to delete)."""
+    from utils.folder_lock import LOCK_NAME, FolderInUseError, FolderLock, describe_owner
+
+    lock = FolderLock(out_dir, '--out')
+    try:
+        lock.acquire()
+    except FolderInUseError:
         try:
-            os.remove(prediction_path(out_dir, event, name))
+            with open(os.path.join(out_dir, LOCK_NAME), encoding='utf-8') as handle:
+                owner = describe_owner(json.load(handle))
+        except (OSError, ValueError):
+            owner = describe_owner(None)
+        raise WiderTestError(f'--out {out_dir}: in use by another wider_test.py run ({owner}); two runs in '
+                             f'one folder would mix their predictions: wait for it to end, or give another '
+                             f'--out') from None
+    if lock.warning:
+        print(lock.warning, file=sys.stderr, flush=True)
+    record = read_run_record(out_dir)
+    recorded = set(record['files']) if record else set()
+    present = folder_predictions(out_dir, recorded)
+    unrecorded = [rel for rel in present if rel not in recorded]
+    if unrecorded:
+        lock.release()
+        raise WiderTestError(f'--out {out_dir}: holds {len(unrecorded)} prediction file(s) that no wider_test.py '
+                             f'run recorded there (e.g. {os.path.join(out_dir, *unrecorded[0].split("/"))}; '
+                             f'another tool\'s, or an older wider_test.py\'s): they would be scored with this '
+                             f'run\'s, and are not this script\'s to delete: move them away or give another --out')
+    return lock, record, [rel for rel in present if rel in recorded]
+
+
+def remove_earlier_run(out_dir, earlier):
+    """Delete the prediction files `earlier` (relative paths) from `out_dir`, and the event
+    folders they leave empty; returns how many files."""
+    removed, folders = 0, set()
+    for rel in earlier:
+        path = os.path.join(out_dir, *rel.split('/'))
+        try:
+            os.remove(path)
         except FileNotFoundError:
             continue
         removed += 1
+        if '/' in rel:
+            folders.add(os.path.dirname(path))
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            pass  # other files are in it: not ours
     return removed
+
+
+def write_run_record(out_dir, args, items, started, finished=None, written=None, skipped=None):
+    """Record this run in `out_dir` (RUN_RECORD, written atomically): what it tests and every
+    prediction file it may write, so that the next run in the folder removes exactly those."""
+    from utils.fileio import atomic_write_text
+
+    record = {'written_by': 'wider_test.py', 'model': os.path.abspath(args.model),
+              'dataset_dir': os.path.abspath(args.dataset_dir), 'split': args.split, 'mode': args.mode,
+              'max_size': args.max_size, 'num_images': args.num_images, 'started': started, 'finished': finished,
+              'written': written, 'skipped': skipped,
+              'files': [relative_prediction_path(event, name) for event, name, _ in items]}
+    atomic_write_text(os.path.join(out_dir, RUN_RECORD), json.dumps(record, indent=1) + '\n')
+
+
+def _now():
+    return datetime.datetime.now().astimezone().isoformat(timespec='seconds')
+
+
+# ----------------------------------------------------------------------------- test size
+
+SIZE_TOLERANCE = 2.0  # one anchor octave: S3FD's anchors (16 ... 512 px) double from one layer to the next
+SIZE_SAMPLE = 20  # images whose sizes stand for the split's
+
+
+def training_input_size(model_path):
+    """`(input_size, source)`: the --input_size the weights were trained at and the file whose
+    training options say so, or None when nothing says. A training checkpoint keeps train.py's
+    options under 'args'; a weights file train.py wrote (sfd_face.pth, the best epoch, or
+    sfd_face_<iteration>.pth) holds weights only, and the options of its run are in the
+    checkpoint beside it (sfd_face_checkpoint.pth). Files are only mapped (mmap), not read
+    whole."""
+    import torch
+
+    folder, name = os.path.split(model_path)
+    candidates = [model_path]
+    match = re.fullmatch(r'(sfd_[A-Za-z]+)(?:_\d+)?\.pth', name)
+    if match:
+        candidates.append(os.path.join(folder, f'{match.group(1)}_checkpoint.pth'))
+    for path in candidates:
+        try:
+            obj = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+        except Exception:  # absent, or not a zip checkpoint: nothing to learn from it
+            continue
+        options = obj.get('args') if isinstance(obj, dict) else None
+        size = options.get('input_size') if isinstance(options, dict) else None
+        if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+            return size, path
+    return None
+
+
+def official_test_side(items):
+    """The longer side, in pixels, at which the official single-scale rule (H*W <= 1700*1200)
+    runs the split's images: the median over the first SIZE_SAMPLE readable ones (sizes read
+    from the file headers), or None."""
+    from PIL import Image
+
+    from utils.inference import single_scale
+
+    sides = []
+    for _, _, path in items[:SIZE_SAMPLE]:
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+        except (OSError, ValueError):
+            continue
+        sides.append(max(height, width) * single_scale(height, width))
+    return statistics.median(sides) if sides else None
+
+
+def size_mismatch_warning(trained, official_side, max_size, model):
+    """The warning line when the test runs the images far from the size that matches the
+    training size, else None. `trained` is training_input_size's `(size, source)`.
+
+    Training at cfg.INPUT_SIZE (640) goes with the official test size; training at S, with the
+    images shrunk by S / 640, i.e. a longer side of official_side * S / 640 (faces keep the
+    sizes they had in training). The test runs at min(official_side, max_size); a factor of
+    more than SIZE_TOLERANCE either way moves every face past a whole anchor size."""
+    if trained is None or not official_side:
+        return None
+    size, source = trained
+    matching = official_side * size / cfg.INPUT_SIZE
+    tested = min(official_side, max_size) if max_size else official_side
+    factor = tested / matching
+    if 1 / SIZE_TOLERANCE <= factor <= SIZE_TOLERANCE:
+        return None
+    if factor > 1:
+        advice = f'{"use" if max_size else "add"} --max_size {round(matching)}'
+    elif not max_size:
+        return None  # the official size is the largest this test runs: nothing to advise
+    elif matching >= official_side:
+        advice = 'drop --max_size'
+    else:
+        advice = f'raise --max_size to {round(matching)}'
+    return (f'warning: {model} was trained at --input_size {size} (training options in {source}); this test runs '
+            f'the images at a longer side of about {round(tested)} px, {factor:.2g}x the {round(matching)} px '
+            f'that matches that training (training at {cfg.INPUT_SIZE} matches the official {round(official_side)} '
+            f'px), and finds few faces of sizes it never saw: {advice}')
 
 
 # ----------------------------------------------------------------------------- main
@@ -221,32 +459,55 @@ def main(args):
     Raises WiderTestError, CheckpointError, DeviceUnavailable or WiderEvalError (one-line
     messages) for bad input.
     """
-    from utils.checkpoint import load_model
     from utils.fileio import make_output_dir
-    from utils.inference import Detector, inference_device
-    from utils.widerface_eval import evaluate, load_ground_truth
 
     items, source = image_list(args.dataset_dir, args.split)
-    split_items = items
     if args.num_images is not None:
         items = items[:args.num_images]
+    from utils.widerface_eval import load_ground_truth
     gt = load_ground_truth(args.eval) if args.eval else None   # fail before the long run
     make_output_dir(args.out, '--out')
+    lock, record, earlier = claim_out_dir(args.out)
+    try:
+        return test_into_folder(args, items, source, gt, record, earlier)
+    finally:
+        lock.release()
+
+
+def test_into_folder(args, items, source, gt, record, earlier):
+    """The test itself, in a prediction folder this process holds (see main): the earlier run's
+    files removed once the model has loaded, this run recorded, detections, then the score."""
+    from utils.checkpoint import load_model
+    from utils.fileio import DiskFullError
+    from utils.inference import Detector, inference_device
+    from utils.widerface_eval import evaluate
+
     ctx = inference_device(args.device, args.device_id, args.amp)
     net = load_model(args.model, 'test', ctx.device, args.variant)
     detector = Detector(net, ctx.device, thresh=args.thresh, max_size=args.max_size, autocast=ctx.autocast)
     print(f'wider_test: {len(items)} {args.split} images from {source}; model {args.model}; '
           f'{ctx.describe()}; mode {args.mode}'
           + (f'; longer side capped at {args.max_size}' if args.max_size else ''), flush=True)
+    warning = size_mismatch_warning(training_input_size(args.model), official_test_side(items), args.max_size,
+                                args.model)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     # Only now that the model has loaded: a mistyped --model must not cost the old predictions.
-    removed = remove_predictions(args.out, split_items)
+    removed = remove_earlier_run(args.out, earlier)
     if removed:
-        print(f'wider_test: removed {removed} prediction files of an earlier run from {args.out}, so that '
-              f'it holds this run\'s only', flush=True)
+        print(f'wider_test: removed the {removed} prediction files of the earlier run in {args.out} '
+              f'({describe_run(record)}), so that it holds this run\'s only', flush=True)
+    started = _now()
+    try:
+        write_run_record(args.out, args, items, started)
+    except DiskFullError as exc:
+        raise DiskFullError(f'{exc}; no prediction written yet: free some space (or give another --out) and run '
+                            f'again', exc.path, exc.needed, exc.free) from None
     start = time.perf_counter()
     skipped = run(detector, items, args)
     elapsed = time.perf_counter() - start
     done = len(items) - len(skipped)
+    write_run_record(args.out, args, items, started, _now(), done, len(skipped))
     print(f'{done} images in {elapsed:.1f} s ({done / max(elapsed, 1e-9):.2f} images/s); '
           f'predictions in {args.out}')
     if skipped:
@@ -274,7 +535,7 @@ def main(args):
 
 def cli(argv=None):
     """Command-line entry: one-line errors and exit status 1 instead of tracebacks."""
-    return run_cli(main, parse_args, argv)
+    return run_cli(main, parse_args, argv, prog='wider_test.py')
 
 
 if __name__ == '__main__':

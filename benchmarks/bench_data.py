@@ -21,10 +21,11 @@ import time
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
+from utils.cli import HelpFormatter  # noqa: E402
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description='Benchmark the WIDER FACE data pipeline on one core.')
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter, description='Benchmark the WIDER FACE data pipeline on one core.')
     parser.add_argument('--wider_dir', default=os.path.join(os.path.dirname(REPO_ROOT), 'shared', 'widerface'),
                         help='folder holding the real val annotation file and image (default: %(default)s)')
     parser.add_argument('--num', type=int, default=300, help='timed training samples per dataset')

@@ -22,12 +22,15 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+from utils.cli import HelpFormatter  # noqa: E402
 DEFAULT_GT = os.path.join(os.path.dirname(REPO), 'shared', 'widerface', 'eval_tools', 'ground_truth')
 THREAD_VARS = ('OMP_NUM_THREADS', 'MKL_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'NUMEXPR_NUM_THREADS')
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description='Time wider_eval.py on a full val prediction set (one core).')
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter, description='Time wider_eval.py on a full val prediction set (one core).')
     parser.add_argument('--gt', default=DEFAULT_GT, help=f'official ground-truth directory (default {DEFAULT_GT})')
     parser.add_argument('--boxes-per-image', type=int, default=750,
                         help='fill every image with false positives up to this many boxes (0: no fill)')

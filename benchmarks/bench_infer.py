@@ -33,10 +33,11 @@ from data.config import MODEL_VARIANTS  # noqa: E402
 
 REAL_IMAGE = os.path.join(os.path.dirname(REPO), 'shared', 'widerface', 'WIDER_val', 'images', '0--Parade',
                           '0_Parade_marchingband_1_465.jpg')
+from utils.cli import HelpFormatter  # noqa: E402
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description='S3FD single-scale inference benchmark (one JSON object).')
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter, description='S3FD single-scale inference benchmark (one JSON object).')
     parser.add_argument('--device', default='cpu', choices=('cpu', 'gpu', 'npu'))
     parser.add_argument('--device_id', type=int, default=0)
     parser.add_argument('--model', default=None, help='weights to load (default: random initialisation)')
@@ -172,4 +173,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    sys.exit(run_cli(main, parse_args))
+    sys.exit(run_cli(main, parse_args, prog='bench_infer.py'))

@@ -21,9 +21,11 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils.cli import HelpFormatter  # noqa: E402
+
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('--threads', type=int, default=1, help='torch intra-op threads')
     parser.add_argument('--repeat', type=int, default=15, help='timed repetitions (after 2 warm-ups)')
     parser.add_argument('--batch_size', type=int, default=16)

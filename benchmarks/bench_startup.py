@@ -14,12 +14,15 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+from utils.cli import HelpFormatter  # noqa: E402
 SCRIPTS = ('train.py', 'wider_test.py', 'wider_eval.py', 'demo.py', 'prepare_wider_data.py', 'data/synthetic.py',
            'tools/make_basenet.py', 'tools/convert_official.py', 'tools/export_onnx.py', 'tools/plot_training.py')
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('--repeats', type=int, default=3, help='runs per script; the best is reported')
     parser.add_argument('--scripts', nargs='+', default=list(SCRIPTS), help='scripts, relative to the repository')
     return parser.parse_args(argv)

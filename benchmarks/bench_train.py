@@ -22,10 +22,11 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._common import add_step_arguments, device_spec  # noqa: E402
+from utils.cli import HelpFormatter  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_step_arguments(p, amp_choices=('auto', 'apex', 'native', 'off'), amp_default='auto')
     p.add_argument('--loss_scale', default=32.0, type=float)
     p.add_argument('--channels_last', action='store_true')

@@ -31,10 +31,11 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._common import add_step_arguments  # noqa: E402
+from utils.cli import HelpFormatter  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_step_arguments(p, batch_size=8)
     p.add_argument('--channels_last', action='store_true')
     p.add_argument('--steps', default=10, type=int, help='SGD steps each way after the one-step comparison')

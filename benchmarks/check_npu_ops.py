@@ -52,10 +52,11 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 CONFIGS = ('fp32', 'fp16', 'bf16', 'half')
+from utils.cli import HelpFormatter  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument('--configs', default=','.join(CONFIGS), help=f'comma-separated, of {CONFIGS}')
     p.add_argument('--batch_size', default=2, type=int)
     p.add_argument('--input_size', default=[64, 64], type=int, nargs=2, metavar=('H', 'W'),

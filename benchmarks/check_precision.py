@@ -22,10 +22,11 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._common import add_step_arguments  # noqa: E402
+from utils.cli import HelpFormatter  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_step_arguments(p, amp_choices=())
     p.add_argument('--steps', default=20, type=int)
     p.add_argument('--lr', default=1e-3, type=float)

@@ -28,10 +28,11 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils.cli import HelpFormatter  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument('--train_file', required=True, help='training list (prepare_wider_data.py format)')
     p.add_argument('--val_file', required=True, help='validation list')
     p.add_argument('--input_size', default=640, type=int, help='side of the square network input')

@@ -21,6 +21,22 @@
 #     profile_bf16_b16_cl_compile infer_bf16_cl_cudagraphs" bash benchmarks/gpu_benchmarks.sh OUT
 # (steps run in the order of this file, not of BENCH_ONLY).
 set -u
+USAGE='usage: bash benchmarks/gpu_benchmarks.sh [-h] [OUT_DIR] [IMAGE]'
+case "${1:-}" in
+    -h|--help)  # the usage line, then the comment above (every line after the first, up to here)
+        echo "$USAGE"
+        awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
+        exit 0 ;;
+    -*)  # an option it does not know would otherwise become the output folder
+        echo "$USAGE" >&2
+        echo "gpu_benchmarks.sh: error: unrecognized option $1 (OUT_DIR and IMAGE are paths; --help for more)" >&2
+        exit 2 ;;
+esac
+if [ "$#" -gt 2 ]; then
+    echo "$USAGE" >&2
+    echo "gpu_benchmarks.sh: error: unrecognized arguments: ${*:3}" >&2
+    exit 2
+fi
 OUT_DIR=${1:-gpu_bench}
 IMAGE=${2:-}
 PY=${PYTHON:-python3}

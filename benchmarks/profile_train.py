@@ -34,10 +34,11 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._common import add_step_arguments, device_spec  # noqa: E402
+from utils.cli import HelpFormatter  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_step_arguments(p)
     p.add_argument('--channels_last', action='store_true')
     p.add_argument('--compile', action='store_true', help='torch.compile the network (not the data path)')

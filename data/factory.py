@@ -23,7 +23,9 @@ from torch.utils.data import DataLoader, Sampler
 from data.config import cfg
 from data.widerface import WIDERDetection
 
-__all__ = ['dataset_factory', 'detection_collate', 'EpochBatchSampler', 'make_loader']
+__all__ = ['dataset_factory', 'detection_collate', 'EpochBatchSampler', 'make_loader', 'usable_workers']
+
+_capped = set()  # (asked, cores) already reported by usable_workers in this process
 
 
 def dataset_factory(dataset='face', input_size=None, seed=0, train_file=None, val_file=None, normalize=True):
@@ -135,12 +137,31 @@ class EpochBatchSampler(Sampler):
         return max(0, self.batches_per_epoch - self.start_batch)
 
 
-def make_loader(dataset, batch_sampler, num_workers, pin_memory=False):
-    """DataLoader over `batch_sampler` with persistent, prefetching workers.
+def usable_workers(asked, option='--num_workers'):
+    """The number of data loading processes to start: `asked`, at most the CPU cores this
+    process may use (its affinity: a job's share of the machine, as PyTorch counts them).
+    More workers than cores only compete for them (PyTorch warns, in two lines, that they may
+    run slowly or freeze); a capped number is said once per process, in one line naming
+    `option`."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    if asked <= cores:
+        return asked
+    if (asked, cores) not in _capped:
+        _capped.add((asked, cores))
+        print(f'{option} {asked}: this process may use {cores} CPU cores, so {cores} data loading processes '
+              f'start (more would only compete for the cores)', file=sys.stderr, flush=True)
+    return cores
+
+
+def make_loader(dataset, batch_sampler, num_workers, pin_memory=False, option='--num_workers'):
+    """DataLoader over `batch_sampler` with persistent, prefetching workers: `num_workers`, at
+    most the CPU cores this process may use (usable_workers; `option` names the setting in
+    the line that says so).
 
     OpenCV's own thread pool is switched off first when workers are used: the workers already
     run in parallel, and a pool created before the fork can deadlock inside them.
     """
+    num_workers = usable_workers(num_workers, option)
     extra = {}
     if num_workers > 0:
         cv2.setNumThreads(0)

@@ -50,9 +50,15 @@ import shutil
 import sys
 import time
 
+from utils.cli import HelpFormatter
+
+PROG = 'python -m data.synthetic'  # how it is run: argparse starts its usage errors with it, main() its own
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        prog='python -m data.synthetic',
+        formatter_class=HelpFormatter,
+        prog=PROG,
         description='Generate a synthetic WIDER FACE (images, bbx_gt annotation files, evaluation '
                     '.mat files) in the real dataset\'s on-disk layout.')
     parser.add_argument('--out', required=True,
@@ -748,7 +754,7 @@ def main(args):
         summary = generate(args.out, args.train, args.val, seed=args.seed, overwrite=args.overwrite,
                            progress=True)
     except (ValueError, FileExistsError, OSError) as e:
-        print(f'data.synthetic: error: {e}', file=sys.stderr)
+        print(f'{PROG}: error: {e}', file=sys.stderr)
         return 2
     verb = ('already complete, nothing written' if summary['reused']
             else f'written in {summary["seconds"]:.1f} s')

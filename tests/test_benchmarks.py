@@ -144,3 +144,17 @@ def test_face_scale_shows_validation_faces_smaller_than_the_training_crops(tmp_p
     assert val['positives_per_image'] < cropped['positives_per_image']
     loss = val['loss'][str(tmp_path / 'w.pth')]
     assert loss['loss'] == pytest.approx(loss['loc'] + loss['conf'], abs=2e-4) and loss['loss'] > 0
+
+
+def test_gpu_benchmarks_sh_help_prints_the_usage_and_runs_nothing(tmp_path):
+    """`--help` used to become the output folder, and every step ran."""
+    script = os.path.join(REPO, 'benchmarks', 'gpu_benchmarks.sh')
+    proc = subprocess.run(['bash', script, '--help'], cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0 and proc.stderr == ''
+    assert proc.stdout.startswith('usage: bash benchmarks/gpu_benchmarks.sh [-h] [OUT_DIR] [IMAGE]\n'
+                                  "Every GPU measurement behind docs/performance.md's H200 table")
+    assert 'BENCH_ONLY' in proc.stdout and not any(tmp_path.iterdir())
+    proc = subprocess.run(['bash', script, '-n'], cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and proc.stderr.splitlines()[-1].startswith('gpu_benchmarks.sh: error: '
+                                                                          'unrecognized option -n')
+    assert not any(tmp_path.iterdir())

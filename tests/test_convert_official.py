@@ -204,3 +204,13 @@ def test_code_executing_pickle_is_refused(tmp_path):
     assert not marker.exists()
     torch.load(src, weights_only=False)  # the payload is live: an unsafe load runs it
     assert marker.exists()
+
+
+def test_a_missing_src_says_where_the_released_file_comes_from(tmp_path):
+    with pytest.raises(convert_official.ToolError) as e:
+        convert_official.main(convert_official.parse_args(['--src', 's3fd-619a316812.pth',
+                                                           '--dst', str(tmp_path / 'o.pth')]))
+    assert str(e.value) == ('--src s3fd-619a316812.pth: no such file. The released S3FD weights in the layout of '
+                            'its PyTorch port are s3fd-619a316812.pth, which the face-alignment package downloads '
+                            'from https://www.adrianbulat.com/downloads/python-fan/s3fd-619a316812.pth (e.g. wget '
+                            'that URL)')

@@ -46,7 +46,7 @@ def test_saves_each_image_with_boxes_and_prints_counts_and_times(model, images, 
         assert drawn.shape == original.shape
         assert faces > 0 and seconds > 0        # random weights score ~0.5 everywhere
         assert (np.abs(drawn.astype(int) - original.astype(int)).sum(axis=2) > 0).any()
-        assert f'{src}: {faces} face(s) at score >= 0.05' in out
+        assert f'{src}: {faces} detection(s) at score >= 0.05, ' in out
     assert 'ms per image after the first' in out
 
 
@@ -56,7 +56,7 @@ def test_high_threshold_draws_nothing(model, images, tmp_path, capsys):
     (src, dst, faces, _), = results
     assert faces == 0
     assert (cv2.imread(dst) == cv2.imread(src)).all()   # png: lossless
-    assert '0 face(s)' in capsys.readouterr().out
+    assert '0 detection(s)' in capsys.readouterr().out
 
 
 def test_unreadable_images_are_skipped_and_reported(model, images, tmp_path, capsys):
@@ -70,7 +70,7 @@ def test_unreadable_images_are_skipped_and_reported(model, images, tmp_path, cap
 def cli_error(capsys, *argv):
     status = demo.cli([str(a) for a in argv])
     err = capsys.readouterr().err.strip().splitlines()
-    assert status == 1 and err[-1].startswith('error: ') and not any('Traceback' in line for line in err)
+    assert status == 1 and err[-1].startswith('demo.py: error: ') and not any('Traceback' in line for line in err)
     return err[-1]
 
 
@@ -130,11 +130,56 @@ def test_nan_weights_and_a_full_disk_are_one_line_errors(model, images, tmp_path
     state['loc.0.bias'][0] = float('inf')
     torch.save(state, tmp_path / 'diverged.pth')
     assert cli_error(capsys, '--model', tmp_path / 'diverged.pth', images, '--out', tmp_path / 'o',
-                     '--device', 'cpu') == (f'error: {tmp_path / "diverged.pth"}: 1 of 65 weight tensors hold NaN or '
+                     '--device', 'cpu') == (f'demo.py: error: {tmp_path / "diverged.pth"}: 1 of 65 weight tensors hold NaN or '
                                             f'inf (loc.0.bias): the model had diverged when it was saved; use an '
                                             f'earlier checkpoint')
     assert not (tmp_path / 'o').exists() or os.listdir(tmp_path / 'o') == []
     SimulatedFullDisk(monkeypatch, budget=0)
     err = cli_error(capsys, '--model', model, images, '--out', tmp_path / 'out', '--device', 'cpu')
-    assert err.startswith(f'error: {tmp_path / "out" / "im0.png"}: no space left on the device (0 bytes free in ')
+    assert err.startswith(f'demo.py: error: {tmp_path / "out" / "im0.png"}: no space left on the device (0 bytes free in ')
     assert err.endswith('needed); nothing was written') and os.listdir(tmp_path / 'out') == []
+
+
+def test_several_images_and_folders_as_a_shell_glob_gives_them(model, images, tmp_path, capsys):
+    """`demo.py a.jpg b.jpg` and `demo.py photos/*.png` (the shell expands the glob into several
+    arguments): every image once, in the order given."""
+    more = tmp_path / 'more'
+    more.mkdir()
+    cv2.imwrite(str(more / 'im2.png'), np.full((70, 90, 3), 128, np.uint8))
+    results = run('--model', model, images / 'im1.png', more, images / 'im0.png', images / 'im1.png',
+                  '--out', tmp_path / 'out', '--device', 'cpu', '--max_size', '64')
+    assert [os.path.basename(r[0]) for r in results] == ['im1.png', 'im2.png', 'im0.png']
+    assert sorted(os.listdir(tmp_path / 'out')) == ['im0.png', 'im1.png', 'im2.png']
+    capsys.readouterr()
+    (more / 'im0.png').write_bytes((images / 'im0.png').read_bytes())   # another file of the same name
+    err = cli_error(capsys, '--model', model, images, more, '--out', tmp_path / 'out2', '--device', 'cpu')
+    assert err == (f'demo.py: error: {images / "im0.png"} and {more / "im0.png"}: both would be saved as im0.png in '
+                   f'--out, one over the other: give them in separate runs with separate --out folders')
+    assert not (tmp_path / 'out2').exists()
+
+
+def test_with_annotations_false_detections_are_counted_and_drawn_apart(model, images, tmp_path, capsys,
+                                                                       monkeypatch):
+    """What the model takes for faces includes false ones: with the image's annotations, the
+    line says how many detections are on an annotated face (one per face, best score first)
+    and how many elsewhere, and draws them green and red."""
+    from utils.inference import Detector
+    dets = np.array([[10, 10, 50, 50, 0.9],     # on the face
+                     [12, 12, 48, 48, 0.7],     # on the same face again: a duplicate
+                     [60, 40, 100, 80, 0.8],    # nothing there
+                     [5, 60, 25, 80, 0.2]],     # below --thresh: neither drawn nor counted
+                    np.float32)
+    monkeypatch.setattr(Detector, 'detect', lambda self, rgb, mode='single': dets.copy())
+    image = images / 'im0.png'   # 90x120
+    listed = tmp_path / 'face_val.txt'
+    listed.write_text(f'{image} 1 10 10 40 40 1\n')
+    (result,) = run('--model', model, image, '--out', tmp_path / 'out', '--thresh', '0.5', '--device', 'cpu',
+                    '--annotations', listed)
+    assert (result.faces, result.annotated, result.matched) == (3, 1, 1)
+    assert (f'{image}: 3 detection(s) at score >= 0.5, 1 on the 1 annotated face(s) (IoU >= 0.5, green) and 2 '
+            f'elsewhere (red), ') in capsys.readouterr().out
+    drawn = cv2.cvtColor(cv2.imread(result.out), cv2.COLOR_BGR2RGB)
+    assert tuple(drawn[70, 60]) == (255, 0, 0) and tuple(drawn[30, 10]) == (0, 255, 0)   # left edges
+    (other,) = run('--model', model, images / 'im1.png', '--out', tmp_path / 'out', '--thresh', '0.5',
+                   '--device', 'cpu', '--annotations', listed)
+    assert other.matched is None and other.faces == 3   # an image the list does not give

@@ -220,5 +220,50 @@ def test_command_line_error_is_one_line(tmp_path):
                            '--src', str(src), '--dst', str(tmp_path / 'x.pth')],
                           capture_output=True, text=True, cwd=str(tmp_path), timeout=120)
     assert proc.returncode == 1
-    assert proc.stderr.startswith('error: ') and str(src) in proc.stderr
+    assert proc.stderr.startswith('make_basenet.py: error: ') and str(src) in proc.stderr
     assert 'Traceback' not in proc.stderr
+
+
+VGG16_URL = 'https://download.pytorch.org/models/vgg16-397923af.pth'  # torchvision/models/vgg.py
+
+
+def test_src_torchvision_takes_the_weights_api_file_once_into_torch_cache(tv_file, basenet, tmp_path, monkeypatch,
+                                                                          capsys):
+    """--src torchvision goes through torchvision's weights API (VGG16_Weights.IMAGENET1K_V1 ->
+    torch.hub.load_state_dict_from_url) into $TORCH_HOME. The one function of that path that
+    reaches the network, torch.hub.download_url_to_file(url, dst, hash_prefix, progress), is
+    replaced by a copy of the local test file: nothing is downloaded."""
+    import shutil
+    downloads = []
+
+    def download_url_to_file(url, dst, hash_prefix=None, progress=True):
+        downloads.append((url, dst, hash_prefix))
+        shutil.copyfile(tv_file, dst)
+
+    monkeypatch.setattr(torch.hub, 'download_url_to_file', download_url_to_file)
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
+    cached = tmp_path / 'torch_home' / 'hub' / 'checkpoints' / 'vgg16-397923af.pth'
+    dst = tmp_path / 'vgg16_reducedfc.pth'
+    make_basenet.main(make_basenet.parse_args(['--src', 'torchvision', '--dst', str(dst)]))
+    assert downloads == [(VGG16_URL, str(cached), '397923af')]   # the official file, its hash checked
+    out = capsys.readouterr().out
+    assert f"--src torchvision: downloading torchvision's ImageNet VGG16 ({VGG16_URL}, 528 MiB) into " \
+           f'{cached.parent}; later runs read it from there' in out
+    assert f'wrote {dst} from {cached}:' in out
+    written = load_file(str(dst))
+    assert set(written) == set(basenet) and all(torch.equal(written[k], basenet[k]) for k in basenet)
+    state, source = make_basenet.torchvision_vgg16()   # a second time: from the cache
+    assert len(downloads) == 1 and source == str(cached) and 'downloading' not in capsys.readouterr().out
+    with pytest.raises(make_basenet.ToolError, match='--src_norm caffe does not apply'):
+        make_basenet.main(make_basenet.parse_args(['--src', 'torchvision', '--src_norm', 'caffe', '--dst', str(dst)]))
+
+
+def test_a_missing_src_says_where_the_file_comes_from(tmp_path, monkeypatch):
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
+    with pytest.raises(make_basenet.ToolError) as error:
+        make_basenet.main(make_basenet.parse_args(['--src', 'vgg16-397923af.pth', '--dst', str(tmp_path / 'x.pth')]))
+    assert str(error.value) == (
+        f"--src vgg16-397923af.pth: no such file. It is torchvision's ImageNet VGG16, vgg16-397923af.pth, from "
+        f"{VGG16_URL}; with internet, --src torchvision downloads it once into torch's cache "
+        f"({tmp_path / 'torch_home' / 'hub' / 'checkpoints'}) through torchvision's weights API")
+    assert make_basenet.TORCHVISION_VGG16_URL == torchvision.models.VGG16_Weights.IMAGENET1K_V1.url

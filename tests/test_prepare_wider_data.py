@@ -121,10 +121,10 @@ def test_repeated_images_empty_files_and_bad_out_dir_are_reported(tmp_path, caps
     ann = os.path.join(root, 'wider_face_split', 'wider_face_val_bbx_gt.txt')
     with open(ann, 'w') as handle:
         handle.write('\n')
-    with pytest.raises(SystemExit, match=f'error: {ann}: no image in the file'):
+    with pytest.raises(SystemExit, match=f'prepare_wider_data.py: error: {ann}: no image in the file'):
         _run(root, tmp_path / 'out')
     (tmp_path / 'a_file').write_text('')
-    with pytest.raises(SystemExit, match='error: --out_dir .*a_file: cannot create the directory'):
+    with pytest.raises(SystemExit, match='prepare_wider_data.py: error: --out_dir .*a_file: cannot create the directory'):
         _run(root, tmp_path / 'a_file')
 
 

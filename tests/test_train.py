@@ -274,6 +274,7 @@ def test_missing_basenet_says_where_and_how(lists, tmp_path, capsys):
     assert run_cli(lists, tmp_path, '--basenet', 'vgg16_reducedfc.pth') == 2
     err = capsys.readouterr().err
     assert 'vgg16_reducedfc.pth' in err and 'tools/make_basenet.py' in err and '--basenet none' in err
+    assert f'python tools/make_basenet.py --src torchvision --dst {tmp_path / "vgg16_reducedfc.pth"}' in err
 
 
 def test_basenet_is_loaded_into_the_trunk(lists, tmp_path, capsys):

@@ -11,7 +11,7 @@ from scipy.io import savemat
 
 import wider_eval
 from conftest import REAL_GT_DIR, REPO_ROOT, require_shared
-from utils.widerface_eval import (SETTINGS, WiderEvalError, WiderEvalWarning, evaluate,
+from utils.widerface_eval import (SETTINGS, WiderEvalError, WiderEvalWarning, evaluate, plot_pr_curves,
                                   evaluate_detections, list_split_images, load_ground_truth,
                                   read_prediction_file, read_predictions, write_prediction_file)
 
@@ -597,12 +597,23 @@ def test_cli_plot(tiny_case, tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith('pr.png')] == ['pr.png']
 
 
+def test_pr_plot_has_no_legend_over_the_curves(tiny_case, tmp_path):
+    """A weak detector's curves lie at low recall, where a lower-left legend covered them: the
+    AP is in each panel's title instead."""
+    pytest.importorskip('matplotlib')
+    pred, gt_dir, _ = tiny_case
+    aps, curves = evaluate(pred, load_ground_truth(gt_dir), return_curves=True)
+    fig = plot_pr_curves(curves, aps, str(tmp_path / 'pr.png'))
+    assert [ax.get_legend() for ax in fig.get_axes()] == [None] * 3
+    assert [ax.get_title() for ax in fig.get_axes()] == [f'WIDER FACE val - {s}: AP {aps[s]:.4f}' for s in SETTINGS]
+
+
 def test_cli_plot_without_matplotlib_is_one_clear_line(tiny_case, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, 'matplotlib', None)
     pred, gt_dir, _ = tiny_case
     assert wider_eval.main(wider_eval.parse_args(['-p', pred, '-g', gt_dir, '--plot', str(tmp_path / 'x.png')])) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ['error: --plot needs matplotlib, which is not installed (pip install matplotlib)']
+    assert err == ['wider_eval.py: error: --plot needs matplotlib, which is not installed (pip install matplotlib)']
 
 
 def test_cli_errors_are_one_line_without_traceback(tiny_case, tmp_path):
@@ -616,7 +627,7 @@ def test_cli_errors_are_one_line_without_traceback(tiny_case, tmp_path):
     assert proc.stdout == ''
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and 'Traceback' not in proc.stderr
-    assert lines[0].startswith('error: ') and 'img.txt, line 7: not a number' in lines[0]
+    assert lines[0].startswith('wider_eval.py: error: ') and 'img.txt, line 7: not a number' in lines[0]
 
 
 def test_matlab_int32_conversion_rounds_half_away_saturates_and_zeroes_nan():

@@ -199,11 +199,12 @@ def test_briefly_trained_model_scores_above_random_weights(wider, tmp_path):
 def test_unreadable_image_is_skipped_reported_and_counted_as_missed(wider, random_model, tmp_path, capsys):
     copy = tmp_path / 'WIDER'
     shutil.copytree(wider, copy)
+    run(random_model, str(copy), tmp_path / 'pred')   # an earlier run: a prediction for every image
     broken = annotations(wider)[1].name
     (copy / 'WIDER_val' / 'images' / broken).write_bytes(b'not a jpeg')
     stale = tmp_path / 'pred' / (broken[:-4] + '.txt')
-    stale.parent.mkdir(parents=True)
-    stale.write_text(f'{os.path.basename(broken)}\n1\n1 1 10 10 0.9\n')
+    assert stale.exists()
+    capsys.readouterr()
     aps = run(random_model, str(copy), tmp_path / 'pred', '--eval', gt_dir(str(copy)))
     err = capsys.readouterr().err
     assert 'skipped 1 unreadable image(s)' in err and broken.split('/')[1] in err
@@ -223,16 +224,85 @@ def test_a_prediction_folder_never_mixes_two_runs(wider, random_model, tmp_path,
         run(str(tmp_path / 'typo.pth'), wider, out, '--num_images', '2')
     assert len(list(out.rglob('*.txt'))) == len(names) + 1
     run(random_model, wider, out, '--num_images', '2')
-    assert f'removed {len(names)} prediction files of an earlier run from {out}' in capsys.readouterr().out
+    assert (f'removed the {len(names)} prediction files of the earlier run in {out} (model {random_model} on '
+            f'{wider}, split val, mode single, started ') in capsys.readouterr().out
     left = sorted(str(p.relative_to(out)) for p in out.rglob('*.txt') if p != unrelated)
     assert left == sorted(name[:-4] + '.txt' for name in names[:2])
-    assert unrelated.read_text() == 'mine'   # only this split's prediction files are touched
+    assert unrelated.read_text() == 'mine'   # not a prediction file: left alone
 
 
-def test_a_subset_run_gets_its_own_default_folder():
-    assert wider_test.parse_args([]).out == os.path.join('eval_output', 's3fd_val_single')
-    assert wider_test.parse_args(['--num_images', '50', '--mode', 'multiscale']).out == \
-        os.path.join('eval_output', 's3fd_val_multiscale_first50')
+def test_a_folder_of_another_dataset_is_cleared_whole_before_the_run(wider, random_model, tmp_path, capsys):
+    """The issue's case: a folder holding another dataset's predictions (9 images, one of the
+    same name as this dataset's) must hold this run's 6 only, and score as a fresh folder."""
+    other = tmp_path / 'other'
+    generate(str(other), 0, 9, seed=1)
+    out = tmp_path / 'pred'
+    run(random_model, str(other), out)
+    capsys.readouterr()
+    aps = run(random_model, wider, out, '--eval', gt_dir(wider))
+    captured = capsys.readouterr()
+    assert f'removed the 9 prediction files of the earlier run in {out} (model {random_model} on {other}' \
+        in captured.out
+    assert 'warning' not in captured.err
+    assert sorted(str(p.relative_to(out)) for p in out.rglob('*.txt')) == \
+        sorted(r.name[:-4] + '.txt' for r in annotations(wider))
+    assert aps == run(random_model, wider, tmp_path / 'fresh', '--eval', gt_dir(wider))
+
+
+def test_prediction_files_no_run_recorded_are_not_deleted_but_refuse_the_run(wider, random_model, tmp_path,
+                                                                               capsys):
+    """Files of another tool (or of an older wider_test.py) would be scored with this run's; the
+    run is refused rather than delete what this script did not write."""
+    event, file_name = annotations(wider)[0].name.split('/')
+    foreign = tmp_path / 'pred' / 'other_event' / 'someone_else.txt'
+    foreign.parent.mkdir(parents=True)
+    foreign.write_text('someone_else.jpg\n1\n1 1 10 10 0.9\n')
+    err = cli_error(capsys, '--model', random_model, '--dataset_dir', wider, '--device', 'cpu',
+                    '--out', str(tmp_path / 'pred'))
+    assert err == (f'wider_test.py: error: --out {tmp_path / "pred"}: holds 1 prediction file(s) that no '
+                   f'wider_test.py run recorded there (e.g. {foreign}; another tool\'s, or an older '
+                   f'wider_test.py\'s): they would be scored with this run\'s, and are not this script\'s to '
+                   f'delete: move them away or give another --out')
+    assert foreign.read_text().startswith('someone_else.jpg') and not (tmp_path / 'pred' / event).exists()
+
+
+def test_a_second_run_on_the_same_folder_is_refused_while_the_first_lives(wider, random_model, tmp_path, capsys):
+    """Two runs started together on one --out: the second is refused, naming the first, and
+    leaves the folder to it (before, both wrote into it and both scored a mixture)."""
+    out = tmp_path / 'pred'
+    out.mkdir()
+    # The first run, holding the folder as wider_test.py does (its lock), in another process.
+    holder = subprocess.Popen([sys.executable, '-c', f'import sys, time; sys.path.insert(0, {REPO_ROOT!r}); '
+                               f'import wider_test; lock = wider_test.claim_out_dir({str(out)!r})[0]; '
+                               f'print("held", flush=True); time.sleep(60)'],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == 'held'
+        err = cli_error(capsys, '--model', random_model, '--dataset_dir', wider, '--device', 'cpu',
+                        '--out', str(out), '--max_size', str(MAX_SIZE), '--workers', '0')
+    finally:
+        holder.kill()
+        holder.wait()
+    assert err.startswith(f'wider_test.py: error: --out {out}: in use by another wider_test.py run '
+                          f'(pid {holder.pid} on host ')
+    assert err.endswith('two runs in one folder would mix their predictions: wait for it to end, or give '
+                        'another --out')
+    assert not list(out.rglob('*.txt'))   # the refused run wrote nothing
+    wider_test.claim_out_dir(str(out))[0].release()   # the holder gone (killed), the folder is free again
+
+
+def test_each_model_dataset_and_test_gets_its_own_default_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    default = wider_test.parse_args([]).out
+    assert re.fullmatch(r'eval_output/sfd_face-WIDER-val_single-[0-9a-f]{6}', default.replace(os.sep, '/'))
+    outs = {default,
+            wider_test.parse_args(['--num_images', '50', '--mode', 'multiscale']).out,   # a quick subset
+            wider_test.parse_args(['--model', 'data/demo/weights/sfd_face.pth']).out,    # another sfd_face.pth
+            wider_test.parse_args(['--dataset_dir', 'data/demo/WIDER']).out,             # another WIDER
+            wider_test.parse_args(['--split', 'test']).out}
+    assert len(outs) == 5
+    assert '_first50' in wider_test.parse_args(['--num_images', '50']).out
+    assert wider_test.parse_args(['--model', './weights/../weights/sfd_face.pth']).out == default
 
 
 @pytest.mark.parametrize('option, value', [('--workers', '-1'), ('--batch_size', '0'), ('--max_size', '0'),
@@ -256,7 +326,7 @@ def test_image_list_falls_back_to_the_mat_file(wider, random_model, tmp_path):
 def cli_error(capsys, *argv):
     status = wider_test.cli(list(argv))
     err = capsys.readouterr().err.strip()
-    assert status == 1 and err.startswith('error: ') and '\n' not in err and 'Traceback' not in err
+    assert status == 1 and err.startswith('wider_test.py: error: ') and '\n' not in err and 'Traceback' not in err
     return err
 
 
@@ -288,7 +358,7 @@ def test_command_line_failure_has_no_traceback(wider, tmp_path):
                            str(tmp_path / 'absent.pth'), '--dataset_dir', wider, '--device', 'cpu'],
                           capture_output=True, text=True, cwd=str(tmp_path))
     assert proc.returncode == 1
-    assert proc.stderr.strip().startswith('error: ') and 'Traceback' not in proc.stderr
+    assert proc.stderr.strip().startswith('wider_test.py: error: ') and 'Traceback' not in proc.stderr
 
 
 @pytest.mark.parametrize('disk', ['tmpfs', 'simulated'])
@@ -297,17 +367,18 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_space(wider, random_mod
     from small_disk import SimulatedFullDisk, fill, require_tmpfs, tmpfs
     with tmpfs(tmp_path / 'disk', '1m') if disk == 'tmpfs' else contextlib.nullcontext(str(tmp_path)) as root:
         out = os.path.join(require_tmpfs(root), 'pred')
+        # Room for the folder's lock and the run's record (a few hundred bytes each), not for a prediction.
         if disk == 'tmpfs':
             os.makedirs(out)
-            fill(root)
+            fill(root, leave=8192)   # a page for the lock file, one for the record
         else:
-            SimulatedFullDisk(monkeypatch, budget=0)
+            SimulatedFullDisk(monkeypatch, budget=4096)
         status = wider_test.cli(['--model', random_model, '--dataset_dir', wider, '--out', out, '--device', 'cpu',
                                  '--max_size', str(MAX_SIZE), '--workers', '0'])
         err = capsys.readouterr().err
         last = err.strip().splitlines()[-1]
         # Not "OSError: [Errno 28]" and a traceback: the file, the space, how far it got.
-        assert status == 1 and 'Traceback' not in err and last.startswith(f'error: {out}{os.sep}')
+        assert status == 1 and 'Traceback' not in err and last.startswith(f'wider_test.py: error: {out}{os.sep}')
         assert re.search(r'\.txt: no space left on the device \(.* free in .*, about [\d.]+ KiB needed\); '
                          r'nothing was written; stopped after 0 of 6 prediction files: free some space \(or give '
                          r'another --out\) and run again$', last), last
@@ -315,14 +386,62 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_space(wider, random_mod
 
 def test_nan_weights_are_refused_before_any_prediction(wider, random_model, tmp_path, capsys):
     event, file_name = annotations(wider)[0].name.split('/')
+    run(random_model, wider, tmp_path / 'pred', '--num_images', '1')
     earlier = tmp_path / 'pred' / event / (file_name[:-4] + '.txt')  # an earlier run's prediction
-    earlier.parent.mkdir(parents=True)
-    earlier.write_text(f'{file_name}\n0\n')
+    kept = earlier.read_text()
+    capsys.readouterr()
     state = torch.load(random_model, weights_only=True)
     state['conf.5.weight'][0, 0, 0, 0] = float('nan')
     torch.save(state, tmp_path / 'diverged.pth')
     err = cli_error(capsys, '--model', str(tmp_path / 'diverged.pth'), '--dataset_dir', wider, '--device', 'cpu',
                     '--out', str(tmp_path / 'pred'))
-    assert err == (f'error: {tmp_path / "diverged.pth"}: 1 of 65 weight tensors hold NaN or inf (conf.5.weight): '
+    assert err == (f'wider_test.py: error: {tmp_path / "diverged.pth"}: 1 of 65 weight tensors hold NaN or inf '
+                   f'(conf.5.weight): '
                    f'the model had diverged when it was saved; use an earlier checkpoint')
-    assert earlier.read_text() == f'{file_name}\n0\n'  # kept: the run did not start
+    assert earlier.read_text() == kept  # kept: the run did not start
+
+
+# ----------------------------------------------------------------------------- test size
+
+def train_py_save_folder(folder, model, input_size):
+    """A save folder as train.py leaves it: the best weights sfd_face.pth (weights only) and
+    sfd_face_checkpoint.pth, whose 'args' are train.py's options (utils.engine.save_checkpoint
+    keeps the plain values of vars(args))."""
+    import train
+    folder.mkdir()
+    shutil.copyfile(model, folder / 'sfd_face.pth')
+    options = {k: v for k, v in vars(train.parse_args(['--input_size', str(input_size)])).items()
+               if isinstance(v, (int, float, str, bool, type(None)))}
+    torch.save({'weight': torch.load(model, weights_only=True), 'args': options}, folder / 'sfd_face_checkpoint.pth')
+    return folder / 'sfd_face.pth'
+
+
+def test_a_model_trained_small_and_tested_at_full_size_gets_the_max_size_that_matches(random_model, tmp_path):
+    """The issue's case: trained at --input_size 160, tested at the official size (a longer
+    side of 1024 px on WIDER): faces 4x larger than any it saw. sfd_face.pth holds weights
+    only; the options of its run are in the checkpoint beside it."""
+    best = train_py_save_folder(tmp_path / 'weights', random_model, 160)
+    trained = wider_test.training_input_size(str(best))
+    assert trained == (160, str(tmp_path / 'weights' / 'sfd_face_checkpoint.pth'))
+    assert wider_test.size_mismatch_warning(trained, 1024, None, 'weights/sfd_face.pth') == (
+        f'warning: weights/sfd_face.pth was trained at --input_size 160 (training options in {trained[1]}); this '
+        f'test runs the images at a longer side of about 1024 px, 4x the 256 px that matches that training '
+        f'(training at 640 matches the official 1024 px), and finds few faces of sizes it never saw: add '
+        f'--max_size 256')
+    assert wider_test.size_mismatch_warning(trained, 1024, 240, 'm') is None   # the demo's own test size
+    assert wider_test.size_mismatch_warning((640, 'c'), 1024, None, 'm') is None   # the defaults
+    assert wider_test.size_mismatch_warning((320, 'c'), 1500, 256, 'm').endswith('raise --max_size to 750')
+    assert wider_test.training_input_size(random_model) is None   # weights alone say nothing
+
+
+def test_the_size_warning_comes_before_the_run(wider, random_model, tmp_path, capsys):
+    best = train_py_save_folder(tmp_path / 'weights', random_model, 640)
+    run(str(best), wider, tmp_path / 'pred', '--num_images', '1')   # at MAX_SIZE: far below 640's size
+    items, _ = wider_test.image_list(wider, 'val')
+    official = wider_test.official_test_side(items[:1])   # the images run
+    warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith('warning')]
+    assert warning == [f'warning: {best} was trained at --input_size 640 (training options in '
+                       f'{best.parent / "sfd_face_checkpoint.pth"}); this test runs the images at a longer side '
+                       f'of about {MAX_SIZE} px, {MAX_SIZE / official:.2g}x the {round(official)} px that matches '
+                       f'that training (training at 640 matches the official {round(official)} px), and finds few '
+                       f'faces of sizes it never saw: drop --max_size']

@@ -433,3 +433,33 @@ def test_a_directory_given_as_a_list_is_not_reported_missing(small_list, tmp_pat
         kind = 'training' if option == 'train_file' else 'validation'
         assert str(info.value).startswith(f'{kind} list {tmp_path} is a directory: give the list file in it')
         assert 'not found' not in str(info.value)
+
+
+def test_more_workers_than_cores_start_as_many_as_the_cores_saying_so_once(small_list, monkeypatch, capsys):
+    """The default --num_workers 4 on a 2-core machine: two loaders (training, validation) and
+    the AP test's decoder start 2 processes each, with one line saying why, instead of PyTorch's
+    two-line warning that the workers may run slowly or freeze."""
+    import data.factory
+    from utils.batch_detect import detect_files
+
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1}, raising=False)  # PyTorch reads it too
+    monkeypatch.setattr(os, 'cpu_count', lambda: 2)
+    monkeypatch.setattr(data.factory, '_capped', set())
+    ds = WIDERDetection(small_list, mode='val', input_size=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # PyTorch's warning would fail the test
+        loaders = [make_loader(ds, EpochBatchSampler(len(ds), 2, shuffle=shuffle), num_workers=4)
+                   for shuffle in (True, False)]
+        assert [loader.num_workers for loader in loaders] == [2, 2]
+        assert make_loader(ds, EpochBatchSampler(len(ds), 2), num_workers=2).num_workers == 2
+
+        class Detector:  # what detect_files asks of utils.inference.Detector in 'multiscale' mode
+            max_size = None
+
+            def detect(self, rgb, mode):
+                return np.zeros((0, 5), np.float32)
+
+        paths = [os.path.join(os.path.dirname(small_list), 'img0.jpg')]
+        assert [r[0] for r in detect_files(Detector(), paths, 'multiscale', workers=4, option='--num_workers')] == [0]
+    assert capsys.readouterr().err == ('--num_workers 4: this process may use 2 CPU cores, so 2 data loading '
+                                       'processes start (more would only compete for the cores)\n')

@@ -3,7 +3,10 @@
     python tools/convert_official.py --src s3fd-619a316812.pth --dst weights/s3fd_official.pth
 
 --src is a state_dict in the layout of the public PyTorch port of the released Caffe model
-(face_alignment's `net_s3fd.s3fd`, file s3fd-619a316812.pth): keys `conv1_1` ... `conv5_3`,
+(face_alignment's `net_s3fd.s3fd`), the file s3fd-619a316812.pth, which the face-alignment
+package (face_alignment/detection/sfd/sfd_detector.py) downloads from
+    https://www.adrianbulat.com/downloads/python-fan/s3fd-619a316812.pth
+(this tool downloads nothing). Its keys: `conv1_1` ... `conv5_3`,
 `fc6`, `fc7`, `conv6_1`, `conv6_2`, `conv7_1`, `conv7_2` (`.weight`/`.bias`), the L2Norm
 scales `conv3_3_norm`, `conv4_3_norm`, `conv5_3_norm` (`.weight`), and the heads
 `<source>_mbox_loc` / `<source>_mbox_conf` for the sources conv3_3_norm, conv4_3_norm,
@@ -30,21 +33,30 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+# Where the face-alignment package (face_alignment/detection/sfd/sfd_detector.py) downloads the file.
+RELEASED_URL = 'https://www.adrianbulat.com/downloads/python-fan/s3fd-619a316812.pth'
+from utils.cli import HelpFormatter  # noqa: E402
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--src', required=True, help='released S3FD weights in the PyTorch-port layout')
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument('--src', required=True,
+                        help='released S3FD weights in the layout of its PyTorch port: s3fd-619a316812.pth '
+                             '(where to get it: above)')
     parser.add_argument('--dst', required=True, help='output checkpoint for this repository')
     return parser.parse_args(argv)
 
 
 if __name__ == '__main__':
     parse_args()  # --help and usage errors answer here, before PyTorch is imported below
+    from utils.cli import exit_if_torchvision_broken
+    exit_if_torchvision_broken('convert_official.py')  # one line, not a traceback, when it does not fit torch
 
 
 import torch  # noqa: E402
 
 from s3fd import build_s3fd  # noqa: E402
-from utils.cli import run_cli  # noqa: E402
+from utils.cli import ToolError, run_cli  # noqa: E402
 from utils.checkpoint import (CheckpointError, atomic_save, check_layout, describe_keys,  # noqa: E402
                               extract_state_dict, load_file, load_weights)
 from utils.fileio import check_output_file  # noqa: E402
@@ -117,6 +129,10 @@ def convert_state_dict(state, path='<checkpoint>'):
 def main(args):
     """Convert args.src and write args.dst atomically; returns the saved checkpoint dict."""
     check_output_file(args.dst, '--dst')
+    if not os.path.exists(args.src):
+        raise ToolError(f'--src {args.src}: no such file. The released S3FD weights in the layout of its PyTorch '
+                        f'port are s3fd-619a316812.pth, which the face-alignment package downloads from '
+                        f'{RELEASED_URL} (e.g. wget that URL)')
     state = extract_state_dict(load_file(args.src), args.src)
     converted = convert_state_dict(state, args.src)
     net = build_s3fd('train', variant=VARIANT)
@@ -129,4 +145,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    sys.exit(run_cli(main, parse_args))
+    sys.exit(run_cli(main, parse_args, prog='convert_official.py'))

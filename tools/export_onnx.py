@@ -28,6 +28,8 @@ with --dynamic, at a second size (batch 1): max abs difference at most --atol + 
 the largest output value. The differences are printed.
 """
 import argparse
+import contextlib
+import logging
 import os
 import sys
 import warnings
@@ -37,14 +39,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.config import MODEL_VARIANTS, cfg  # noqa: E402
 
 EXPORTERS = ('dynamo', 'torchscript')
+from utils.cli import HelpFormatter  # noqa: E402
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('--model', required=True, help='S3FD checkpoint (train.py output or converted weights)')
     parser.add_argument('--out', default='s3fd.onnx', help='output ONNX file')
     parser.add_argument('--input_size', type=int, nargs=2, default=[640, 640], metavar=('H', 'W'),
-                        help='input height and width (fixed, or the example size with --dynamic)')
+                        help='input height and width (fixed, or the example size with --dynamic; default 640 640)')
     parser.add_argument('--dynamic', action='store_true', help='any input height and width')
     parser.add_argument('--check_size', type=int, nargs=2, metavar=('H', 'W'),
                         help='second size checked with --dynamic (default: about 3/4 of --input_size)')
@@ -60,6 +63,8 @@ def parse_args(argv=None):
 
 if __name__ == '__main__':
     parse_args()  # --help and usage errors answer here, before PyTorch is imported below
+    from utils.cli import exit_if_torchvision_broken
+    exit_if_torchvision_broken('export_onnx.py')  # one line, not a traceback, when it does not fit torch
 
 
 import torch  # noqa: E402
@@ -127,14 +132,49 @@ def _import_onnx(exporter):
     return modules['onnx'], modules['onnxruntime']
 
 
+class _ConstantPriorsNotice(logging.Filter):
+    """Drops the one notice the dynamo exporter prints about a correct export of a fixed size:
+    'Skipped deduplication of initializer ... as it is a graph input or output'.
+
+    Why it is printed: for a fixed input size the priors are a constant, and a constant the
+    exporter returns becomes an initializer (its optimizer lifts every constant into one, in
+    torch.onnx's `optimize` step: onnxscript's optimize_ir). An initializer may be a graph
+    output (the ONNX checker and onnxruntime accept it), but onnx_ir's
+    DeduplicateInitializersPass then leaves it alone and logs that at WARNING level, which
+    Python's last-resort handler prints. The cause cannot go without changing the outputs:
+    computed in the graph from the feature-map sizes (as with --dynamic), the priors of a
+    fixed size are constant-folded into the same initializer. So only that notice, about the
+    priors' initializer, is dropped; any other goes through."""
+
+    def __init__(self, names):
+        super().__init__()
+        self.names = set(names)
+
+    def filter(self, record):
+        return not (record.msg.startswith('Skipped deduplication of initializer') and 'graph input or output'
+                    in record.msg and record.args and record.args[0] in self.names)
+
+
+@contextlib.contextmanager
+def _without_constant_priors_notice():
+    logger = logging.getLogger('onnx_ir.passes.common.initializer_deduplication')
+    notice = _ConstantPriorsNotice({'fixed_priors', OUTPUT_NAMES[2]})
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
+
+
 def export(wrapper, example, path, dynamic, opset, exporter):
     """Write `wrapper` traced on `example` to `path` as ONNX with the given exporter."""
     if exporter == 'dynamo':
         auto = torch.export.Dim.AUTO
         axes = {0: auto, 2: auto, 3: auto} if dynamic else {0: auto}
-        torch.onnx.export(wrapper, (example,), path, dynamo=True, input_names=[INPUT_NAME],
-                          output_names=list(OUTPUT_NAMES), opset_version=opset,
-                          dynamic_shapes={INPUT_NAME: axes}, external_data=False, verbose=False)
+        with _without_constant_priors_notice():
+            torch.onnx.export(wrapper, (example,), path, dynamo=True, input_names=[INPUT_NAME],
+                              output_names=list(OUTPUT_NAMES), opset_version=opset,
+                              dynamic_shapes={INPUT_NAME: axes}, external_data=False, verbose=False)
     else:
         axes = {INPUT_NAME: {0: 'batch'}, 'loc': {0: 'batch'}, 'conf': {0: 'batch'}}
         if dynamic:
@@ -252,4 +292,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    sys.exit(run_cli(main, parse_args))
+    sys.exit(run_cli(main, parse_args, prog='export_onnx.py'))

@@ -1,13 +1,21 @@
 """Build the reduced-fc VGG16 basenet (weights/vgg16_reducedfc.pth) from ImageNet VGG16 weights.
 
-    python tools/make_basenet.py --src vgg16-397923af.pth [--dst weights/vgg16_reducedfc.pth]
-                                 [--src_norm torchvision|caffe]
+    python tools/make_basenet.py --src torchvision [--dst weights/vgg16_reducedfc.pth]
+    python tools/make_basenet.py --src vgg16-397923af.pth [--dst ...] [--src_norm torchvision|caffe]
 
---src is a local VGG16 state_dict in torchvision's layout (`features.N.weight/bias` for the
-13 convolutions, `classifier.0/3/6.*` for fc6/fc7/fc8), e.g. torchvision's ImageNet file
-vgg16-397923af.pth; nothing is downloaded. The result is a plain state_dict whose keys are
-exactly those of `build_s3fd(...).vgg.state_dict()` (`0.weight` ... `33.bias`); train.py loads
-it into `net.vgg` with strict=True.
+Where the VGG16 comes from:
+- `--src torchvision` takes torchvision's ImageNet VGG16 through its weights API
+  (`torchvision.models.VGG16_Weights.IMAGENET1K_V1`): the file vgg16-397923af.pth
+  (528 MiB) is downloaded once from https://download.pytorch.org/models/vgg16-397923af.pth
+  into torch's cache (`$TORCH_HOME/hub/checkpoints`, by default ~/.cache/torch/hub/checkpoints),
+  checked against the SHA-256 prefix in its name, and read from there afterwards. This
+  option is the only one that downloads anything.
+- `--src FILE` is a local VGG16 state_dict in torchvision's layout (`features.N.weight/bias`
+  for the 13 convolutions, `classifier.0/3/6.*` for fc6/fc7/fc8), e.g. that same file fetched
+  elsewhere (`wget https://download.pytorch.org/models/vgg16-397923af.pth`).
+The result is a plain state_dict whose keys are exactly those of
+`build_s3fd(...).vgg.state_dict()` (`0.weight` ... `33.bias`); train.py loads it into
+`net.vgg` with strict=True.
 
 What is done to the weights:
 - conv1_1 ... conv5_3 are copied (features.N -> N).
@@ -34,18 +42,29 @@ import os
 import sys
 import warnings
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# torchvision's ImageNet VGG16 (VGG16_Weights.IMAGENET1K_V1.url in torchvision/models/vgg.py).
+TORCHVISION_VGG16_URL = 'https://download.pytorch.org/models/vgg16-397923af.pth'
+TORCHVISION_SOURCE = 'torchvision'  # --src value that takes it through torchvision's weights API
+
 # How each source was trained: source input channel k reads RGB channel order[k] as
 # (pixel / scale - mean[k]) / std[k], pixel in 0..255.
 SOURCE_NORMS = {
     'torchvision': dict(order=(0, 1, 2), scale=255.0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
     'caffe': dict(order=(2, 1, 0), scale=1.0, mean=(103.939, 116.779, 123.68), std=(1.0, 1.0, 1.0)),
 }
+from utils.cli import HelpFormatter  # noqa: E402
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--src', required=True, help='local VGG16 state_dict in torchvision layout')
-    parser.add_argument('--dst', default='weights/vgg16_reducedfc.pth', help='output basenet file')
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument('--src', required=True,
+                        help="'torchvision': torchvision's ImageNet VGG16 through its weights API (downloaded "
+                             "once into torch's cache); or a local VGG16 state_dict in torchvision's layout, "
+                             'e.g. vgg16-397923af.pth (where to get it: above)')
+    parser.add_argument('--dst', default='weights/vgg16_reducedfc.pth',
+                        help='output basenet file (default weights/vgg16_reducedfc.pth, where train.py looks)')
     parser.add_argument('--src_norm', choices=sorted(SOURCE_NORMS), default='torchvision',
                         help='input normalisation the VGG16 was trained with (default: torchvision)')
     return parser.parse_args(argv)
@@ -53,16 +72,16 @@ def parse_args(argv=None):
 
 if __name__ == '__main__':
     parse_args()  # --help and usage errors answer here, before PyTorch is imported below
+    from utils.cli import exit_if_torchvision_broken
+    exit_if_torchvision_broken('make_basenet.py')  # one line, not a traceback, when it does not fit torch
 
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from data.config import cfg  # noqa: E402
 from s3fd import VARIANTS, vgg  # noqa: E402
-from utils.cli import run_cli  # noqa: E402
+from utils.cli import ToolError, run_cli  # noqa: E402
 from utils.checkpoint import atomic_save, check_layout, extract_state_dict, load_file, load_weights  # noqa: E402
 from utils.fileio import check_output_file  # noqa: E402
 
@@ -164,11 +183,52 @@ def convert_vgg16(state, src_norm='torchvision', path='<vgg16>'):
     return out
 
 
+def torch_cache_dir():
+    """Where torch's weights downloads are kept: `torch.hub.get_dir()`/checkpoints."""
+    return os.path.join(torch.hub.get_dir(), 'checkpoints')
+
+
+def torchvision_vgg16():
+    """torchvision's ImageNet VGG16 state_dict through its weights API, and where it is cached:
+    `VGG16_Weights.IMAGENET1K_V1.get_state_dict` downloads vgg16-397923af.pth into
+    torch_cache_dir() the first time (the download checked against the SHA-256 prefix in the
+    name) and reads it from there afterwards, with weights_only=True. ToolError in one line when
+    it cannot be had."""
+    from torchvision.models import VGG16_Weights
+
+    weights = VGG16_Weights.IMAGENET1K_V1
+    cached = os.path.join(torch_cache_dir(), os.path.basename(weights.url))
+    if not os.path.isfile(cached):
+        print(f"--src torchvision: downloading torchvision's ImageNet VGG16 ({weights.url}, 528 MiB) into "
+              f'{torch_cache_dir()}; later runs read it from there', flush=True)
+    try:
+        state = weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
+    except (OSError, RuntimeError, ValueError) as exc:  # URLError is an OSError; a bad hash a RuntimeError
+        reason = str(getattr(exc, 'reason', '') or exc).strip().splitlines()
+        raise ToolError(f'--src torchvision: cannot get {weights.url} ({reason[0] if reason else type(exc).__name__}): '
+                        f'without internet here, fetch that file elsewhere and give it as --src') from None
+    return state, cached
+
+
+def load_source(src, src_norm='torchvision'):
+    """(state_dict, the file it was read from) of --src: torchvision's weights API, or a local file."""
+    if src == TORCHVISION_SOURCE:
+        if src_norm != 'torchvision':
+            raise ToolError(f"--src torchvision is torchvision's VGG16, trained on torchvision's normalisation: "
+                            f'--src_norm {src_norm} does not apply to it')
+        return torchvision_vgg16()
+    if not os.path.exists(src):
+        raise ToolError(f"--src {src}: no such file. It is torchvision's ImageNet VGG16, vgg16-397923af.pth, from "
+                        f"{TORCHVISION_VGG16_URL}; with internet, --src torchvision downloads it once into "
+                        f"torch's cache ({torch_cache_dir()}) through torchvision's weights API")
+    return extract_state_dict(load_file(src), src), src
+
+
 def main(args):
     """Write the basenet to args.dst (atomically); returns its state_dict."""
     check_output_file(args.dst, '--dst')
-    state = extract_state_dict(load_file(args.src), args.src)
-    basenet = convert_vgg16(state, args.src_norm, args.src)
+    state, source = load_source(args.src, args.src_norm)
+    basenet = convert_vgg16(state, args.src_norm, source)
     # Proof that the file fits: strict load into the trunk of both model variants (built on
     # the meta device: keys and shapes are checked, nothing is allocated).
     with torch.device('meta'):
@@ -178,11 +238,11 @@ def main(args):
         for trunk in trunks:
             load_weights(trunk, basenet, args.dst)
     atomic_save(basenet, args.dst)
-    print(f'wrote {args.dst}: {len(basenet)} tensors, conv1_1..conv5_3, fc6 {tuple(basenet["31.weight"].shape)}, '
+    print(f'wrote {args.dst} from {source}: {len(basenet)} tensors, conv1_1..conv5_3, fc6 {tuple(basenet["31.weight"].shape)}, '
           f'fc7 {tuple(basenet["33.weight"].shape)}; conv1_1 folded from {args.src_norm} normalisation to '
           f'RGB minus {tuple(cfg.img_mean)}')
     return basenet
 
 
 if __name__ == '__main__':
-    sys.exit(run_cli(main, parse_args))
+    sys.exit(run_cli(main, parse_args, prog='make_basenet.py'))

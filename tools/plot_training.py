@@ -2,10 +2,10 @@
 
     python tools/plot_training.py weights/metrics.jsonl [--out weights/training.png]
 
-Left: the training loss (mean over the epoch) and the validation loss, per epoch. Right: the
-WIDER AP of each epoch evaluated with --val_ap (Easy/Medium/Hard, or one AP over all faces
-when the official ground truth was not found), with the epoch that sfd_face.pth holds marked.
-A run that was resumed may list an epoch twice: its last row counts. Needs matplotlib
+Left: the training loss (mean over the epoch) and the validation loss, per epoch. Right, for
+a run with --val_ap: the WIDER AP of each epoch evaluated (Easy/Medium/Hard, or one AP over
+all faces when the official ground truth was not found). The epoch that sfd_face.pth holds
+is marked in each panel; legends sit below the panels. A run that was resumed may list an epoch twice: its last row counts. Needs matplotlib
 (pip install matplotlib).
 """
 import argparse
@@ -15,11 +15,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.cli import ToolError, run_cli  # noqa: E402
+from utils.cli import HelpFormatter, ToolError, run_cli  # noqa: E402
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('metrics', help='metrics.jsonl written by train.py in its --save_folder')
     parser.add_argument('--out', default=None, help='image file (png, pdf, svg; default: training.png '
                                                     'beside the metrics file)')
@@ -54,49 +54,61 @@ def read_metrics(path):
     return [rows[epoch] for epoch in sorted(rows)]
 
 
-def plot(rows, out):
+def draw(rows):
+    """The figure of `rows` (read_metrics): the losses per epoch, and the AP per epoch when any
+    epoch has one, the epoch sfd_face.pth holds marked in each panel. Epoch ticks are whole
+    epochs; each legend is below its panel, where it hides no point. A run without --val_ap
+    gets the loss panel alone (no empty AP panel)."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         raise ToolError('drawing needs matplotlib, which is not installed: pip install matplotlib') from None
-    from utils.fileio import atomic_path
 
     epochs = [row['epoch'] for row in rows]
-    fig = Figure(figsize=(12, 4.5))
-    FigureCanvasAgg(fig)
-    loss_ax, ap_ax = fig.subplots(1, 2)
-    for key, label in (('train_loss', 'training loss (epoch mean)'), ('val_loss', 'validation loss')):
-        points = [(e, row[key]) for e, row in zip(epochs, rows) if row.get(key) is not None]
-        if points:
-            loss_ax.plot(*zip(*points), marker='o', label=label)
-    loss_ax.set_xlabel('epoch')
-    loss_ax.set_ylabel('loss (loc + conf)')
-    loss_ax.grid(True, alpha=0.3)
-    loss_ax.legend()
     settings = []
     for row in rows:
         for name in (row.get('ap') or {}):
             if name not in settings:
                 settings.append(name)
-    for name in settings:
-        points = [(e, row['ap'][name]) for e, row in zip(epochs, rows) if (row.get('ap') or {}).get(name) is not None]
-        ap_ax.plot(*zip(*points), marker='o', label=f'{name} AP')
+    fig = Figure(figsize=(12 if settings else 6.5, 5), layout='constrained')
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2 if settings else 1, squeeze=False)[0]
+    loss_ax = axes[0]
+    for key, label in (('train_loss', 'training loss (epoch mean)'), ('val_loss', 'validation loss')):
+        points = [(e, row[key]) for e, row in zip(epochs, rows) if row.get(key) is not None]
+        if points:
+            loss_ax.plot(*zip(*points), marker='o', label=label)
+    loss_ax.set_ylabel('loss (loc + conf)')
+    if settings:
+        ap_ax = axes[1]
+        for name in settings:
+            points = [(e, row['ap'][name]) for e, row in zip(epochs, rows)
+                      if (row.get('ap') or {}).get(name) is not None]
+            ap_ax.plot(*zip(*points), marker='o', label=f'{name} AP')
+        ap_ax.set_ylabel('WIDER AP (official protocol)')
+        ap_ax.set_ylim(0, 1)
     kept = [row for row in rows if row.get('best_saved')]
-    if kept:
-        last = kept[-1]
-        ap_ax.axvline(last['epoch'], color='grey', linestyle='--',
-                      label=f'sfd_face.pth: epoch {last["epoch"]} (best {last.get("best_by", "loss")})')
-    ap_ax.set_xlabel('epoch')
-    ap_ax.set_ylabel('WIDER AP (official protocol)')
-    ap_ax.set_ylim(0, 1)
-    ap_ax.grid(True, alpha=0.3)
-    if settings or kept:
-        ap_ax.legend(loc='lower right')
-    else:
-        ap_ax.text(0.5, 0.5, 'no AP in this run (train.py --val_ap)', ha='center', va='center',
-                   transform=ap_ax.transAxes)
-    fig.tight_layout()
+    for ax in axes:
+        if kept:
+            last = kept[-1]
+            ax.axvline(last['epoch'], color='grey', linestyle='--',
+                       label=f'sfd_face.pth: epoch {last["epoch"]} (best {last.get("best_by", "loss")})')
+        ax.set_xlabel('epoch')
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc='upper center', bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
+    return fig
+
+
+def plot(rows, out):
+    """Draw `rows` (see draw) into the image file `out`, written atomically."""
+    from utils.fileio import atomic_path
+
+    fig = draw(rows)
     ext = os.path.splitext(out)[1].lstrip('.').lower() or 'png'
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format=ext, dpi=100)
@@ -111,4 +123,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    sys.exit(run_cli(main, parse_args))
+    sys.exit(run_cli(main, parse_args, prog='plot_training.py'))

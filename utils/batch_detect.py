@@ -42,7 +42,7 @@ def _as_is(sample):
     return sample
 
 
-def detect_files(detector, paths, mode='single', batch_size=1, workers=2):
+def detect_files(detector, paths, mode='single', batch_size=1, workers=2, option='--workers'):
     """Detect faces in every file of `paths`; yields `(index, dets, hw, error)` per file, in
     no fixed order: `dets` float32 [n, 5] `(x1, y1, x2, y2, score)` in original pixels and
     `hw` the original size, or `dets`, `hw` None and `error` the message of an image that
@@ -50,9 +50,14 @@ def detect_files(detector, paths, mode='single', batch_size=1, workers=2):
 
     mode 'single': images are resized by the detector's single-scale rule (its `max_size`
     applies) in the workers, and images of one input size run `batch_size` at a time, which
-    gives the same boxes as one at a time. 'multiscale': one image at a time.
+    gives the same boxes as one at a time. 'multiscale': one image at a time. `workers` decoding
+    processes, at most the CPU cores this process may use (`option` names the setting in the
+    line that says so; data.factory.usable_workers).
     """
+    from data.factory import usable_workers
+
     single = mode == 'single'
+    workers = usable_workers(workers, option)
     if workers > 0:
         # The worker processes decode in parallel already; a forked worker whose parent used
         # OpenCV's thread pool can deadlock inside OpenCV, so the parent runs it single-threaded.

@@ -669,7 +669,9 @@ def evaluate(pred_dir, gt, warn=None, return_curves=False, arithmetic='matlab'):
 
 
 def plot_pr_curves(curves, aps, path, label=None):
-    """Save the three precision-recall curves side by side to ``path`` (needs matplotlib).
+    """Save the three precision-recall curves side by side to ``path`` (needs matplotlib);
+    returns the figure. Each panel's title gives its AP (no legend, which would hide the
+    curve of a weak detector, whose points lie at low recall).
 
     The file is written atomically; the format follows the extension (png, pdf, svg, ...).
     """
@@ -681,16 +683,15 @@ def plot_pr_curves(curves, aps, path, label=None):
         c = curves[setting]
         keep = c['proposals'] > 0
         name = f'{label} ' if label else ''
-        ax.plot(c['recall'][keep], c['precision'][keep], linewidth=2,
-                label=f'{name}AP {aps[setting]:.4f}')
-        ax.set_title(f'WIDER FACE val - {setting}')
+        ax.plot(c['recall'][keep], c['precision'][keep], linewidth=2)
+        ax.set_title(f'WIDER FACE val - {setting}: {name}AP {aps[setting]:.4f}')
         ax.set_xlabel('Recall')
         ax.set_ylabel('Precision')
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.01)
         ax.grid(True, alpha=0.3)
-        ax.legend(loc='lower left')
     fig.tight_layout()
     ext = os.path.splitext(path)[1].lstrip('.').lower() or 'png'
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format=ext, dpi=110)
+    return fig

@@ -125,7 +125,7 @@ class ValAP:
         rows, cut_short = {}, False
         try:
             for index, dets, hw, error in detect_files(detector, [self.paths[i] for i in mine], 'single',
-                                                       workers=workers):
+                                                       workers=workers, option='--num_workers'):
                 if error is not None:
                     rows[mine[index]] = None  # unreadable: no detections, its faces still count
                 else:
