@@ -5,9 +5,11 @@
 Generates the synthetic dataset under data/demo/WIDER (once), writes its list files, then runs
 train.py with a demo-only recipe (DEMO_RECIPE: from scratch, a reduced input size, the WIDER AP of
 every epoch with the official protocol, the epoch of the best AP kept in
-data/demo/weights/sfd_face.pth), draws that detector's faces on one validation image and prints
-the commands that reproduce its numbers. Options given on the command line (e.g. --max_iter,
---resume) override the recipe's; train.py's own defaults are not changed.
+data/demo/weights/sfd_face.pth), draws that detector's detections on one validation image and
+prints the commands that reproduce its numbers. Everything it and those commands write stays
+under data/demo/. A new demo replaces the last one (the files it removes are named); options
+given on the command line (e.g. --max_iter, --resume) override the recipe's; train.py's own
+defaults are not changed.
 """
 import argparse
 import os
@@ -60,7 +62,10 @@ def main(argv=None, signals=None):
     import train
 
     prepare_data()
-    args = train.parse_args(recipe_argv() + [a for a in (argv or []) if a != '--demo'])
+    argv = [a for a in (argv or []) if a != '--demo']
+    fresh = not any(a == '--resume' or a.startswith('--resume=') for a in argv)
+    # A new demo replaces the last one in its own folder (train.py names the files it removes).
+    args = train.parse_args(recipe_argv() + (['--overwrite'] if fresh else []) + argv)
     print(f'Demo: training from scratch on the CPU at {args.input_size}x{args.input_size}, '
           f'batch {args.batch_size}, {args.epochs} epochs; the epoch of the best WIDER AP is kept', flush=True)
     state, stop = train.main(args, signals)
@@ -126,15 +131,16 @@ def finish_demo(args, state):
           f'split (official protocol, single-scale, longer side {size} px): Easy {aps["easy"]:.4f}, '
           f'Medium {aps["medium"]:.4f}, Hard {aps["hard"]:.4f}', flush=True)
     image, annotated, large = demo_image(args.val_file)
-    out_dir = os.path.join(DEMO_ROOT, 'detections')
-    draw = ['--model', best, '--device', 'cpu', '--max_size', str(size), '--thresh', str(DEMO_DRAW_THRESH)]
-    (_, drawn, found, _), = demo.main(demo.parse_args([image, *draw, '--out', out_dir]))
-    print(f'Demo: drew the {found} faces it finds at score >= {DEMO_DRAW_THRESH} on {drawn} '
-          f'(the image has {annotated} annotated, {large} of them at least {DEMO_DRAW_MIN_FACE} px tall)', flush=True)
+    draw = ['--model', best, '--device', 'cpu', '--max_size', str(size), '--thresh', str(DEMO_DRAW_THRESH),
+            '--annotations', args.val_file, '--out', os.path.join(DEMO_ROOT, 'detections')]
+    (result,) = demo.main(demo.parse_args([image, *draw]))
+    print(f'Demo: drew its {result.faces} detections at score >= {DEMO_DRAW_THRESH} on {result.out}: {result.matched} '
+          f'on the image\'s {annotated} annotated faces ({large} of them at least {DEMO_DRAW_MIN_FACE} px tall), in '
+          f'green, and {result.faces - result.matched} elsewhere, in red', flush=True)
     gt_dir = os.path.join(DEMO_WIDER, 'eval_tools', 'ground_truth')
     commands = [
         ['python', 'wider_test.py', '--model', best, '--dataset_dir', DEMO_WIDER, '--device', 'cpu',
-         '--max_size', str(size), '--eval', gt_dir],
+         '--max_size', str(size), '--eval', gt_dir, '--out', os.path.join(DEMO_ROOT, 'predictions')],
         ['python', 'demo.py', image, *draw],
         ['python', 'tools/plot_training.py', folder.metrics],
     ]

@@ -363,6 +363,8 @@ def main(args, signals=None):
         start, stop = time.time(), None
         signals.training()
         net.train()
+        log(f'Training from epoch {state.epoch}, iteration {state.iteration}: a log block every {cfg.LOG_INTERVAL} '
+            'iterations, the first after the first step')
         while state.unvalidated_epoch is not None or (state.epoch < args.epochs and state.iteration < args.max_iter):
             if state.unvalidated_epoch is None:  # (else a stop cut the validation of this trained epoch short)
                 first = state.iteration
@@ -422,6 +424,12 @@ def main(args, signals=None):
                                    'validates it first')
         if stop:
             log(stopped_message(state.iteration, folder.checkpoint, stop))
+        elif state.best_loss_epoch is None:  # no validation ran: say so, and what the folder holds
+            why = (f'--max_iter {args.max_iter} ended the run inside epoch {state.epoch}' if state.mid_epoch
+                   else f'{args.val_file} is missing or lists no image')
+            log(f'Finished: iteration {state.iteration}, epoch {state.epoch}, {time.time() - start:.1f}s; no validation '
+                f'ran ({why}), so there is no {os.path.basename(folder.best)}: {folder.path} holds '
+                f'{", ".join(folder.run_files()) or "nothing of this run"}')
         else:
             best_ap = f', best val AP {state.best_ap:.4f} (epoch {state.best_ap_epoch})' if state.best_ap is not None else ''
             log(f'Finished: iteration {state.iteration}, epoch {state.epoch}, best validation loss '

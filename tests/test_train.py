@@ -443,19 +443,26 @@ def test_demo_keeps_the_best_ap_draws_its_faces_and_prints_commands_that_work(tm
     assert (f'Demo: done. {best} holds epoch 0, the best WIDER AP on the synthetic val split (official protocol, '
             f'single-scale, longer side 64 px): Easy {aps["easy"]:.4f}, Medium {aps["medium"]:.4f}, '
             f'Hard {aps["hard"]:.4f}') in out
-    drawn = re.search(r'Demo: drew the (\d+) faces it finds at score >= 0.3 on (\S+) \(the image has (\d+) annotated, (\d+) of them at least 40 px tall\)',
-                      out)
-    assert drawn and os.path.isfile(drawn.group(2)) and int(drawn.group(3)) > 0, out
+    drawn = re.search(r'Demo: drew its (\d+) detections at score >= 0.3 on (\S+): (\d+) on the image\'s (\d+) annotated '
+                      r'faces \((\d+) of them at least 40 px tall\), in green, and (\d+) elsewhere, in red', out)
+    assert drawn and os.path.isfile(drawn.group(2)) and int(drawn.group(4)) > 0, out
+    assert int(drawn.group(3)) + int(drawn.group(6)) == int(drawn.group(1))
     commands = out.split('the drawing, and the training curves:\n', 1)[1].splitlines()[:3]
     wider_test_argv = shlex.split(commands[0])
     assert wider_test_argv[:2] == ['python', 'wider_test.py'] and 'demo.py' in commands[1]
-    printed = wider_test.main(wider_test.parse_args(wider_test_argv[2:] + ['--out', str(tmp_path / 'pred')]))
+    printed = wider_test.main(wider_test.parse_args(wider_test_argv[2:]))
     assert printed == aps  # the command as printed gives the AP the demo reported
-    small_demo(tmp_path / 'short')
+    # Everything the demo and its commands write stays in the demo's folder.
+    assert os.listdir(tmp_path / 'full' / 'predictions') and os.listdir(tmp_path / 'full' / 'detections')
+    assert drawn.group(2).startswith(str(tmp_path / 'full'))
+    # A new demo replaces the last one, saying what it removes; stopped early, it says how to continue.
     demo.main(['--max_iter', '1'])
-    checkpoint = tmp_path / 'short' / 'weights' / 'sfd_face_checkpoint.pth'
+    checkpoint = tmp_path / 'full' / 'weights' / 'sfd_face_checkpoint.pth'
+    out = capsys.readouterr().out
+    assert (f"--overwrite: removed the earlier run's files from {tmp_path / 'full' / 'weights'}: metrics.jsonl, "
+            'sfd_face.pth, sfd_face_checkpoint.pth') in out
     assert (f'Demo: training stopped at iteration 1, in epoch 0 of 1; continue it with '
-            f'`python train.py --demo --resume {checkpoint}`') in capsys.readouterr().out
+            f'`python train.py --demo --resume {checkpoint}`') in out
     state = demo.main(['--resume', str(checkpoint)])[0]
     out = capsys.readouterr().out
     assert 'Resuming training' in out and 'Demo: done.' in out
@@ -588,7 +595,8 @@ def _launch(lists, folder, *extra, launcher_options=()):
                             env=dict(os.environ, OMP_NUM_THREADS='1'))
 
 
-def test_a_new_run_never_replaces_another_and_resume_auto_continues_it(lists, uninterrupted, tmp_path, capsys):
+def test_a_new_run_never_replaces_another_and_resume_auto_continues_it(lists, uninterrupted, tmp_path, capsys,
+                                                                      monkeypatch):
     _, full, _ = uninterrupted
     checkpoint = tmp_path / 'sfd_face_checkpoint.pth'
     run_main(lists, tmp_path, '--epochs', '2', '--max_iter', '5')  # epoch 0 validated, then 1 step of epoch 1
@@ -601,18 +609,28 @@ def test_a_new_run_never_replaces_another_and_resume_auto_continues_it(lists, un
                         r'over with --overwrite \(removes its files\)', err), err
     assert checkpoint.read_bytes() == saved and (tmp_path / 'metrics.jsonl').read_text() == metrics
     # The same command with --resume auto continues it exactly, as --resume PATH does; re-run, it has nothing left.
-    for _ in range(2):
-        state = run_main(lists, tmp_path, '--epochs', '2', '--resume', 'auto')
-        assert f'--resume auto: continuing from {checkpoint}' in capsys.readouterr().out
+    # The list spelled another way is the same list, not a changed option.
+    respelled = (os.path.relpath(lists[0]), os.path.join(os.path.dirname(lists[1]), '.', os.path.basename(lists[1])))
+    for spelling in (lists, respelled):
+        state = run_main(spelling, tmp_path, '--epochs', '2', '--resume', 'auto')
+        out = capsys.readouterr().out
+        assert f'--resume auto: continuing from {checkpoint}' in out and '_file' not in out, out
     assert state.iteration == 8
     a, b = load_file(str(full / 'sfd_face_checkpoint.pth')), load_file(str(checkpoint))
     assert all(torch.equal(v, b['weight'][k]) for k, v in a['weight'].items()) and a['state'] == b['state']
     rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
     assert [row['epoch'] for row in rows] == [0, 1]
-    # --overwrite starts over, naming what it removes; nothing of the earlier run stays.
+    # --overwrite starts over, naming what it removes; nothing of the earlier run stays. (Iterations of 6 s
+    # and more show the speed line and its ETA without --log_speed; a run without a validation says so.)
+    monkeypatch.setattr(engine.SpeedMeter, 'seconds_per_iteration', lambda self: 6.0)
     run_main(lists, tmp_path, '--epochs', '1', '--max_iter', '1', '--seed', '1', '--overwrite')
+    out = capsys.readouterr().out
     assert (f"--overwrite: removed the earlier run's files from {tmp_path}: metrics.jsonl, sfd_face.pth, "
-            'sfd_face_checkpoint.pth') in capsys.readouterr().out
+            'sfd_face_checkpoint.pth') in out
+    assert re.search(r'^->> speed:\d+\.\d img/s \|\| data wait:\d+\.\d{4}s/iter \|\| eta:0:00:00$', out, re.M), out
+    assert re.search(rf'^Finished: iteration 1, epoch 0, \d+\.\ds; no validation ran \(--max_iter 1 ended the run '
+                     rf'inside epoch 0\), so there is no sfd_face\.pth: {re.escape(str(tmp_path))} holds '
+                     r'sfd_face_checkpoint\.pth$', out, re.M), out
     assert sorted(os.listdir(tmp_path)) == ['sfd_face_checkpoint.pth']
     assert load_file(str(checkpoint))['args']['seed'] == 1
     # In a folder without a checkpoint, --resume auto starts a new run and says so.

@@ -20,6 +20,8 @@ from utils.transforms import subtract_mean
 
 # Non-finite losses (or fp16 overflows) in a row after which a run stops.
 MAX_NONFINITE_IN_A_ROW = 10
+# Iterations this slow (seconds) show the speed line, with its ETA, without --log_speed.
+SLOW_ITERATION = 5.0
 # Weights larger than this have exploded: no trained S3FD weight comes near it (the largest are the
 # L2Norm scales, initialised to 10, 8 and 5), and a run whose learning rate is far too high passes
 # it within a few steps (seen: 4.5e14 after one epoch at --lr 0.5).
@@ -288,7 +290,8 @@ def close_epoch(state, device):
 
 def log_block(state, epoch, iteration, loss_l, loss_c, optimizer, meter, last_iteration, log_speed, writer=None):
     """The original four log lines (the running epoch loss, this step's conf and loc losses, the
-    learning rate), as means over every process; with --log_speed a fifth: speed, data wait, ETA."""
+    learning rate), as means over every process; with --log_speed, or when an iteration takes
+    SLOW_ITERATION seconds or more, a fifth: speed, data wait, ETA."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     loss_sum, loss_count, loss_c, loss_l = devices.all_reduce_sum(
         [state.loss_sum, state.loss_count, float(loss_c), float(loss_l)], loss_c.device)
@@ -300,7 +303,7 @@ def log_block(state, epoch, iteration, loss_l, loss_c, optimizer, meter, last_it
     log('->> conf loss:{:.4f} || loc loss:{:.4f}'.format(loss_c, loss_l))
     log('->>lr:{:.6f}'.format(lr))
     speed = meter.images_per_second()
-    if log_speed:
+    if log_speed or meter.seconds_per_iteration() >= SLOW_ITERATION:
         log('->> speed:{:.1f} img/s || data wait:{:.4f}s/iter || eta:{}'.format(
             speed, meter.data_wait_per_iteration(), meter.eta(last_iteration - state.iteration)))
     if writer is not None:
