@@ -19,7 +19,7 @@ import sys
 import time
 
 from data.config import cfg
-from utils.cli import UserError, at_least, input_side, run_cli
+from utils.cli import UserError, at_least, input_side, loss_scale, run_cli
 
 
 class TrainSetupError(UserError, RuntimeError):
@@ -52,9 +52,14 @@ def parse_args(argv=None):
                              'installed (else native), off on CPU')
     parser.add_argument('--amp_dtype', default='bf16', choices=['bf16', 'fp16'],
                         help='autocast dtype for --amp native (fp16 adds a GradScaler)')
-    parser.add_argument('--loss_scale', default=32.0, type=float,
-                        help='fixed loss scale of the Ascend fp16 recipe (Apex O2 / NPU GradScaler); a step '
-                             'whose gradients overflow is skipped')
+    parser.add_argument('--loss_scale', default=None, type=loss_scale, metavar='SCALE|dynamic',
+                        help='loss scale of the NPU fp16 recipes (Apex O2 / NPU GradScaler): a number is a static '
+                             'scale (default 32, the Ascend recipe\'s; with --resume, the checkpoint\'s mode and '
+                             'scale), dynamic the library\'s dynamic scaling; a step whose gradients overflow is '
+                             'skipped either way')
+    parser.add_argument('--combine_ddp', action='store_true',
+                        help="NPU with Apex under torchrun: Apex's combine_ddp exchanges the combined gradients "
+                             'itself, instead of DistributedDataParallel (the Ascend recipe\'s data parallelism)')
     parser.add_argument('--npu_jit_compile', action='store_true',
                         help="NPU: compile operators just in time (torch_npu's default before the 910B) instead "
                              'of running the precompiled ones (set_compile_mode(jit_compile=False))')
@@ -246,7 +251,7 @@ def main(args):
         quickstart.prepare_demo(args)
     rank, world, local_rank = devices.distributed_env()
     ctx = devices.setup_device(args.device, local_rank if world > 1 else args.device_id,
-                               args.amp, args.amp_dtype, args.loss_scale, args.npu_jit_compile)
+                               args.amp, args.amp_dtype, args.loss_scale, args.npu_jit_compile, args.combine_ddp)
     devices.init_distributed(ctx.type)
     from utils.engine import log
     lock = claim_save_folder(args, ctx, log)
@@ -274,6 +279,8 @@ def train(args, ctx, rank, world):
     ctx.share_cpu(args.num_workers, world)
     torch.manual_seed(args.seed)
     log(f'Device: {ctx.describe()}' + (f' | {world} processes, batch {args.batch_size} each' if world > 1 else ''))
+    for note in ctx.notes:
+        log(note)
 
     train_loader, val_loader = build_loaders(args, ctx, rank, world)
     net = build_model(args, log).to(ctx.device)
@@ -288,9 +295,7 @@ def train(args, ctx, rank, world):
                        args, world)
     if args.compile:
         net = torch.compile(net)
-    if world > 1:
-        ids = [ctx.device.index] if ctx.type in ('cuda', 'npu') else None
-        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
+    net = ctx.wrap_distributed(net, world)  # DDP under torchrun, unless Apex's combine_ddp exchanges the gradients
     criterion = MultiBoxLoss(cfg, args.dataset)
     val_ap = build_val_ap(args, val_loader, log)
     writer = open_tensorboard(args.tensorboard, log)

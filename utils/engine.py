@@ -322,10 +322,12 @@ def resume(path, model, optimizer, ctx, batches_per_epoch, args, world_size=1):
     try:
         # The loss scaler first: under Apex O2 it makes the fp32 master weights, on which the
         # optimizer's state then lands in fp32.
-        ctx.load_state_dict(ckpt.get('amp', {}), optimizer)
+        message = ctx.load_state_dict(ckpt.get('amp', {}), optimizer)
         optimizer.load_state_dict(ckpt['optimizer'])
     except (ValueError, KeyError) as e:
         raise CheckpointError(f'{path}: optimizer state does not fit this model ({e})') from None
+    if message:  # the loss scale, when it does not simply continue
+        log(message)
     for group in optimizer.param_groups:  # the options of this run (the log says when they changed)
         group['momentum'], group['weight_decay'] = args.momentum, args.weight_decay
     rng = ckpt.get('rng', {})
@@ -492,7 +494,7 @@ class Trainer:
         many in a row stop the run with its last good state saved."""
         self.state['nonfinite_in_a_row'] += 1
         loss_l, loss_c = float(loss_l), float(loss_c)
-        what = (f'gradient overflow at loss scale {self.ctx.loss_scale:g}' if math.isfinite(loss_l + loss_c)
+        what = (f'gradient overflow at loss scale {self.ctx.overflow_scale:g}' if math.isfinite(loss_l + loss_c)
                 else f'non-finite loss (loc {loss_l:.4g}, conf {loss_c:.4g})')
         log(f'iter:{iteration} {what}: step skipped ({self.state["nonfinite_in_a_row"]} in a row)')
         if self.state['nonfinite_in_a_row'] >= MAX_NONFINITE_IN_A_ROW:
@@ -514,6 +516,9 @@ class Trainer:
         log('epoch:' + repr(epoch) + ' || iter:' + repr(iteration) + ' || Loss:%.4f' % tloss)
         log('->> conf loss:{:.4f} || loc loss:{:.4f}'.format(loss_c, loss_l))
         log('->>lr:{:.6f}'.format(lr))
+        scale_change = self.ctx.loss_scale_change()  # NPU fp16: the loss scale, when it changed
+        if scale_change:
+            log(scale_change)
         speed = meter.images_per_second()
         if self.args.log_speed:
             log('->> speed:{:.1f} img/s || data wait:{:.4f}s/iter || eta:{}'.format(
