@@ -327,8 +327,9 @@ class DeviceContext:
 
         The loss scale: without a --loss_scale of its own, the run continues in the checkpoint's
         mode at the scale it had reached; a --loss_scale that differs from the checkpoint's starts
-        afresh at its own. Returns a line for the log when the scale is not simply continued."""
-        message = self._resolve_scale(state)
+        afresh at its own. Returns a line for the log when the scale differs from this run's
+        option (None when the run simply continues)."""
+        load, message = self._resolve_scale(state)
         if self.amp == 'apex':
             optimizer = optimizer if optimizer is not None else self._apex_optimizer
             optimizer.zero_grad()  # Apex's lazy init: masters replace the fp16 params in the optimizer
@@ -341,39 +342,39 @@ class DeviceContext:
                 with torch.no_grad():
                     for master, value in zip(masters, saved):
                         master.copy_(value)
-            if 'apex' in state and message is None:
+            if 'apex' in state and load:
                 self.apex_amp.load_state_dict(state['apex'])
-        elif self.scaler is not None and 'scaler' in state and message is None:
+        elif self.scaler is not None and 'scaler' in state and load:
             saved = state['scaler']
             if self.skips_overflow and not self.dynamic:
                 # the pinned scaler, also for a checkpoint of the unchecked static scaler
                 saved = dict(saved, dynamic=True, growth_interval=NEVER)
             self.scaler.load_state_dict(saved)
-        if message is None:
+        if self.skips_overflow:
             self._reported_scale = self.current_loss_scale()
         return message
 
     def _resolve_scale(self, state):
         """Settle the loss scale for a resume from `state`: adopt the checkpoint's mode when this run
-        did not ask for one, or keep this run's. Returns None when the saved scaler state is to be
-        loaded, else the log line saying what the run starts with."""
+        did not ask for one, else keep this run's. Returns (whether to load the saved scaler state,
+        a log line or None)."""
         if not self.skips_overflow:
-            return None
+            return True, None
         saved = state.get('loss_scale')
         if not isinstance(saved, dict):  # a checkpoint from before the dynamic mode: always static
             saved = {'mode': 'static', 'scale': self._saved_scale(state)}
         mode, scale = saved.get('mode'), saved.get('scale')
         if mode not in ('static', 'dynamic') or not isinstance(scale, (int, float)):
-            return None
+            return True, None
         if mode == ('dynamic' if self.dynamic else 'static') and (self.dynamic or scale == self.loss_scale):
-            return None
-        before = f'{mode} loss scale, at {scale:g}' if mode == 'dynamic' else f'static loss scale {scale:g}'
+            return True, None
+        before = f'a dynamic loss scale, at {scale:g}' if mode == 'dynamic' else f'the static loss scale {scale:g}'
         if self.loss_scale_given:
-            return f'--loss_scale {self.loss_scale if self.dynamic else format(self.loss_scale, "g")}: ' \
-                   f'the checkpoint has a {before}; starting at {self.current_loss_scale():g}'
+            option = 'dynamic' if self.dynamic else format(self.loss_scale, 'g')
+            return False, f'--loss_scale {option}: the checkpoint has {before}; starting at {self.current_loss_scale():g}'
         self.loss_scale = 'dynamic' if mode == 'dynamic' else float(scale)
         self._configure_scaler()
-        return None
+        return True, f'Loss scale: continuing the checkpoint\'s, {before}'
 
     @staticmethod
     def _saved_scale(state):
