@@ -284,9 +284,12 @@ class NpuTensor(torch.Tensor):
 
     @staticmethod
     def __new__(cls, data):
+        # An empty tensor is usually an out= argument about to be resized (a composite kernel's
+        # empty() then its out= variant): its sizes are read from its twin, which the resize changes.
         out = torch.Tensor._make_wrapper_subclass(
             cls, data.size(), strides=data.stride(), storage_offset=data.storage_offset(),
-            dtype=data.dtype, layout=data.layout, device=_CXX_DEVICE, requires_grad=False)
+            dtype=data.dtype, layout=data.layout, device=_CXX_DEVICE, requires_grad=False,
+            dispatch_sizes_strides_policy='sizes' if data.numel() == 0 else None)
         out._data = data
         out._storage_size = None
         STATE.allocated = True
