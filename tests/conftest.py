@@ -37,6 +37,27 @@ def synthetic_lists(root, train=10, val=4, seed=3):
     return str(root / 'face_train.txt'), str(root / 'face_val.txt')
 
 
+# torch_npu's pure-Python files that the tests run on the fake torch_npu (tests/fake_ascend/torch_npu/_upstream.py)
+TORCH_NPU_FILES = ['torch_npu/utils/combine_tensors.py', 'torch_npu/optim/npu_fused_optim_base.py',
+                   'torch_npu/optim/npu_fused_sgd.py', 'torch_npu/npu/amp/common.py',
+                   'torch_npu/npu/amp/grad_scaler.py', 'torch_npu/version.py']
+TORCH_NPU_WHEEL_DIR = os.environ.get('TORCH_NPU_WHEEL_DIR') or os.path.join(REPO_ROOT, '.cache', 'torch-npu')
+
+
+def extract_torch_npu_files(dest):
+    """TORCH_NPU_FILES from the downloaded torch-npu wheel (.ci/run downloads it) into `dest`;
+    returns str(dest), or None without the wheel."""
+    import glob
+    import zipfile
+    wheels = sorted(glob.glob(os.path.join(TORCH_NPU_WHEEL_DIR, 'torch_npu-*.whl')))
+    if not wheels:
+        return None
+    with zipfile.ZipFile(wheels[-1]) as wheel:
+        for name in TORCH_NPU_FILES:
+            wheel.extract(name, dest)
+    return str(dest)
+
+
 def require_shared(path):
     """Skip the calling test when the real WIDER FACE file is not beside the checkout."""
     if not os.path.exists(path):

@@ -1,40 +1,38 @@
-"""train.py --device npu against test-only fakes of torch_npu and Ascend Apex (tests/fake_ascend).
+"""train.py --device npu against a test-only fake of torch_npu (tests/fake_ascend) and Ascend
+Apex's own code.
 
-The fakes follow upstream's behaviour, refusals and call order (each module names its upstream
+The fake follows upstream's behaviour, refusals and call order (each module names its upstream
 file); the 'npu' device is a real PrivateUse1 device computed on the CPU (see
 tests/fake_ascend/torch_npu/_core.py). Everything runs in child processes: the fake registers
 the device for good.
 
-Two variants of torch_npu's Python parts: the fake's re-implementations (always), and
-torch_npu's own files (optimizer, tensor combining, GradScaler) from the torch-npu wheel when it
-has been downloaded (.ci/run does: `pip download torch-npu==2.14.0 --no-deps -d .cache/torch-npu`);
-without the wheel that variant is skipped, saying so.
+Ascend Apex runs from its own Python files in ../shared/ascend-apex (never copied into the
+repository; its one compiled part, change_data_ptr, is tests/fake_ascend/change_data_ptr.py);
+without them the Apex tests are skipped, saying so. Two variants of torch_npu's Python parts:
+the fake's re-implementations (always), and torch_npu's own files (optimizer, tensor combining,
+GradScaler) from the torch-npu wheel when it has been downloaded (.ci/run does: `pip download
+torch-npu==2.14.0 --no-deps -d .cache/torch-npu`); without the wheel that variant is skipped,
+saying so.
 """
-import glob
 import json
 import os
-import re
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
-import zipfile
 
 import pytest
 import torch
 
-from conftest import synthetic_lists
+from conftest import TORCH_NPU_WHEEL_DIR as WHEEL_DIR, extract_torch_npu_files, synthetic_lists
 from s3fd import build_s3fd, init_weights_from_scratch
 from utils.checkpoint import load_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAKE = os.path.join(REPO, 'tests', 'fake_ascend')
-WHEEL_DIR = os.environ.get('TORCH_NPU_WHEEL_DIR') or os.path.join(REPO, '.cache', 'torch-npu')
 # Ascend Apex's own Python files (never copied into the repository): ../shared/ascend-apex
 APEX_DIR = os.environ.get('ASCEND_APEX_DIR') or os.path.join(os.path.dirname(REPO), 'shared', 'ascend-apex')
-UPSTREAM_FILES = ['torch_npu/utils/combine_tensors.py', 'torch_npu/optim/npu_fused_optim_base.py',
-                  'torch_npu/optim/npu_fused_sgd.py', 'torch_npu/npu/amp/common.py',
-                  'torch_npu/npu/amp/grad_scaler.py']
 OVERFLOW = 1e6  # loss factor: a finite loss whose fp16 gradients overflow at loss scale 32
 
 
@@ -52,14 +50,7 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope='module')
 def upstream_dir(tmp_path_factory):
     """torch_npu's pure-Python files extracted from the downloaded wheel, or None."""
-    wheels = sorted(glob.glob(os.path.join(WHEEL_DIR, 'torch_npu-*.whl')))
-    if not wheels:
-        return None
-    root = tmp_path_factory.mktemp('torch_npu_wheel')
-    with zipfile.ZipFile(wheels[-1]) as wheel:
-        for name in UPSTREAM_FILES:
-            wheel.extract(name, root)
-    return str(root)
+    return extract_torch_npu_files(tmp_path_factory.mktemp('torch_npu_wheel'))
 
 
 def apex_present():
