@@ -267,9 +267,15 @@ def check_pending(tensors, stream, doing):
         ptr, lo, hi = extent
         for p_ptr, p_lo, p_hi, sid, count, what in PENDING:
             if p_ptr == ptr and lo < p_hi and p_lo < hi and not stream.after(sid, count):
-                raise RuntimeError(f'fake torch_npu: {doing} on stream {stream.id} touches memory that {what} on '
-                                   f'stream {sid} writes, with no wait_stream/wait_event ordering it after that '
-                                   'write: a race on an NPU')
+                race(f'fake torch_npu: {doing} on stream {stream.id} touches memory that {what} on stream {sid} '
+                     'writes, with no wait_stream/wait_event ordering it after that write: a race on an NPU')
+
+
+def race(message):
+    """Refuse a race. Also printed: raised inside a gradient hook or a process group called from
+    C++, the exception can reach the caller without its message (a SystemError, or an abort)."""
+    print(message, file=sys.stderr, flush=True)
+    raise RuntimeError(message)
 
 
 # -- the device tensor --------------------------------------------------------------------------

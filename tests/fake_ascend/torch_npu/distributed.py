@@ -120,10 +120,9 @@ class ProcessGroupHCCL(dist.ProcessGroup):
         if caller.id != 0:
             for state in _core.STREAMS.values():
                 if state is not caller and state is not hccl and not caller.after(state.id, state.queued):
-                    raise RuntimeError(
-                        f'fake HCCL: {name} issued on stream {caller.id} while work queued on stream {state.id} '
-                        'is not ordered before it (no wait_stream/wait_event): its input may not be written yet '
-                        'on an NPU')
+                    _core.race(f'fake HCCL: {name} issued on stream {caller.id} while work queued on stream '
+                               f'{state.id} is not ordered before it (no wait_stream/wait_event): its input may '
+                               'not be written yet on an NPU')
         _core.check_pending(tensors, hccl, f'HCCL {name}')
         hccl.queued += 1
         run()
