@@ -569,7 +569,7 @@ def record_training(recorder, config, batch_size=2, height=64, width=64, steps=N
             recorder.phase = None
             recorder.losses.append((float(loss_l.detach()), float(loss_c.detach())))
             recorder.phase = 'finite_check'
-            finite = bool(torch.isfinite(loss.detach()).int().cpu())
+            bool(torch.isfinite(loss.detach()).int().cpu())  # the finiteness flag, read on the host
             float(loss.detach())  # the logged loss, read at log steps
             recorder.phase = 'backward'
             (loss * loss_scale if config in ('fp16', 'half') else loss).backward()

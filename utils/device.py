@@ -506,7 +506,7 @@ def _ascend_apex():
     ...), another project named apex (PyPI's), or NVIDIA's Apex, whose amp.initialize has no
     combine_grad (Ascend's npu.patch adds it)."""
     try:
-        apex = importlib.import_module('apex')
+        importlib.import_module('apex')
     except ModuleNotFoundError as e:
         if e.name == 'apex':
             return None, 'apex is not installed'
