@@ -80,7 +80,8 @@ def test_no_common_iteration(tmp_path, capsys):
     a = write(tmp_path, 'a.log', 'epoch:0 || iter:0 || Loss:1.0\n')
     b = write(tmp_path, 'b.log', 'epoch:0 || iter:10 || Loss:1.0\n')
     assert compare_losses.cli([a, b]) == 2
-    assert 'no iteration or validated epoch in common (A: iterations 0-0, B: iterations 10-10)' in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert 'no iteration or validated epoch in common (A: iterations 0-0, B: iterations 10-10)' in err
 
 
 def test_non_finite_and_zero_losses_are_not_aligned():

@@ -190,7 +190,8 @@ def npu_run(request, lists, upstream_dir, tmp_path_factory):
         part = root / 'part'
         runs = [{'argv': npu_args(lists, amp, root / 'full', '--epochs', '1', workers=int(amp == 'apex'))},
                 {'argv': npu_args(lists, amp, part, '--epochs', '1', '--max_iter', '2')},
-                {'argv': npu_args(lists, amp, part, '--epochs', '1', '--resume', str(part / 'sfd_face_checkpoint.pth'))},
+                {'argv': npu_args(lists, amp, part, '--epochs', '1', '--resume',
+                                  str(part / 'sfd_face_checkpoint.pth'))},
                 {'argv': npu_args(lists, amp, root / 'saturation', '--epochs', '1', '--max_iter', '2'),
                  'loss_factor': OVERFLOW, 'soc': 'Ascend910A'}]
         if amp == 'apex':  # ten overflowing steps in a row stop the run
@@ -294,7 +295,8 @@ def test_npu_host_copies_are_pinned(npu_run):
         library = [e for e in steps if e not in ours and e[1] == 'sync']
         if mode == 'apex':
             files = {e[3].split(':')[0] for e in library}
-            assert files and all(f.startswith(os.path.join(os.path.abspath(APEX_DIR), 'apex', 'amp', '')) for f in files), library
+            amp_dir = os.path.join(os.path.abspath(APEX_DIR), 'apex', 'amp', '')
+            assert files and all(f.startswith(amp_dir) for f in files), library
 
 
 def test_npu_operators_run_precompiled_unless_asked(npu_run):

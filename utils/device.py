@@ -371,7 +371,8 @@ class DeviceContext:
         before = f'a dynamic loss scale, at {scale:g}' if mode == 'dynamic' else f'the static loss scale {scale:g}'
         if self.loss_scale_given:
             option = 'dynamic' if self.dynamic else format(self.loss_scale, 'g')
-            return False, f'--loss_scale {option}: the checkpoint has {before}; starting at {self.current_loss_scale():g}'
+            return False, (f'--loss_scale {option}: the checkpoint has {before}; '
+                           f'starting at {self.current_loss_scale():g}')
         self.loss_scale = 'dynamic' if mode == 'dynamic' else float(scale)
         self._configure_scaler()
         return True, f'Loss scale: continuing the checkpoint\'s, {before}'
