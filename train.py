@@ -21,7 +21,7 @@ import sys
 import time
 
 from data.config import cfg
-from utils.cli import HelpFormatter, UserError, at_least, input_side, run_cli
+from utils.cli import HelpFormatter, UserError, at_least, input_side, loss_scale, run_cli
 
 
 def parse_args(argv=None):
@@ -58,9 +58,14 @@ def parse_args(argv=None):
                              'installed (else native), off on CPU')
     parser.add_argument('--amp_dtype', default='bf16', choices=['bf16', 'fp16'],
                         help='autocast dtype for --amp native (fp16 adds a GradScaler)')
-    parser.add_argument('--loss_scale', default=32.0, type=float,
-                        help='fixed loss scale of the Ascend fp16 recipe (Apex O2 / NPU GradScaler); a step '
-                             'whose gradients overflow is skipped')
+    parser.add_argument('--loss_scale', default=None, type=loss_scale, metavar='SCALE|dynamic',
+                        help='loss scale of the NPU fp16 recipes (Apex O2 / NPU GradScaler): a number is a static '
+                             'scale (default 32, the Ascend recipe\'s; with --resume, the checkpoint\'s mode and '
+                             'scale), dynamic the library\'s dynamic scaling; a step whose gradients overflow is '
+                             'skipped either way')
+    parser.add_argument('--combine_ddp', action='store_true',
+                        help="NPU with Apex under torchrun: Apex's combine_ddp exchanges the combined gradients "
+                             'itself, instead of DistributedDataParallel (the Ascend recipe\'s data parallelism)')
     parser.add_argument('--npu_jit_compile', action='store_true',
                         help="NPU: compile operators just in time (torch_npu's default before the 910B) instead "
                              'of running the precompiled ones (set_compile_mode(jit_compile=False))')
@@ -306,7 +311,7 @@ def main(args, signals=None):
     # -- set-up: the device and its processes, the save folder, data, model, optimizer ------------
     rank, world, local_rank = devices.distributed_env()
     runtime = devices.setup_device(args.device, local_rank if world > 1 else args.device_id, args.amp,
-                                   args.amp_dtype, args.loss_scale, args.npu_jit_compile)
+                                   args.amp_dtype, args.loss_scale, args.npu_jit_compile, args.combine_ddp)
     devices.init_distributed(runtime.type)
     folder = SaveFolder(args.save_folder, args.dataset, writer=devices.is_main_process(),
                         checkpoint_interval=args.checkpoint_interval)
@@ -318,6 +323,8 @@ def main(args, signals=None):
         runtime.share_cpu(args.num_workers, world)
         torch.manual_seed(args.seed)
         log(f'Device: {runtime.describe()}' + (f' | {world} processes, batch {args.batch_size} each' if world > 1 else ''))
+        for note in runtime.notes:  # what the device set-up chose on its own (e.g. --amp auto without Apex)
+            log(note)
         train_loader, val_loader = build_loaders(args, runtime, rank, world)
         per_epoch = train_loader.batch_sampler.batches_per_epoch
         model = build_model(args, log, resuming=bool(resume_from)).to(runtime.device)  # the bare S3FD: its state_dict has the plain names
@@ -335,9 +342,7 @@ def main(args, signals=None):
         if args.compile:
             net = torch.compile(net)
         eval_net = net  # validation runs without DDP: processes validate different numbers of batches
-        if world > 1:
-            net = torch.nn.parallel.DistributedDataParallel(
-                net, device_ids=[runtime.device.index] if runtime.type in ('cuda', 'npu') else None)
+        net = runtime.wrap_distributed(net, world)  # DDP under torchrun, unless Apex's combine_ddp exchanges gradients
         criterion = MultiBoxLoss(cfg, args.dataset)
         val_ap = build_val_ap(args, val_loader, log)
         writer = open_tensorboard(args.tensorboard, log)

@@ -22,13 +22,13 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._common import add_step_arguments, device_spec  # noqa: E402
-from utils.cli import HelpFormatter  # noqa: E402
+from utils.cli import HelpFormatter, loss_scale  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_step_arguments(p, amp_choices=('auto', 'apex', 'native', 'off'), amp_default='auto')
-    p.add_argument('--loss_scale', default=32.0, type=float)
+    p.add_argument('--loss_scale', default=32.0, type=loss_scale, help="NPU fp16: a static scale or 'dynamic'")
     p.add_argument('--channels_last', action='store_true')
     p.add_argument('--compile', action='store_true', help='torch.compile the network (not the data path)')
     p.add_argument('--sgd', default='default', choices=['default', 'foreach', 'fused'],

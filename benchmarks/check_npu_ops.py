@@ -26,12 +26,19 @@ short of torch_npu's own kernels:
 An operator with a kernel can still copy to the host for some arguments: KNOWN_HOST_COPIES holds
 the cases found in op-plugin's sources among the operators this step uses.
 
-Configurations: fp32; autocast fp16 with the loss scaling of torch_npu's GradScaler (the
-operator its unscale_ calls); autocast bf16; a half-precision network without autocast (what
-Ascend Apex O2 runs; Apex's own code and torch_npu's NpuFusedSGD are not emulated, and
-torch.optim.SGD with foreach kernels stands in for the optimizer). Each runs the step with both
-scale-compensation modes of the matcher and a batch without faces; fp32 runs two steps (the
-second SGD step has momentum buffers).
+Configurations on this emulated NPU (the network, the loss, the backward): fp32; autocast fp16;
+autocast bf16; a half-precision network without autocast (Ascend Apex O2's forward). Each runs
+the step with both scale-compensation modes of the matcher and a batch without faces.
+Configurations whose loss scaling and optimizer are the libraries' own code, as a real NPU run
+steps (recorded in a child process on the test suite's fake torch_npu, tests/fake_ascend, which
+holds real tensors on a Python-served 'npu' device, through utils.device as train.py calls it,
+two steps each: the second has momentum buffers):
+  apex         Ascend Apex O2 + combine_grad at the static scale 32 + apex.optimizers.NpuFusedSGD,
+               Ascend Apex's own Python files from --apex (default ../shared/ascend-apex; without
+               them this configuration is skipped and the output says so);
+  native_fp16  torch.autocast fp16 + torch_npu's GradScaler + torch_npu.optim.NpuFusedSGD, torch_npu's
+               own files from --torch_npu_files (a folder holding the torch-npu wheel's
+               torch_npu/..., e.g. unzipped), else the fake's re-implementations of them.
 
 Prints one JSON object: per operator its phases, calls, input dtypes, string arguments, the
 composite kernel it runs without an NPU kernel of its own and what that calls; the losses, and
@@ -51,7 +58,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-CONFIGS = ('fp32', 'fp16', 'bf16', 'half')
+EMULATED_CONFIGS = ('fp32', 'fp16', 'bf16', 'half')
+UPSTREAM_CONFIGS = ('apex', 'native_fp16')  # recorded on the fake torch_npu (tests/fake_ascend)
+CONFIGS = EMULATED_CONFIGS + UPSTREAM_CONFIGS
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAKE_ASCEND = os.path.join(REPO, 'tests', 'fake_ascend')
+DEFAULT_APEX = os.path.join(os.path.dirname(REPO), 'shared', 'ascend-apex')
 from utils.cli import HelpFormatter  # noqa: E402
 
 
@@ -60,7 +72,7 @@ def parse_args(argv=None):
     p.add_argument('--configs', default=','.join(CONFIGS), help=f'comma-separated, of {CONFIGS}')
     p.add_argument('--batch_size', default=2, type=int)
     p.add_argument('--input_size', default=[64, 64], type=int, nargs=2, metavar=('H', 'W'),
-                   help='the operators do not depend on it (64x64 and 160x224 record the same ones)')
+                   help='the operators do not depend on it (32x32, 64x64 and 160x224 record the same ones)')
     p.add_argument('--steps', type=int, help='steps per configuration (default: 2 in fp32, 1 in the others)')
     p.add_argument('--yaml', help="op-plugin's op_plugin_functions.yaml to check against")
     p.add_argument('--torch', help='the torch version of the torch_npu checked (e.g. 2.5): picks the yaml entries')
@@ -72,6 +84,12 @@ def parse_args(argv=None):
     p.add_argument('--per_config', action='store_true', help='also print each configuration\'s operators')
     p.add_argument('--recorded', help='check the operators of an earlier run\'s output (its JSON) instead of '
                                       'recording them again')
+    p.add_argument('--apex', default=DEFAULT_APEX,
+                   help="Ascend Apex's Python files (the folder holding apex/) for the apex configuration")
+    p.add_argument('--torch_npu_files', default=None, metavar='DIR',
+                   help="torch_npu's own Python files (a folder holding the torch-npu wheel's torch_npu/...) for "
+                        'native_fp16; default: the fake torch_npu\'s re-implementations')
+    p.add_argument('--upstream_child', default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.yaml and not args.torch:
         p.error('--yaml needs --torch')
@@ -207,6 +225,7 @@ class _BackendModule:
 
 
 _emulation_ready = False
+_on_fake_npu = False  # set in the child that records the upstream configurations
 
 
 def setup_emulated_npu():
@@ -323,7 +342,10 @@ def _map_args(fn, args, kwargs):
 
 
 def _is_device(x):
-    return isinstance(x, EmulatedTensor) or (isinstance(x, torch.device) and x.type == DEVICE_TYPE)
+    """An NPU operand: an emulated tensor, a tensor of the fake torch_npu, or the device itself."""
+    if isinstance(x, torch.Tensor):
+        return isinstance(x, EmulatedTensor) or x.device.type == DEVICE_TYPE
+    return isinstance(x, torch.device) and x.type == DEVICE_TYPE
 
 
 def _dtype_name(dtype):
@@ -369,8 +391,10 @@ class OpRecorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _METADATA_QUERIES and isinstance(args[0], EmulatedTensor):
-            return func(args[0].elem, *args[1:], **kwargs)
+        if func in _METADATA_QUERIES:  # answered from the data, not recorded
+            if isinstance(args[0], EmulatedTensor):
+                return func(args[0].elem, *args[1:], **kwargs)
+            return func(*args, **kwargs)
         leaves = _leaves(args, kwargs)
         if not any(_is_device(x) for x in leaves):
             self.host_ops[func.name()] += 1
@@ -426,7 +450,10 @@ _SLOW_IN_HALF = {'aten::_convolution', 'aten::convolution_backward'}
 
 def _run_on_cpu(func, args, kwargs):
     """Run `func` on the CPU data of its emulated arguments; its new tensors are emulated ones
-    unless it put them on the host (a device kwarg of 'cpu')."""
+    unless it put them on the host (a device kwarg of 'cpu'). On the fake torch_npu (the upstream
+    configurations) the fake runs it."""
+    if _on_fake_npu:
+        return func(*args, **kwargs)
     def unwrap(x):
         if isinstance(x, EmulatedTensor):
             return x.elem
@@ -497,19 +524,19 @@ def initial_net(seed=0):
 
 
 def record_training(recorder, config, batch_size=2, height=64, width=64, steps=None, loss_scale=32.0, seed=0):
-    """Run `steps` training steps of S3FD in `config` on the emulated NPU under `recorder`:
-    train.py's step rebuilt from its pieces (to_device, forward under autocast, MultiBoxLoss,
-    the finiteness flag, backward, SGD), plus the matcher's 'face' mode and a batch without faces.
-    Default steps: 2 in fp32 (the second step's SGD has momentum buffers), 1 in the others (their
-    parameters and gradients are float32 too: SGD runs the same operators)."""
+    """Run `steps` training steps of S3FD in an emulated `config` on the emulated NPU under
+    `recorder`: train.py's step rebuilt from its pieces (to_device, forward under autocast,
+    MultiBoxLoss, the finiteness flag, backward), plus the matcher's 'face' mode and a batch
+    without faces. The loss scaling and the optimizer are the upstream configurations' (see
+    record_upstream): no stand-in for them here. Default steps: 1."""
     from data.config import cfg
     from layers.modules.multibox_loss import MultiBoxLoss
     from utils.transforms import subtract_mean
 
-    if config not in CONFIGS:
-        raise ValueError(f'unknown configuration {config!r}: choose from {CONFIGS}')
+    if config not in EMULATED_CONFIGS:
+        raise ValueError(f'unknown configuration {config!r}: choose from {EMULATED_CONFIGS}')
     if steps is None:
-        steps = 2 if config == 'fp32' else 1
+        steps = 1
     setup_emulated_npu()
     net = initial_net(seed)
     images_u8, targets = make_batch(batch_size, height, width, seed)
@@ -522,14 +549,13 @@ def record_training(recorder, config, batch_size=2, height=64, width=64, steps=N
             net = net.half()  # Apex O2: the network in fp16, no autocast
         net = to_device(net)  # (converted on the host: .data of an emulated parameter cannot be reassigned)
         net.train()
-        optimizer = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4, foreach=True)
         for _ in range(steps):
             recorder.phase = 'to_device'
             images = to_device(images_u8)
             images = subtract_mean(images, cfg.img_mean, torch.contiguous_format).contiguous()
             if config == 'half':
                 images = images.half()
-            optimizer.zero_grad(set_to_none=True)
+            net.zero_grad(set_to_none=True)
             recorder.phase = 'forward'
             amp = (torch.autocast(DEVICE_TYPE, dtype=autocast_dtype) if autocast_dtype is not None
                    else contextlib.nullcontext())
@@ -544,21 +570,87 @@ def record_training(recorder, config, batch_size=2, height=64, width=64, steps=N
             recorder.phase = None
             recorder.losses.append((float(loss_l.detach()), float(loss_c.detach())))
             recorder.phase = 'finite_check'
-            finite = bool(torch.isfinite(loss.detach()).int().cpu())
+            bool(torch.isfinite(loss.detach()).int().cpu())  # the finiteness flag, read on the host
             float(loss.detach())  # the logged loss, read at log steps
             recorder.phase = 'backward'
-            (loss * loss_scale if config == 'fp16' else loss).backward()
-            if config == 'half':
-                continue  # Apex steps its fp32 master weights itself
-            if config == 'fp16':
-                recorder.phase = 'grad_scaler'  # what torch_npu's GradScaler.unscale_ calls
-                found_inf = torch.zeros((), device=DEVICE_TYPE)
-                inv_scale = torch.full((), 1.0 / loss_scale, device=DEVICE_TYPE)
-                grads = [p.grad for p in net.parameters() if p.grad is not None]
-                torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
-                finite = finite and not found_inf.item()
-            recorder.phase = 'optimizer'
-            optimizer.step()
+            (loss * loss_scale if config in ('fp16', 'half') else loss).backward()
+        recorder.phase = None
+    return recorder
+
+
+class _Phases:
+    """Labels the recorder's phase while train.py's step (utils.training.engine.training_step)
+    calls into `target`: each method named in `phases` runs under its phase, as do calls of the
+    object itself (the loss, the network) under `call_phase`; everything else passes through."""
+
+    def __init__(self, recorder, target, phases, call_phase=None):
+        self._recorder, self._target, self._phases, self._call_phase = recorder, target, phases, call_phase
+
+    def _run(self, phase, fn, *args, **kwargs):
+        self._recorder.phase = phase
+        return fn(*args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        return self._run(self._call_phase, self._target, *args, **kwargs)
+
+    def __getattr__(self, name):
+        value = getattr(self._target, name)
+        if name in self._phases:
+            return lambda *args, **kwargs: self._run(self._phases[name], value, *args, **kwargs)
+        return value
+
+
+def record_upstream(recorder, config, batch_size=2, height=64, width=64, steps=2, seed=0):
+    """Run `steps` training steps of an upstream `config` (UPSTREAM_CONFIGS) on the fake torch_npu,
+    in a process where it is imported: train.py's own step (utils.training.engine.training_step)
+    with utils.device's DeviceContext (its optimizer, initialize, zero_grad, autocast, backward,
+    step), the objects it calls wrapped to label the recorder's phases. torch_npu's GradScaler
+    unscales in a phase of its own, before the step, as GradScaler.step would."""
+    from data.config import cfg
+    from layers.modules.multibox_loss import MultiBoxLoss
+    from utils import device as devices
+    from utils.training import engine
+
+    amp = {'apex': ('apex', 'fp16'), 'native_fp16': ('native', 'fp16')}[config]
+    runtime = devices.setup_device('npu', 0, *amp)
+    images_u8, targets = make_batch(batch_size, height, width, seed)
+
+    def step(optimizer):  # GradScaler.step unscales first when nothing did: the same operators
+        if runtime.scaler is not None:
+            recorder.phase = 'grad_scaler'
+            runtime.scaler.unscale_(optimizer)
+        recorder.phase = 'optimizer'
+        return runtime.step(optimizer)
+
+    labelled = _Phases(recorder, runtime, {'zero_grad': 'optimizer', 'autocast': 'forward', 'step': 'optimizer',
+                                           'backward': 'backward', 'discard': 'optimizer'})
+    labelled.step = step
+    real_to_device = engine.to_device
+
+    def to_device(*args, **kwargs):
+        recorder.phase = 'to_device'
+        return real_to_device(*args, **kwargs)
+
+    with recorder:
+        recorder.phase = None  # set-up: not recorded
+        model = initial_net(seed).to(runtime.device)
+        model.train()
+        optimizer = runtime.make_optimizer(model.parameters(), 1e-3, 0.9, 5e-4)
+        model, optimizer = runtime.initialize(model, optimizer)
+        net = _Phases(recorder, model, {}, call_phase='forward')
+        criterion = _Phases(recorder, MultiBoxLoss(cfg), {}, call_phase='loss')
+        finite = _Phases(recorder, engine.FiniteCheck(runtime.device), {'submit': 'finite_check', 'ok': 'finite_check'})
+        engine.to_device = to_device
+        try:
+            for _ in range(steps):
+                _, loss_l, loss_c, stepped = engine.training_step(net, criterion, optimizer, labelled, finite,
+                                                                  images_u8.pin_memory(), targets)
+                recorder.phase = None
+                if not stepped:
+                    raise RuntimeError(f'{config}: the recorded step was skipped (a non-finite loss or an overflow)')
+                recorder.losses.append((float(loss_l), float(loss_c)))
+        finally:
+            engine.to_device = real_to_device
         recorder.phase = None
     return recorder
 
@@ -577,17 +669,25 @@ def cpu_first_loss(batch_size=2, height=64, width=64, seed=0, **_):
     return float(loss_l), float(loss_c)
 
 
-def record_all(configs=CONFIGS, **kwargs):
-    """({operator: record} over all configs, {config: OpRecorder.summary()}, the losses of
-    each config's steps, and the CPU's first fp32 loss)."""
-    per_config = {}
-    union = {}
-    losses = {}
+def record_all(configs=CONFIGS, steps=None, apex=DEFAULT_APEX, torch_npu_files=None, **kwargs):
+    """({operator: record} over all configs, {config: OpRecorder.summary()}, the losses of each
+    config's steps, {config: why it was skipped}). The upstream configurations run in a child
+    process on the fake torch_npu (record_upstream)."""
+    per_config, losses, skipped = {}, {}, {}
     for config in configs:
-        recorder = record_training(OpRecorder(), config, **kwargs)
-        summary = recorder.summary()
-        losses[config] = recorder.losses
-        per_config[config] = summary
+        if config in EMULATED_CONFIGS:
+            recorder = record_training(OpRecorder(), config, steps=steps, **kwargs)
+            per_config[config], losses[config] = recorder.summary(), recorder.losses
+    upstream = [c for c in configs if c in UPSTREAM_CONFIGS]
+    if 'apex' in upstream and not os.path.isfile(os.path.join(apex, 'apex', '__init__.py')):
+        upstream.remove('apex')
+        skipped['apex'] = f"no Ascend Apex in {apex} (--apex: the folder holding Ascend Apex's apex/)"
+    if upstream:
+        child = run_upstream_child(upstream, apex, torch_npu_files, steps=steps or 2, **kwargs)
+        for config, recorded in child.items():
+            per_config[config], losses[config] = recorded['ops'], recorded['losses']
+    union = {}
+    for config, summary in per_config.items():
         for name, rec in summary.items():
             merged = union.setdefault(name, {'calls': 0, 'phases': [], 'dtypes': [], 'strings': [],
                                              'composite': rec['composite'], 'calls_ops': [], 'configs': []})
@@ -601,7 +701,63 @@ def record_all(configs=CONFIGS, **kwargs):
                 merged['stub'] = True
             if rec.get('host_inputs'):
                 merged['host_inputs'] = merged.get('host_inputs', 0) + rec['host_inputs']
-    return union, per_config, losses
+    return union, per_config, losses, skipped
+
+
+def run_upstream_child(configs, apex, torch_npu_files, **kwargs):
+    """Record the upstream `configs` in a child process on the fake torch_npu (Ascend Apex's files
+    from `apex` first on its path; torch_npu's own files from `torch_npu_files` when given):
+    {config: {'ops': summary, 'losses': [...]}}."""
+    import subprocess
+    path = ([apex] if 'apex' in configs else []) + [FAKE_ASCEND, REPO]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+    env.pop('FAKE_ASCEND_UPSTREAM', None)
+    if torch_npu_files:
+        env['FAKE_ASCEND_UPSTREAM'] = os.path.abspath(torch_npu_files)
+    spec = json.dumps({'configs': configs, **kwargs})
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), '--upstream_child', spec], env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f'recording {configs} on the fake torch_npu failed:\n{proc.stderr[-4000:]}')
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _describe_apex(folder):
+    """Ascend Apex's build as its README (../shared/ascend-apex/README.md) names it, else the folder."""
+    readme = os.path.join(folder, 'README.md')
+    if os.path.isfile(readme):
+        with open(readme, encoding='utf-8') as f:
+            text = f.read()
+        match = re.search(r'NVIDIA/apex at commit (\w+).*?Ascend/apex branch (\w+) \(commit (\w+)', text, re.S)
+        if match:
+            return f'Ascend Apex: NVIDIA/apex {match.group(1)[:12]} + Ascend/apex {match.group(2)} @ {match.group(3)}'
+    return os.path.basename(os.path.abspath(folder))
+
+
+def _describe_torch_npu(folder):
+    """The torch_npu version of the files in `folder` (its version.py), else the folder's name."""
+    version = os.path.join(folder, 'torch_npu', 'version.py')
+    if os.path.isfile(version):
+        with open(version, encoding='utf-8') as f:
+            match = re.search(r"__version__\s*=\s*['\"]([^'\"]+)", f.read())
+        if match:
+            return f"torch_npu {match.group(1)}'s own Python files (the torch-npu wheel)"
+    return os.path.basename(os.path.abspath(folder))
+
+
+def upstream_child(spec):
+    """The child of run_upstream_child: record each configuration on the fake torch_npu, print JSON."""
+    global _on_fake_npu
+    import torch_npu
+    if not hasattr(torch_npu, '_core'):
+        raise RuntimeError(f'{torch_npu.__file__} is not the test fake of torch_npu (tests/fake_ascend)')
+    _on_fake_npu = True
+    spec = json.loads(spec)
+    out = {}
+    for config in spec.pop('configs'):
+        recorder = record_upstream(OpRecorder(), config, **spec)
+        out[config] = {'ops': recorder.summary(), 'losses': recorder.losses}
+    print(json.dumps(out))
 
 
 # -- what torch_npu registers ----------------------------------------------------------------
@@ -815,7 +971,8 @@ def update_list(path, result, status, on_npu, label, source):
     new ones have only the columns written since."""
     data = read_list(path) if os.path.exists(path) else {'versions': {}, 'ops': {}}
     data['about'] = LIST_ABOUT
-    data['recorded_with'] = {k: result[k] for k in ('torch', 'configs', 'batch_size', 'input_size')}
+    data['recorded_with'] = {k: result[k] for k in ('torch', 'configs', 'batch_size', 'input_size', 'upstream_files')
+                             if k in result}
     data['versions'][label] = source
     ops = {}
     for name, rec in result['ops'].items():
@@ -827,19 +984,31 @@ def update_list(path, result, status, on_npu, label, source):
 
 
 def main(args):
+    if args.upstream_child:
+        upstream_child(args.upstream_child)
+        return 0
     if args.recorded:
         with open(args.recorded) as f:
             result = json.load(f)
-        result = {k: result[k] for k in ('torch', 'configs', 'batch_size', 'input_size', 'ops')}
+        result = {k: result[k] for k in ('torch', 'configs', 'batch_size', 'input_size', 'ops', 'upstream_files')
+                  if k in result}
         union = result['ops']
         for rec in union.values():
             rec.pop('npu', None)
     else:
         configs = [c for c in args.configs.split(',') if c]
         sizes = dict(batch_size=args.batch_size, height=args.input_size[0], width=args.input_size[1])
-        union, per_config, losses = record_all(configs, steps=args.steps, **sizes)
+        unknown = sorted(set(configs) - set(CONFIGS))
+        if unknown:
+            raise SystemExit(f'check_npu_ops.py: error: unknown configurations {unknown}: choose from {CONFIGS}')
+        union, per_config, losses, skipped = record_all(configs, steps=args.steps, apex=args.apex,
+                                                        torch_npu_files=args.torch_npu_files, **sizes)
+        configs = [c for c in configs if c not in skipped]
         result = {'torch': torch.__version__, 'configs': configs, 'batch_size': args.batch_size,
-                  'input_size': args.input_size, 'ops': union, 'losses': losses}
+                  'input_size': args.input_size, 'ops': union, 'losses': losses, 'skipped': skipped,
+                  'upstream_files': {'apex': _describe_apex(args.apex) if 'apex' in configs else None,
+                                     'torch_npu': (_describe_torch_npu(args.torch_npu_files) if args.torch_npu_files
+                                                   else "the fake torch_npu's re-implementations")}}
         if 'fp32' in losses:
             # The emulated NPU takes the accelerator branches (the matcher by sorting, hard
             # negatives ranked over the whole row) and must train on the same loss as the CPU.

@@ -37,6 +37,49 @@ def synthetic_lists(root, train=10, val=4, seed=3):
     return str(root / 'face_train.txt'), str(root / 'face_val.txt')
 
 
+# torch_npu's pure-Python files that the tests run on the fake torch_npu (tests/fake_ascend/torch_npu/_upstream.py)
+TORCH_NPU_FILES = ['torch_npu/utils/combine_tensors.py', 'torch_npu/optim/npu_fused_optim_base.py',
+                   'torch_npu/optim/npu_fused_sgd.py', 'torch_npu/npu/amp/common.py',
+                   'torch_npu/npu/amp/grad_scaler.py', 'torch_npu/version.py']
+TORCH_NPU_WHEEL_DIR = os.environ.get('TORCH_NPU_WHEEL_DIR') or os.path.join(REPO_ROOT, '.cache', 'torch-npu')
+
+
+def extract_torch_npu_files(dest):
+    """TORCH_NPU_FILES from the downloaded torch-npu wheel (.ci/run downloads it) into `dest`;
+    returns str(dest), or None without the wheel."""
+    import glob
+    import zipfile
+    wheels = sorted(glob.glob(os.path.join(TORCH_NPU_WHEEL_DIR, 'torch_npu-*.whl')))
+    if not wheels:
+        return None
+    with zipfile.ZipFile(wheels[-1]) as wheel:
+        for name in TORCH_NPU_FILES:
+            wheel.extract(name, dest)
+    return str(dest)
+
+
+def computed_once(tmp_path_factory, name, compute):
+    """compute(folder) once per test session, its JSON result shared by the pytest-xdist workers:
+    the first worker to ask runs it (the runs that train are the suite's most expensive part),
+    the others wait for it and read the result. A failure is not kept: the next asks again."""
+    import json
+    import shutil
+
+    from filelock import FileLock  # a dependency of torch
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get('PYTEST_XDIST_WORKER'):
+        base = base.parent  # the session's folder, above each worker's own
+    folder, result = base / f'shared_{name}', base / f'shared_{name}.json'
+    with FileLock(str(base / f'shared_{name}.lock')):
+        if result.exists():
+            return json.loads(result.read_text())
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+        value = compute(folder)
+        result.write_text(json.dumps(value))
+        return value
+
+
 def require_shared(path):
     """Skip the calling test when the real WIDER FACE file is not beside the checkout."""
     if not os.path.exists(path):

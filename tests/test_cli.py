@@ -16,8 +16,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Every script with a command line, as a user runs it.
 SCRIPTS = ['train.py', 'quickstart.py', 'wider_test.py', 'wider_eval.py', 'demo.py', 'prepare_wider_data.py',
-           'data/synthetic.py', 'tools/launch.py', 'tools/make_basenet.py', 'tools/convert_official.py', 'tools/export_onnx.py',
-           'tools/plot_training.py',
+           'data/synthetic.py', 'tools/launch.py', 'tools/make_basenet.py', 'tools/convert_official.py',
+           'tools/export_onnx.py', 'tools/plot_training.py', 'tools/compare_losses.py',
            'benchmarks/bench_data.py', 'benchmarks/bench_eval.py', 'benchmarks/bench_infer.py',
            'benchmarks/bench_layers.py', 'benchmarks/bench_train.py', 'benchmarks/bench_startup.py',
            'benchmarks/check_compile.py', 'benchmarks/check_npu_ops.py', 'benchmarks/check_precision.py',

@@ -29,3 +29,25 @@ def test_share_cpu_leaves_a_core_per_worker_and_keeps_under_omp_num_threads(monk
         assert ctx.share_cpu(num_workers=2) == 6
     finally:
         torch.set_num_threads(threads)
+
+
+def test_loss_scale_option_and_the_cpu_context():
+    """--loss_scale: a positive number (static) or 'dynamic'; None leaves the recipe's 32 (or, on a
+    resume, the checkpoint's). It only concerns the NPU's fp16 recipes: the CPU has no scaler."""
+    import argparse
+    from utils.cli import loss_scale
+    assert loss_scale('64') == 64.0 and loss_scale('Dynamic') == 'dynamic'
+    for bad in ('0', '-1', 'inf', 'nan', 'auto'):
+        with pytest.raises(argparse.ArgumentTypeError):
+            loss_scale(bad)
+    ctx = setup_device('cpu', loss_scale='dynamic')
+    assert ctx.current_loss_scale() is None and ctx.loss_scale_change() is None and ctx.state_dict() == {}
+    net = torch.nn.Linear(2, 2)
+    assert ctx.wrap_distributed(net, 1) is net  # one process: no DDP wrapper
+
+
+def test_train_options_keep_the_recipe_defaults():
+    from train import parse_args
+    args = parse_args([])
+    assert args.loss_scale is None and args.combine_ddp is False and args.amp == 'auto'
+    assert parse_args(['--loss_scale', 'dynamic', '--combine_ddp']).loss_scale == 'dynamic'

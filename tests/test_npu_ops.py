@@ -10,9 +10,11 @@ import torch
 
 from benchmarks.check_npu_ops import (KNOWN_HOST_COPIES, check, needs_replacement, parse_native_yaml,
                                  parse_op_plugin_yaml, reached, read_list)
+from conftest import extract_torch_npu_files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VERIFIED = os.path.join(REPO, 'benchmarks', 'npu_ops.json')
+APEX_DIR = os.path.join(os.path.dirname(REPO), 'shared', 'ascend-apex')
 
 
 def _python_backends():
@@ -21,12 +23,19 @@ def _python_backends():
 
 
 @pytest.mark.skipif(not _python_backends(), reason='this torch cannot serve a PrivateUse1 backend from Python')
-def test_training_step_dispatches_only_operators_verified_on_the_npu():
+def test_training_step_dispatches_only_operators_verified_on_the_npu(tmp_path):
+    """With the loss scaling and optimizers a real NPU run uses: Ascend Apex's own code (from
+    ../shared/ascend-apex when present) and torch_npu's GradScaler and NpuFusedSGD (the wheel's own
+    files when downloaded, else the fake's re-implementations)."""
     # In a process of its own: the emulated NPU renames PyTorch's PrivateUse1 backend for good.
-    proc = subprocess.run([sys.executable, 'benchmarks/check_npu_ops.py'], cwd=REPO, capture_output=True, text=True,
-                          timeout=600)
+    command = [sys.executable, 'benchmarks/check_npu_ops.py', '--apex', APEX_DIR, '--input_size', '32', '32']
+    upstream = extract_torch_npu_files(tmp_path)
+    if upstream:
+        command += ['--torch_npu_files', upstream]
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
+    assert 'native_fp16' in out['configs'] and ('apex' in out['configs']) == os.path.isdir(APEX_DIR), out['skipped']
     verified = read_list(VERIFIED)
     new = sorted(set(out['ops']) - set(verified['ops']))
     assert not new, (f'the training step now dispatches {new} on the NPU, not checked against torch_npu: '
@@ -38,7 +47,12 @@ def test_training_step_dispatches_only_operators_verified_on_the_npu():
         assert not on_cpu, f'{name} runs on the CPU in {on_cpu}'
     # The emulated NPU takes the accelerator code paths and must give the CPU's loss.
     assert out['first_loss_rel_diff'] < 1e-6
-    assert {'forward', 'loss', 'backward', 'optimizer'} <= {p for r in out['ops'].values() for p in r['phases']}
+    assert {'forward', 'loss', 'backward', 'grad_scaler', 'optimizer'} <= {p for r in out['ops'].values()
+                                                                          for p in r['phases']}
+    # the loss scaling of both libraries is recorded: Apex's in its scale_loss (backward), torch_npu's GradScaler
+    assert {'backward', 'grad_scaler'} <= set(out['ops']['aten::_amp_foreach_non_finite_check_and_unscale_']['phases'])
+    # no stand-in optimizer: torch.optim.SGD's foreach kernels are not what an NPU run steps with
+    assert not [name for name in out['ops'] if name.startswith('aten::_foreach_')]
 
 
 YAML = """all_version: [v2.1, v2.2, v2.3, v2.4, v2.5]

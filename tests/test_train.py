@@ -1,9 +1,11 @@
 """train.py end to end on a tiny synthetic WIDER FACE, on the CPU."""
 import contextlib
+import dataclasses
 import io
 import json
 import math
 import os
+import pathlib
 import re
 import shlex
 import shutil
@@ -16,12 +18,13 @@ import pytest
 import torch
 
 import train
-from conftest import synthetic_lists
+from conftest import computed_once, synthetic_lists
 from data.config import cfg
 from layers.modules import multibox_loss
 from utils.training import checkpoint as training_checkpoint
 from utils.training import engine
-from s3fd import build_s3fd, init_weights_from_scratch
+from utils.training.checkpoint import TrainState
+from s3fd import build_s3fd
 from utils.checkpoint import atomic_save, load_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,7 +32,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope='module')
 def lists(tmp_path_factory):
-    return synthetic_lists(tmp_path_factory.mktemp('wider'))
+    return tuple(computed_once(tmp_path_factory, 'train_lists', lambda folder: synthetic_lists(folder)))
 
 
 def run_args(lists, save_folder, *extra):
@@ -55,12 +58,16 @@ LOG_PATTERNS = [r'Timer: \d+\.\d{4}', r'epoch:\d+ \|\| iter:\d+ \|\| Loss:\d+\.\
 
 @pytest.fixture(scope='module')
 def uninterrupted(lists, tmp_path_factory):
-    """One plain run of 2 epochs (8 iterations): its log lines and its folder."""
-    folder = tmp_path_factory.mktemp('full')
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        state = run_main(lists, folder, '--epochs', '2')
-    return out.getvalue().splitlines(), folder, state
+    """One plain run of 2 epochs (8 iterations): its log lines, its folder and its TrainState (made
+    once for the pytest workers)."""
+    def compute(folder):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            state = run_main(lists, folder, '--epochs', '2')
+        return out.getvalue().splitlines(), str(folder), dataclasses.asdict(state)
+
+    out, folder, state = computed_once(tmp_path_factory, 'uninterrupted', compute)
+    return out, pathlib.Path(folder), TrainState(**state)
 
 
 def test_end_to_end_logs_and_files(uninterrupted):
@@ -179,12 +186,17 @@ def test_sigterm_saves_a_checkpoint_and_exits_as_stopped_resumable(lists, tmp_pa
 
 @pytest.fixture(scope='module')
 def torchrun_epoch(lists, tmp_path_factory):
-    """One epoch under torchrun, 2 processes: (the finished process, its save folder)."""
-    folder = tmp_path_factory.mktemp('torchrun')
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-           'train.py', *run_args(lists, folder, '--epochs', '1')]
-    env = dict(os.environ, OMP_NUM_THREADS='1')
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env), folder
+    """One epoch under torchrun, 2 processes (made once for the pytest workers): (its return code,
+    stdout and stderr, its save folder)."""
+    def compute(folder):
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+               'train.py', *run_args(lists, folder, '--epochs', '1')]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                              env=dict(os.environ, OMP_NUM_THREADS='1'))
+        return proc.returncode, proc.stdout, proc.stderr, str(folder)
+
+    returncode, stdout, stderr, folder = computed_once(tmp_path_factory, 'torchrun_epoch', compute)
+    return subprocess.CompletedProcess([], returncode, stdout, stderr), pathlib.Path(folder)
 
 
 def test_torchrun_two_processes_one_log_stream(torchrun_epoch):

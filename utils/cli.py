@@ -52,6 +52,19 @@ def at_least(minimum, kind=int, maximum=None):
     return parse
 
 
+def loss_scale(text):
+    """argparse type of --loss_scale: 'dynamic', or a static scale (a number > 0)."""
+    if text.strip().lower() == 'dynamic':
+        return 'dynamic'
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'dynamic', got {text!r}") from None
+    if not 0 < value < float('inf'):
+        raise argparse.ArgumentTypeError(f'a static loss scale must be a positive number, got {text}')
+    return value
+
+
 def input_side(text):
     """argparse type of an image side given to the network (--input_size, --max_size): an
     integer of at least data.config.MIN_INPUT_SIDE."""

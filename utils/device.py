@@ -1,16 +1,21 @@
 """Device, mixed precision, optimizer and distributed set-up: every such choice lives here.
 
     ctx = setup_device('gpu'|'npu'|'cpu', device_id, amp='auto'|'apex'|'native'|'off',
-                       amp_dtype='bf16'|'fp16', loss_scale=32.0, npu_jit_compile=False)
+                       amp_dtype='bf16'|'fp16', loss_scale=None|32.0|'dynamic', npu_jit_compile=False,
+                       combine_ddp=False)
     model.to(ctx.device)
     optimizer = ctx.make_optimizer(model.parameters(), lr, momentum, weight_decay)
     model, optimizer = ctx.initialize(model, optimizer)      # Ascend Apex O2, else unchanged
+    net = ctx.wrap_distributed(model, world_size)            # DDP under torchrun (not with combine_ddp)
     ctx.zero_grad(optimizer)                                # as this optimizer accepts it
     with ctx.autocast():
         loss = ...
     ctx.backward(loss, optimizer)                           # loss scaling handled here
     applied = ctx.step(optimizer)                           # False: an overflowing step was skipped
     # or, for a step not to take (non-finite loss): ctx.discard(optimizer)
+    message = ctx.loss_scale_change()                       # at a log step: the scale, when it changed
+
+`ctx.notes`: lines for the log about choices made for the user (e.g. --amp auto not using an Apex).
 
 Host memory to pin for the loader and host-to-device copies: `pins_host_memory(device_type)`.
 
@@ -45,13 +50,6 @@ def pins_host_memory(device_type):
     return device_type in ('cuda', 'npu')
 
 
-def _import_optional(name):
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        return None
-
-
 def _import_torch_npu():
     """torch_npu, or DeviceUnavailable saying why not in one line: not installed; or installed but
     not loadable, typically CANN's environment not set (its torch_npu._C links CANN's libhccl.so,
@@ -69,8 +67,12 @@ def _import_torch_npu():
     text = str(reason).strip()
     first = text.splitlines()[0] if text else type(reason).__name__
     raise DeviceUnavailable(f'--device npu: torch_npu is installed but cannot be loaded ({first}); set up '
-                            "CANN's environment first (source /usr/local/Ascend/cann/set_env.sh, "
-                            'ascend-toolkit/set_env.sh before CANN 9)') from None
+                            "CANN's environment first (source /usr/local/Ascend/cann/set_env.sh with CANN 9.1, "
+                            '/usr/local/Ascend/ascend-toolkit/set_env.sh with 9.0 and earlier)') from None
+
+
+# The NPU recipe's static loss scale (Ascend model zoo: amp.initialize(..., loss_scale=32.0)).
+RECIPE_LOSS_SCALE = 32.0
 
 
 class DeviceContext:
@@ -78,40 +80,70 @@ class DeviceContext:
 
     Attributes: device (torch.device), type ('cuda', 'npu', 'cpu'), amp ('apex', 'native',
     'off'), amp_dtype (torch dtype under autocast or None), scaler (GradScaler or None),
-    apex_amp (the apex.amp module when amp == 'apex').
+    apex_amp (the apex.amp module when amp == 'apex'), loss_scale (the NPU fp16 loss scale:
+    a number, static, or 'dynamic'), combine_ddp (Apex's own data parallelism), notes (lines
+    for the log).
+
+    The NPU's fp16 loss scale: static (the recipe's 32 unless --loss_scale says otherwise)
+    is upstream's dynamic scaler pinned at that value, so that a step whose gradients overflow
+    is skipped (upstream's static mode applies it unchecked); 'dynamic' is the library's dynamic
+    scaler with its own defaults. Either way the overflow check reads a flag on the host every
+    step (one synchronisation).
     """
 
-    def __init__(self, device, amp, amp_dtype, loss_scale, apex_amp=None, torch_npu=None):
+    def __init__(self, device, amp, amp_dtype, loss_scale=None, apex_amp=None, torch_npu=None,
+                 combine_ddp=False, notes=()):
         self.device = device
         self.type = device.type
         self.amp = amp
         self.amp_dtype = amp_dtype if amp == 'native' else None
-        self.loss_scale = loss_scale
+        self.loss_scale_given = loss_scale is not None  # else a resume keeps the checkpoint's
+        self.loss_scale = RECIPE_LOSS_SCALE if loss_scale is None else loss_scale
         self.apex_amp = apex_amp
         self.torch_npu = torch_npu
+        self.combine_ddp = combine_ddp
+        self.notes = list(notes)
         self.pin_memory = pins_host_memory(self.type)
         self.scaler = None
         # Whether step() skips a step whose gradients overflowed and says so: the NPU's fp16
-        # recipes, whose fixed loss scale would otherwise apply every step (see step()).
+        # recipes (see step()).
         self.skips_overflow = amp == 'apex'
         if amp == 'native' and amp_dtype == torch.float16:
             if self.type == 'npu':
-                # The recipe's fixed scale, checked like a dynamic one. With dynamic=False,
-                # torch_npu's GradScaler unscales without a check and always steps
-                # (torch_npu/npu/amp/grad_scaler.py: _unscale_grads_, step); its dynamic mode
-                # finds overflows in inf/nan mode and, before the 910B, through the float-status
-                # flag, and agrees on them across processes. The scale stays: no growth, and
-                # step() restores it after a skip.
-                self.scaler = torch_npu.npu.amp.GradScaler(init_scale=loss_scale, growth_interval=NEVER)
+                self.scaler = self._npu_grad_scaler()
                 self.skips_overflow = True
             else:
                 self.scaler = torch.amp.GradScaler(self.type)
+        self.overflow_scale = None  # the loss scale of the last step skipped for overflowing gradients
+        self._reported_scale = None  # the scale loss_scale_change() last reported
         self._applied = 0  # optimizer steps actually taken, counted by a post-step hook
 
+    @property
+    def dynamic(self):
+        return self.loss_scale == 'dynamic'
+
+    def _npu_grad_scaler(self):
+        """torch_npu's GradScaler for --loss_scale. Static: init_scale = the scale and no growth,
+        in its dynamic mode, so that it checks for overflow (with dynamic=False it unscales without
+        a check and always steps: torch_npu/npu/amp/grad_scaler.py, _unscale_grads_, step); step()
+        puts the scale back after a skip. 'dynamic': GradScaler(dynamic=True) with its defaults.
+        In dynamic mode it finds overflows from the gradients (inf/nan mode, 910B and later) or,
+        before the 910B, from the float-status flag, which it then all-reduces so that every
+        process skips together (_sync_dist_overflow_count); on the 910B the processes agree
+        because DDP averaged their gradients (an inf reaches every process)."""
+        if self.dynamic:
+            return self.torch_npu.npu.amp.GradScaler(dynamic=True)
+        return self.torch_npu.npu.amp.GradScaler(init_scale=self.loss_scale, growth_interval=NEVER)
+
     def describe(self):
-        precision = {'apex': f'Apex O2 (loss scale {self.loss_scale})', 'off': 'float32'}.get(
-            self.amp, f'autocast {str(self.amp_dtype).replace("torch.", "")}'
-            + (' + GradScaler' if self.scaler is not None else ''))
+        if self.amp == 'off':
+            return f'{self.device} | float32'
+        scale = 'dynamic loss scale' if self.dynamic else f'loss scale {self.loss_scale:g}'
+        if self.amp == 'apex':
+            return f'{self.device} | Apex O2 ({scale}{", combine_ddp" if self.combine_ddp else ""})'
+        precision = f'autocast {str(self.amp_dtype).replace("torch.", "")}'
+        if self.scaler is not None:
+            precision += f' + GradScaler ({scale})' if self.type == 'npu' else ' + GradScaler'
         return f'{self.device} | {precision}'
 
     def autocast(self):
@@ -155,16 +187,31 @@ class DeviceContext:
         self._applied += 1
 
     def initialize(self, model, optimizer):
-        """Ascend Apex: amp.initialize(O2, combine_grad) with the recipe's loss scale held fixed:
-        Apex's dynamic scaler (it checks for overflow and skips) pinned by min = max = the
-        scale. A static loss_scale would apply every step unchecked (Apex scaler.py:
-        check_overflow_and_sync sets _has_overflow = False when not dynamic). Else unchanged."""
-        if self.amp == 'apex':
-            self._apex_optimizer = optimizer
-            return self.apex_amp.initialize(model, optimizer, opt_level='O2', loss_scale='dynamic',
-                                            dynamic_init_scale=self.loss_scale, min_loss_scale=self.loss_scale,
-                                            max_loss_scale=self.loss_scale, combine_grad=True)
-        return model, optimizer
+        """Ascend Apex: amp.initialize(O2, combine_grad, and combine_ddp when asked). A static scale
+        is Apex's dynamic scaler (it checks for overflow and skips) pinned by min = max = the
+        scale: Apex's static loss_scale would apply every step unchecked (scaler.py:
+        check_overflow_and_sync sets _has_overflow = False when not dynamic). 'dynamic' is Apex's
+        dynamic scaler with its own defaults. With combine_ddp Apex broadcasts rank 0's weights
+        here and all-reduces the combined gradients itself (no DistributedDataParallel). Else
+        unchanged."""
+        if self.amp != 'apex':
+            return model, optimizer
+        self._apex_optimizer = optimizer
+        scale = {} if self.dynamic else {'dynamic_init_scale': self.loss_scale, 'min_loss_scale': self.loss_scale,
+                                         'max_loss_scale': self.loss_scale}
+        ddp = {'combine_ddp': True} if self.combine_ddp else {}
+        # verbosity=0: Apex's option listing and skip messages would print on every process; the
+        # training log reports skipped steps and scale changes itself.
+        return self.apex_amp.initialize(model, optimizer, opt_level='O2', loss_scale='dynamic', combine_grad=True,
+                                        verbosity=0, **scale, **ddp)
+
+    def wrap_distributed(self, net, world_size):
+        """The network the loop runs: DistributedDataParallel under torchrun (after initialize, as
+        Apex requires), except with combine_ddp, where Apex exchanges the gradients itself."""
+        if world_size <= 1 or self.combine_ddp:
+            return net
+        ids = [self.device.index] if self.type in ('cuda', 'npu') else None
+        return torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
 
     def zero_grad(self, optimizer):
         """Clear the gradients the way this optimizer accepts. Apex O2 replaces zero_grad by a
@@ -178,8 +225,12 @@ class DeviceContext:
         else:
             optimizer.zero_grad(set_to_none=True)
 
+    def _apex_scale(self):
+        return float(self.apex_amp.state_dict()['loss_scaler0']['loss_scale'])
+
     def backward(self, loss, optimizer):
         if self.amp == 'apex':
+            self._backward_scale = self._apex_scale()  # scale_loss backs off on exit after an overflow
             with self.apex_amp.scale_loss(loss, optimizer) as scaled:
                 scaled.backward()
         elif self.scaler is not None:
@@ -189,8 +240,9 @@ class DeviceContext:
 
     def step(self, optimizer):
         """Apply the update. Returns False when the step was skipped because its gradients
-        overflowed, which only the NPU's fp16 recipes report (skips_overflow); True otherwise
-        (a CUDA GradScaler skips and backs off on its own, unreported, as before)."""
+        overflowed, which only the NPU's fp16 recipes report (skips_overflow; the scale it
+        overflowed at is then `overflow_scale`); True otherwise (a CUDA GradScaler skips and
+        backs off on its own, unreported, as before)."""
         if not self.skips_overflow:
             if self.scaler is not None:
                 self.scaler.step(optimizer)
@@ -200,17 +252,22 @@ class DeviceContext:
             return True
         before = self._applied
         if self.scaler is not None:
-            self.scaler.step(optimizer)
+            self.scaler.step(optimizer)  # reads the overflow flag on the host
             applied = self._applied > before
             if applied:
                 self.scaler.update()
-            else:  # put the recipe's scale back instead of backing off
-                self.scaler.update(new_scale=float(self.loss_scale))
+            else:
+                self.overflow_scale = self.scaler.get_scale()
+                # a static scale is put back instead of backing off
+                self.scaler.update(**({} if self.dynamic else {'new_scale': float(self.loss_scale)}))
             return applied
         # Apex: scale_loss replaced optimizer.step by a one-shot skip if the gradients
         # overflowed (handle.py); calling it consumes the skip.
         optimizer.step()
-        return self._applied > before
+        applied = self._applied > before
+        if not applied:
+            self.overflow_scale = self._backward_scale
+        return applied
 
     def discard(self, optimizer):
         """Do not take this step (its loss is not finite): drop the gradients, and leave the
@@ -218,28 +275,61 @@ class DeviceContext:
         if self.amp == 'apex' and optimizer._amp_stash.already_patched:
             optimizer.step()  # consume Apex's pending skip, or it would skip the next real step
         elif self.skips_overflow and self.scaler is not None:
-            self.scaler.update(new_scale=float(self.loss_scale))  # ends the iteration scale() began
+            # ends the iteration scale() began, at the scale it had
+            self.scaler.update(new_scale=float(self.loss_scale) if not self.dynamic else self.scaler.get_scale())
         self.zero_grad(optimizer)
 
+    def current_loss_scale(self):
+        """The NPU fp16 loss scale now (None without one). Reads the scale on the host: a
+        synchronisation with torch_npu's GradScaler."""
+        if self.amp == 'apex':
+            return self._apex_scale()
+        if self.skips_overflow and self.scaler is not None:
+            return float(self.scaler.get_scale())
+        return None
+
+    def loss_scale_change(self):
+        """A log line with the NPU fp16 loss scale when it differs from the one last reported
+        (the first call reports only a dynamic scale), else None. Meant for log steps: it reads
+        the scale on the host."""
+        scale = self.current_loss_scale()
+        previous, self._reported_scale = self._reported_scale, scale
+        if scale is None or scale == previous or (previous is None and not self.dynamic):
+            return None
+        return f'->>loss scale:{scale:g}' + (f' (was {previous:g})' if previous is not None else ' (dynamic)')
+
+    def _scale_state(self):
+        return {'mode': 'dynamic' if self.dynamic else 'static', 'scale': self.current_loss_scale()}
+
     def state_dict(self):
-        """Loss-scaler state for checkpoints (empty when there is none). Under Apex O2 also the
-        fp32 master weights: they live in the optimizer, and the model holds only their fp16
+        """Loss-scaler state for checkpoints (empty when there is none): the library's own, and
+        'loss_scale' {'mode': 'static'|'dynamic', 'scale': the scale reached}. Under Apex O2 also
+        the fp32 master weights: they live in the optimizer, and the model holds only their fp16
         copies, from which Apex would rebuild them (losing their low bits) on a resume."""
         if self.amp == 'apex':
-            state = {'apex': self.apex_amp.state_dict()}
+            state = {'apex': self.apex_amp.state_dict(), 'loss_scale': self._scale_state()}
             masters = list(self.apex_amp.master_params(self._apex_optimizer))
             if not any(p.dtype == torch.float16 for p in masters):  # built at the first zero_grad
                 state['apex_master_params'] = [p.detach() for p in masters]
             return state
         if self.scaler is not None:
-            return {'scaler': self.scaler.state_dict()}
+            state = {'scaler': self.scaler.state_dict()}
+            if self.skips_overflow:
+                state['loss_scale'] = self._scale_state()
+            return state
         return {}
 
     def load_state_dict(self, state, optimizer=None):
         """Restore state_dict(). Call it before optimizer.load_state_dict: under Apex O2 it first
         has Apex build its fp32 master weights (from the model's weights, already loaded) so that
         the optimizer's state lands on them in fp32, not on the fp16 parameters, then restores
-        the saved masters exactly. ValueError when the saved masters do not fit."""
+        the saved masters exactly. ValueError when the saved masters do not fit.
+
+        The loss scale: without a --loss_scale of its own, the run continues in the checkpoint's
+        mode at the scale it had reached; a --loss_scale that differs from the checkpoint's starts
+        afresh at its own. Returns a line for the log when the scale differs from this run's
+        option (None when the run simply continues)."""
+        load, message = self._resolve_scale(state)
         if self.amp == 'apex':
             optimizer = optimizer if optimizer is not None else self._apex_optimizer
             optimizer.zero_grad()  # Apex's lazy init: masters replace the fp16 params in the optimizer
@@ -252,13 +342,68 @@ class DeviceContext:
                 with torch.no_grad():
                     for master, value in zip(masters, saved):
                         master.copy_(value)
-            if 'apex' in state:
+            if 'apex' in state and load:
                 self.apex_amp.load_state_dict(state['apex'])
-        elif self.scaler is not None and 'scaler' in state:
+        elif self.scaler is not None and 'scaler' in state and load:
             saved = state['scaler']
-            if self.skips_overflow:  # a checkpoint of the unchecked static scaler: keep the check
+            if self.skips_overflow and not self.dynamic:
+                # the pinned scaler, also for a checkpoint of the unchecked static scaler
                 saved = dict(saved, dynamic=True, growth_interval=NEVER)
             self.scaler.load_state_dict(saved)
+        if self.skips_overflow:
+            self._reported_scale = self.current_loss_scale()
+        return message
+
+    def _resolve_scale(self, state):
+        """Settle the loss scale for a resume from `state`: adopt the checkpoint's mode when this run
+        did not ask for one, else keep this run's. Returns (whether to load the saved scaler state,
+        a log line or None)."""
+        if not self.skips_overflow:
+            return True, None
+        saved = state.get('loss_scale')
+        if not isinstance(saved, dict):  # a checkpoint from before the dynamic mode: always static
+            saved = {'mode': 'static', 'scale': self._saved_scale(state)}
+        mode, scale = saved.get('mode'), saved.get('scale')
+        if mode not in ('static', 'dynamic') or not isinstance(scale, (int, float)):
+            return True, None
+        if mode == ('dynamic' if self.dynamic else 'static') and (self.dynamic or scale == self.loss_scale):
+            return True, None
+        before = f'a dynamic loss scale, at {scale:g}' if mode == 'dynamic' else f'the static loss scale {scale:g}'
+        if self.loss_scale_given:
+            option = 'dynamic' if self.dynamic else format(self.loss_scale, 'g')
+            return False, (f'--loss_scale {option}: the checkpoint has {before}; '
+                           f'starting at {self.current_loss_scale():g}')
+        self.loss_scale = 'dynamic' if mode == 'dynamic' else float(scale)
+        self._configure_scaler()
+        return True, f'Loss scale: continuing the checkpoint\'s, {before}'
+
+    @staticmethod
+    def _saved_scale(state):
+        if isinstance(state.get('apex'), dict) and isinstance(state['apex'].get('loss_scaler0'), dict):
+            return state['apex']['loss_scaler0'].get('loss_scale')
+        if isinstance(state.get('scaler'), dict):
+            return state['scaler'].get('scale')
+        return None
+
+    def _configure_scaler(self):
+        """Rebuild the loss scaler for self.loss_scale (adopted from a checkpoint), before its state
+        is loaded. Apex: a new scaler of Apex's own class, as amp.initialize builds it, with
+        initialize's defaults for a dynamic one (its signature)."""
+        if self.amp != 'apex':
+            self.scaler = self._npu_grad_scaler()
+            return
+        import inspect
+        defaults = {name: p.default for name, p in inspect.signature(self.apex_amp.initialize).parameters.items()}
+        scalers = self.apex_amp._amp_state.loss_scalers
+        kind = type(scalers[0])
+        if self.dynamic:
+            options = {name: defaults[name] for name in ('scale_growth_factor', 'scale_backoff_factor',
+                                                         'scale_window', 'min_loss_scale', 'max_loss_scale')}
+            options['init_scale'] = defaults['dynamic_init_scale']
+        else:
+            options = {'init_scale': self.loss_scale, 'min_loss_scale': self.loss_scale,
+                       'max_loss_scale': self.loss_scale}
+        scalers[:] = [kind('dynamic', **options) for _ in scalers]
 
     def share_cpu(self, num_workers, processes=1):
         """On the CPU device, leave a core to each data-loading worker: OpenMP threads that
@@ -288,17 +433,23 @@ class DeviceContext:
         return None
 
 
-def setup_device(name, device_id=0, amp='auto', amp_dtype='bf16', loss_scale=32.0, npu_jit_compile=False):
+def setup_device(name, device_id=0, amp='auto', amp_dtype='bf16', loss_scale=None, npu_jit_compile=False,
+                 combine_ddp=False):
     """Resolve --device/--amp into a DeviceContext; DeviceUnavailable with one line if not possible.
 
     On the NPU, operators run precompiled (torch.npu.set_compile_mode(jit_compile=False), as
     the Ascend model zoo sets it) unless npu_jit_compile: jit compilation is torch_npu's default
     before the 910B (CheckJitDisableInner, framework/interface/EnvVariables.cpp) and would
-    compile operators again for the matcher's per-batch shapes."""
+    compile operators again for the matcher's per-batch shapes. `--amp auto` uses Ascend's
+    Apex when it imports and is Ascend's (else native autocast, with a line in ctx.notes saying
+    why). loss_scale: None (the recipe's static 32, or on a resume the checkpoint's), a number
+    (static) or 'dynamic'; it applies to the NPU's fp16 recipes. combine_ddp: Apex's own data
+    parallelism instead of DistributedDataParallel (NPU, Apex, torchrun with several processes)."""
     if name not in DEVICE_TYPES:
         raise DeviceUnavailable(f'unknown device {name!r}: choose gpu, npu or cpu')
     dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}[amp_dtype]
     torch_npu = apex_amp = None
+    notes = []
     if name == 'gpu':
         if not torch.cuda.is_available():
             raise DeviceUnavailable('--device gpu: no CUDA device is available to this PyTorch '
@@ -322,22 +473,64 @@ def setup_device(name, device_id=0, amp='auto', amp_dtype='bf16', loss_scale=32.
         device = torch.device('npu', device_id)
         torch.npu.set_device(device)
         torch.npu.set_compile_mode(jit_compile=npu_jit_compile)
+        why_not = None
         if amp in ('auto', 'apex'):
-            apex = _import_optional('apex')
-            apex_amp = getattr(apex, 'amp', None) if apex is not None else None
+            apex_amp, why_not = _ascend_apex()
             if apex_amp is None and amp == 'apex':
-                raise DeviceUnavailable("--amp apex needs Ascend's Apex (apex.amp, built from source: "
-                                        'github.com/Ascend/apex; the apex on PyPI is another project), which '
-                                        'is not installed; use --amp native')
+                raise DeviceUnavailable(f"--amp apex needs Ascend's Apex (built from source: github.com/Ascend/apex; "
+                                        f'the apex on PyPI is another project): {why_not}; use --amp native')
             amp = 'apex' if apex_amp is not None else 'native'
         if amp == 'native' and dtype == torch.bfloat16 and not _npu_bf16(torch_npu):
             dtype = torch.float16
+        if why_not is not None and amp == 'native':
+            notes.append(f'--amp auto: not using Apex ({why_not}); torch.autocast '
+                         f'{str(dtype).replace("torch.", "")} instead')
     else:
         device = torch.device('cpu')
         if amp == 'apex':
             raise DeviceUnavailable('--amp apex needs --device npu')
         amp = 'off' if amp == 'auto' else amp
-    return DeviceContext(device, amp, dtype, loss_scale, apex_amp=apex_amp, torch_npu=torch_npu)
+    if combine_ddp:
+        if amp != 'apex':
+            raise DeviceUnavailable("--combine_ddp is Ascend Apex's data parallelism: it needs --device npu with "
+                                    'Apex O2 (--amp apex, or auto with Apex installed)')
+        if distributed_env()[1] <= 1:
+            raise DeviceUnavailable('--combine_ddp exchanges gradients between processes: run it under torchrun '
+                                    'with more than one process')
+    return DeviceContext(device, amp, dtype, loss_scale, apex_amp=apex_amp, torch_npu=torch_npu,
+                         combine_ddp=combine_ddp, notes=notes)
+
+
+def _ascend_apex():
+    """(apex.amp, None) when Ascend's Apex imports, else (None, why not in a few words): not
+    installed, failing to import (with any exception: a broken build, a CUDA-only extension,
+    ...), another project named apex (PyPI's), or NVIDIA's Apex, whose amp.initialize has no
+    combine_grad (Ascend's npu.patch adds it)."""
+    try:
+        importlib.import_module('apex')
+    except ModuleNotFoundError as e:
+        if e.name == 'apex':
+            return None, 'apex is not installed'
+        return None, f'import apex failed: {_first_line(e)}'
+    except Exception as e:  # noqa: BLE001 - any failure of a third-party import means: not usable
+        return None, f'import apex failed: {_first_line(e)}'
+    try:
+        apex_amp = importlib.import_module('apex.amp')
+    except Exception as e:  # noqa: BLE001
+        return None, f'the installed apex has no usable apex.amp ({_first_line(e)}): not Ascend\'s Apex'
+    import inspect
+    try:
+        parameters = inspect.signature(apex_amp.initialize).parameters
+    except (AttributeError, TypeError, ValueError):
+        return None, "the installed apex.amp has no initialize(): not Ascend's Apex"
+    if 'combine_grad' not in parameters:
+        return None, "the installed apex is NVIDIA's (its amp.initialize has no combine_grad), not Ascend's"
+    return apex_amp, None
+
+
+def _first_line(error):
+    text = str(error).strip()
+    return f'{type(error).__name__}: {text.splitlines()[0]}' if text else type(error).__name__
 
 
 def _npu_bf16(torch_npu):

@@ -4,9 +4,11 @@ device for good):
 
     python tests/fake_ascend/check_fakes.py [--upstream DIR]
 
-prints one JSON line {variant: {check name: "ok" or the failure}}: every check with the fake's
-re-implementations ('reimplemented') and, with --upstream, again with torch_npu's own optimizer,
-tensor-combining and GradScaler files from DIR (the extracted torch-npu wheel; 'upstream').
+prints one JSON line {variant: {check name: "ok", "skipped: why" or the failure}}: every check
+with the fake's re-implementations ('reimplemented') and, with --upstream, again with torch_npu's
+own optimizer, tensor-combining and GradScaler files from DIR (the extracted torch-npu wheel;
+'upstream'). The Apex checks run Ascend Apex's own code, importable when ../shared/ascend-apex
+is on PYTHONPATH (tests/test_npu.py puts it there), and are skipped, saying so, without it.
 tests/test_npu.py turns each entry into a test.
 """
 import json
@@ -26,11 +28,29 @@ from torch_npu import _core  # noqa: E402
 from utils import device as devices  # noqa: E402
 
 CHECKS = {}
+NEEDS_APEX = set()
 
 
 def check(function):
     CHECKS[function.__name__] = function
     return function
+
+
+def apex_check(function):
+    """A check of (or on) Ascend Apex's own code."""
+    NEEDS_APEX.add(function.__name__)
+    return check(function)
+
+
+def ascend_apex_missing():
+    """Why Ascend Apex's own code cannot run here, or None."""
+    try:
+        import apex
+    except ImportError as e:
+        return f'Ascend Apex is not importable ({e}): put ../shared/ascend-apex on PYTHONPATH'
+    if os.path.abspath(apex.__file__).startswith(REPO + os.sep):
+        return f'the apex imported is {apex.__file__}, inside the repository, not Ascend Apex\'s own code'
+    return None
 
 
 def raises(kind, words, function, *args, **kwargs):
@@ -183,6 +203,86 @@ def hccl_refuses_host_tensors():
     assert dist.Backend.HCCL == 'hccl' and 'npu' in dist.Backend.default_device_backend_map
 
 
+def hccl_group():
+    """A one-process hccl default group (the fake HCCL on a HashStore)."""
+    if not dist.is_initialized():
+        dist.init_process_group('hccl', store=dist.HashStore(), rank=0, world_size=1)
+    return dist.group.WORLD
+
+
+@check
+def hccl_refuses_the_dtypes_and_ops_upstream_refuses():
+    """ProcessGroupHCCL.cpp: reductions refuse float64 and unsigned 16-bit (checkSupportedDataType);
+    bool is cast to int32 for an allreduce, its SUM becoming a MAX; BAND is refused; AVG divides
+    after the sum; broadcast takes float64; allgather fills same-sized outputs from a 0-dim input
+    and refuses a size mismatch."""
+    hccl_group()
+    raises(RuntimeError, 'HCCL allreduce: Unsupported data type at::kDouble', dist.all_reduce,
+           torch.ones(2, dtype=torch.float64).to('npu'))
+    raises(RuntimeError, 'HCCL allreduce: Unsupported data type at::ScalarType::UInt16', dist.all_reduce,
+           torch.ones(2, dtype=torch.uint16).to('npu'))
+    raises(RuntimeError, 'Cannot use ReduceOp.BAND with HCCL', dist.all_reduce,
+           torch.ones(2, dtype=torch.int32).to('npu'), op=dist.ReduceOp.BAND)
+    flags = torch.tensor([True, False]).to('npu')
+    dist.all_reduce(flags)
+    assert flags.dtype == torch.bool and flags.cpu().tolist() == [True, False]
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        t = torch.full((3,), 2, dtype=dtype).to('npu')
+        dist.all_reduce(t, op=dist.ReduceOp.AVG)
+        assert t.cpu().tolist() == [2, 2, 2], (dtype, t)
+    # AVG divides in place after the SUM (before the Ascend950, integers too): refused for an int
+    raises(RuntimeError, "can't be cast", dist.all_reduce, torch.ones(2, dtype=torch.int32).to('npu'),
+           op=dist.ReduceOp.AVG)
+    t = torch.ones(2, dtype=torch.float64).to('npu')
+    dist.broadcast(t, 0)
+    gathered = [torch.zeros(1).to('npu')]
+    dist.all_gather(gathered, torch.tensor(7.0).to('npu'))
+    assert gathered[0].cpu().tolist() == [7.0]
+    raises(RuntimeError, 'must have the same size', dist.all_gather, [torch.zeros(2).to('npu')],
+           torch.tensor(7.0).to('npu'))
+
+
+@check
+def streams_order_a_side_stream_collective():
+    """A collective on a side stream (as Apex's combine_ddp issues them): it must follow the work
+    it reads (wait_stream first), and the default stream must wait for it before touching its
+    result; the fake refuses either race. The legacy torch.npu.FloatTensor Apex uses is there."""
+    hccl_group()
+    side = torch.npu.Stream()
+    grads = torch.ones(4).to('npu') * 3
+    with torch.npu.stream(side):
+        raises(RuntimeError, 'not ordered before it', dist.all_reduce, grads)
+    side.wait_stream(torch.npu.current_stream())
+    with torch.npu.stream(side):
+        dist.all_reduce(grads)
+    assert torch.npu.current_stream() == torch.npu.default_stream() != side
+    raises(RuntimeError, 'a race on an NPU', grads.mul_, 2)
+    torch.npu.current_stream().wait_stream(side)
+    grads.mul_(2)
+    assert grads.cpu().tolist() == [6.0] * 4
+    buf = torch.npu.FloatTensor([0.])
+    assert isinstance(buf, torch.npu.FloatTensor) and not isinstance(buf, torch.npu.HalfTensor)
+    assert buf.device.type == 'npu' and buf.dtype == torch.float32 and buf.cpu().tolist() == [0.0]
+    assert not isinstance(torch.zeros(1), torch.npu.FloatTensor)
+
+
+@check
+def change_data_ptr_refuses_what_upstream_refuses():
+    """Ascend Apex's change_data_ptr (src/csrc/combine_tensors/change_dataptr.cpp): negative
+    offsets, differing or other dtypes, an overflowing offset (upstream's own arithmetic)."""
+    from change_data_ptr import change_data_ptr
+    src = torch.arange(8, dtype=torch.float32).to('npu')
+    dst = torch.zeros(2).to('npu')
+    raises(RuntimeError, 'Expect offset equal or greater than zero, got: -1', change_data_ptr, dst, src, -1)
+    raises(RuntimeError, 'same dtype in float16 or float32', change_data_ptr, dst.half(), src, 0)
+    raises(RuntimeError, 'same dtype in float16 or float32', change_data_ptr, dst.bfloat16(), src.bfloat16(), 0)
+    raises(RuntimeError, 'Offsets overflow in change_data_ptr', change_data_ptr, dst, src, 25)  # 8 + 25 > 32 bytes
+    change_data_ptr(dst, src, 3)
+    assert dst.cpu().tolist() == [3.0, 4.0]
+    dst.fill_(-1)
+    assert src.cpu().tolist() == [0, 1, 2, -1, -1, 5, 6, 7]
+
+
 @check
 def jit_compile_default_follows_the_soc():
     _core.STATE.options.pop('jitCompile', None)
@@ -212,7 +312,7 @@ def bf16_follows_the_soc_and_autocast_refuses_it_before_the_910b():
 
 # -- Ascend Apex ----------------------------------------------------------------------------------
 
-@check
+@apex_check
 def apex_fused_sgd_refuses_to_step_outside_amp():
     from apex.optimizers import NpuFusedSGD
     model = linear()
@@ -221,7 +321,7 @@ def apex_fused_sgd_refuses_to_step_outside_amp():
     raises(RuntimeError, 'should be used with AMP', opt.step)
 
 
-@check
+@apex_check
 def apex_o2_zero_grad_takes_no_argument():
     from apex.optimizers import NpuFusedSGD
     amp = fresh_apex()
@@ -237,7 +337,7 @@ def apex_o2_zero_grad_takes_no_argument():
     raises(AssertionError, 'set_to_none', model.zero_grad, set_to_none=True)  # Module.zero_grad patched
 
 
-@check
+@apex_check
 def apex_initialize_refuses_ddp_and_host_models():
     from apex.optimizers import NpuFusedSGD
     amp = fresh_apex()
@@ -250,10 +350,22 @@ def apex_initialize_refuses_ddp_and_host_models():
            verbosity=0)
 
 
-@check
-def apex_initialize_refuses_what_it_cannot_do_faithfully():
-    """An optimizer that already has a method amp adds (upstream's refusal), and the arguments the
-    fake does not emulate (refused rather than ignored)."""
+@apex_check
+def apex_is_ascend_apex_own_code():
+    """The apex that runs is Ascend Apex's build (not in the repository; initialize takes
+    combine_grad and combine_ddp), on the stand-in for its one compiled part."""
+    import inspect
+    import apex
+    from apex.contrib.combine_tensors import combine_tensors
+    assert not os.path.abspath(apex.__file__).startswith(REPO + os.sep), apex.__file__
+    assert {'combine_grad', 'combine_ddp'} <= set(inspect.signature(apex.amp.initialize).parameters)
+    assert combine_tensors.change_data_ptr.__module__ == 'change_data_ptr'
+    assert os.path.dirname(sys.modules['change_data_ptr'].__file__) == os.path.dirname(os.path.abspath(__file__))
+
+
+@apex_check
+def apex_initialize_refuses_an_optimizer_it_already_patched():
+    """_process_optimizer.py: an optimizer that already has a method amp adds is refused."""
     from apex.optimizers import NpuFusedSGD
     amp = fresh_apex()
     model = linear()
@@ -261,15 +373,9 @@ def apex_initialize_refuses_what_it_cannot_do_faithfully():
     optimizer._amp_lazy_init = lambda: None
     raises(RuntimeError, 'Incoming optimizer already has _amp_lazy_init defined', amp.initialize, model,
            optimizer, opt_level='O2', verbosity=0)
-    for option in ({'check_combined_tensors': True}, {'keep_batchnorm_fp32': False},
-                   {'patch_torch_functions': True}):
-        amp = fresh_apex()
-        model = linear()
-        raises(NotImplementedError, 'not emulated', amp.initialize, model,
-               NpuFusedSGD(model.parameters(), lr=0.1), opt_level='O2', verbosity=0, **option)
 
 
-@check
+@apex_check
 def apex_static_loss_scale_steps_on_overflow():
     from apex.optimizers import NpuFusedSGD
     amp = fresh_apex()
@@ -285,7 +391,7 @@ def apex_static_loss_scale_steps_on_overflow():
     assert not all(bool(torch.isfinite(p).all()) for p in amp.master_params(opt))
 
 
-@check
+@apex_check
 def apex_pinned_dynamic_scale_skips_overflow_and_keeps_the_scale():
     for name in ('Ascend910B1', 'Ascend910A'):  # inf/nan mode, then saturation mode (float status)
         soc(name)
@@ -353,14 +459,154 @@ def amp_auto_without_apex_on_910a_and_910b():
     try:
         soc('Ascend910A')
         ctx = devices.setup_device('npu', 0, 'auto')
-        assert ctx.describe() == 'npu:0 | autocast float16 + GradScaler', ctx.describe()
+        assert ctx.describe() == 'npu:0 | autocast float16 + GradScaler (loss scale 32)', ctx.describe()
+        assert ctx.notes == ['--amp auto: not using Apex (apex is not installed); torch.autocast float16 instead']
         soc('Ascend910B1')
         ctx = devices.setup_device('npu', 0, 'auto')
         assert ctx.describe() == 'npu:0 | autocast bfloat16', ctx.describe()
     finally:
         del sys.modules['apex']
-    ctx = devices.setup_device('npu', 0, 'auto')
-    assert ctx.amp == 'apex', ctx.describe()
+    if not ascend_apex_missing():
+        ctx = devices.setup_device('npu', 0, 'auto')
+        assert ctx.amp == 'apex' and not ctx.notes, ctx.describe()
+
+
+def nvidia_apex():
+    """NVIDIA's apex.amp as far as --amp auto looks at it: initialize() with NVIDIA apex 4ef930c's
+    arguments (frontend.py; the lines Ascend/apex patch/npu.patch replaces), no combine_grad."""
+    import types
+    apex, amp = types.ModuleType('apex'), types.ModuleType('apex.amp')
+
+    def initialize(models, optimizers=None, enabled=True, opt_level='O1', cast_model_type=None,
+                   patch_torch_functions=None, keep_batchnorm_fp32=None, master_weights=None, loss_scale=None,
+                   cast_model_outputs=None, num_losses=1, verbosity=1, min_loss_scale=None, max_loss_scale=2. ** 24):
+        raise AssertionError('not to be called')
+    amp.initialize = initialize
+    apex.amp = amp
+    return {'apex': apex, 'apex.amp': amp}
+
+
+@check
+def amp_auto_falls_back_from_a_broken_or_nvidia_apex():
+    """--amp auto with an apex that fails to import (any exception) or is NVIDIA's: native
+    autocast and one line saying why; --amp apex: a one-line refusal."""
+    import importlib
+    real = importlib.import_module
+    cases = [(RuntimeError('apex was built for CUDA 12.1\nmore'), 'import apex failed: RuntimeError: apex was built'),
+             (OSError('libcudart.so.12: cannot open shared object file'), 'import apex failed: OSError: libcudart'),
+             (nvidia_apex(), "the installed apex is NVIDIA's (its amp.initialize has no combine_grad)")]
+    try:
+        for behaviour, words in cases:
+            def fake(name, *args, behaviour=behaviour):
+                if name in ('apex', 'apex.amp'):
+                    if isinstance(behaviour, Exception):
+                        raise behaviour
+                    return behaviour[name]
+                return real(name, *args)
+            devices.importlib.import_module = fake
+            soc('Ascend910A')
+            ctx = devices.setup_device('npu', 0, 'auto')
+            assert ctx.amp == 'native' and ctx.amp_dtype == torch.float16 and ctx.scaler is not None, ctx.describe()
+            assert len(ctx.notes) == 1 and '\n' not in ctx.notes[0] and words in ctx.notes[0], ctx.notes
+            assert ctx.notes[0].startswith('--amp auto: not using Apex (') and ctx.notes[0].endswith(
+                'torch.autocast float16 instead'), ctx.notes
+            message = raises(devices.DeviceUnavailable, words, devices.setup_device, 'npu', 0, 'apex')
+            assert '\n' not in message, message
+    finally:
+        devices.importlib.import_module = real
+
+
+@check
+def combine_ddp_needs_apex_on_the_npu_and_several_processes():
+    sys.modules['apex'] = None
+    try:
+        raises(devices.DeviceUnavailable, 'needs --device npu with Apex O2', devices.setup_device, 'npu', 0, 'native',
+               combine_ddp=True)
+    finally:
+        del sys.modules['apex']
+    raises(devices.DeviceUnavailable, 'needs --device npu with Apex O2', devices.setup_device, 'cpu', combine_ddp=True)
+    if not ascend_apex_missing():
+        raises(devices.DeviceUnavailable, 'run it under torchrun with more than one process', devices.setup_device,
+               'npu', 0, 'apex', combine_ddp=True)
+
+
+def overflowing_step(ctx, model, opt, factor):
+    ctx.zero_grad(opt)
+    x = torch.ones(2, model.in_features).to('npu')
+    with ctx.autocast():
+        out = model(x)
+    ctx.backward(out.float().sum() * factor, opt)
+    return ctx.step(opt)
+
+
+def train_ctx(amp, loss_scale, dtype='fp16'):
+    ctx = devices.setup_device('npu', 0, amp, dtype, loss_scale=loss_scale)
+    model = linear()
+    opt = ctx.make_optimizer(model.parameters(), 0.1, 0.9, 0.0)
+    model, opt = ctx.initialize(model, opt)
+    return ctx, model, opt
+
+
+def check_dynamic_scale(amp, initial):
+    """--loss_scale dynamic: the library's own defaults; an overflow skips the step and halves the
+    scale; the log line reports the scale when it changes."""
+    for name in ('Ascend910B1', 'Ascend910A'):
+        soc(name)
+        ctx, model, opt = train_ctx(amp, 'dynamic')
+        assert ctx.loss_scale_change() == f'->>loss scale:{initial:g} (dynamic)'
+        assert ctx.loss_scale_change() is None
+        assert overflowing_step(ctx, model, opt, 1e6) is False and ctx.overflow_scale == initial, name
+        assert ctx.current_loss_scale() == initial / 2
+        assert ctx.loss_scale_change() == f'->>loss scale:{initial / 2:g} (was {initial:g})'
+        assert overflowing_step(ctx, model, opt, 1e-3) is True
+        assert ctx.state_dict()['loss_scale'] == {'mode': 'dynamic', 'scale': initial / 2}
+
+
+@check
+def native_fp16_dynamic_loss_scale():
+    check_dynamic_scale('native', 2.0 ** 16)  # torch_npu's GradScaler default init_scale
+
+
+@apex_check
+def apex_dynamic_loss_scale():
+    check_dynamic_scale('apex', 2.0 ** 16)  # Apex's dynamic_init_scale default
+
+
+def check_resume_keeps_the_loss_scale(amp):
+    """A resume without --loss_scale continues in the checkpoint's mode at the scale it reached; an
+    explicit different --loss_scale starts afresh at its own, saying so. (Apex's scalers are global:
+    each context is used before the next is made.)"""
+    ctx, model, opt = train_ctx(amp, 'dynamic')
+    assert overflowing_step(ctx, model, opt, 1e6) is False
+    saved = ctx.state_dict()
+    resumed, model, opt = train_ctx(amp, None)  # the default: static 32 unless a checkpoint says otherwise
+    message = resumed.load_state_dict(saved, opt)
+    assert message == "Loss scale: continuing the checkpoint's, a dynamic loss scale, at 32768", message
+    assert resumed.dynamic and resumed.current_loss_scale() == 2.0 ** 15, resumed.describe()
+    assert overflowing_step(resumed, model, opt, 1e6) is False
+    assert resumed.current_loss_scale() == 2.0 ** 14  # still dynamic: it backs off
+    same, model, opt = train_ctx(amp, 'dynamic')
+    assert same.load_state_dict(saved, opt) is None and same.current_loss_scale() == 2.0 ** 15  # continued
+    explicit, model, opt = train_ctx(amp, 64.0)
+    message = explicit.load_state_dict(saved, opt)
+    assert message == '--loss_scale 64: the checkpoint has a dynamic loss scale, at 32768; starting at 64', message
+    assert not explicit.dynamic and explicit.current_loss_scale() == 64.0
+    static_state = explicit.state_dict()
+    back, model, opt = train_ctx(amp, None)
+    message = back.load_state_dict(static_state, opt)
+    assert message == "Loss scale: continuing the checkpoint's, the static loss scale 64" and back.loss_scale == 64.0
+    assert back.current_loss_scale() == 64.0 and 'loss scale 64' in back.describe(), back.describe()
+    assert overflowing_step(back, model, opt, 1e6) is False and back.current_loss_scale() == 64.0
+
+
+@check
+def native_fp16_resume_keeps_the_loss_scale():
+    check_resume_keeps_the_loss_scale('native')
+
+
+@apex_check
+def apex_resume_keeps_the_loss_scale():
+    check_resume_keeps_the_loss_scale('apex')
 
 
 @check
@@ -396,8 +642,12 @@ def torch_npu_import_errors_are_one_line():
 
 def run_checks():
     results = {}
+    missing = ascend_apex_missing()
     for name, function in CHECKS.items():
         soc('Ascend910B1')
+        if name in NEEDS_APEX and missing:
+            results[name] = f'skipped: {missing}'
+            continue
         try:
             function()
             results[name] = 'ok'

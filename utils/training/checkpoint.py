@@ -41,8 +41,9 @@ CHECKPOINT_VERSION = 1
 # Options that define the order of a run's batches: a mid-epoch resume needs the same values.
 ORDER_OPTIONS = ('batch_size', 'seed')
 # Options a resume may change on purpose (e.g. a lower --lr after a divergence); a change is logged.
+# (--loss_scale is the device context's to compare: by default a resume continues the checkpoint's.)
 TUNABLE_OPTIONS = ('lr', 'momentum', 'weight_decay', 'gamma', 'input_size', 'epochs', 'max_iter', 'amp',
-                   'amp_dtype', 'loss_scale', 'train_file', 'val_file', 'val_ap', 'best_by')
+                   'amp_dtype', 'train_file', 'val_file', 'val_ap', 'best_by')
 PATH_OPTIONS = ('train_file', 'val_file')
 INT64_MAX = 2 ** 63 - 1
 
@@ -429,7 +430,10 @@ def resume(path, model, optimizer, device, args, batches_per_epoch, world_size=1
     load_weights(model, extract_state_dict(ckpt, path), path)
     # The loss scaler first: under Apex O2 it makes the fp32 master weights, on which the
     # optimizer's state then lands in fp32.
-    _restore(path, 'amp', lambda: device.load_state_dict(ckpt.get('amp') or {}, optimizer))
+    scale_notes = []  # the loss scale, when it does not simply continue
+    _restore(path, 'amp', lambda: scale_notes.append(device.load_state_dict(ckpt.get('amp') or {}, optimizer)))
+    for note in filter(None, scale_notes):
+        log(note)
     _restore(path, 'optimizer', lambda: optimizer.load_state_dict(ckpt['optimizer']))
     for group in optimizer.param_groups:  # the options of this run (the log says when they changed)
         group['momentum'], group['weight_decay'] = args.momentum, args.weight_decay

@@ -228,7 +228,7 @@ def skip_step(state, iteration, loss_l, loss_c, runtime):
     state.nonfinite_in_a_row += 1
     loss_l, loss_c = float(loss_l), float(loss_c)
     overflow = math.isfinite(loss_l + loss_c)
-    what = (f'gradient overflow at loss scale {runtime.loss_scale:g}' if overflow
+    what = (f'gradient overflow at loss scale {runtime.overflow_scale:g}' if overflow
             else f'non-finite loss (loc {loss_l:.4g}, conf {loss_c:.4g})')
     log(f'iter:{iteration} {what}: step skipped ({state.nonfinite_in_a_row} in a row)')
     if state.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
@@ -267,7 +267,7 @@ def train_one_epoch(net, criterion, optimizer, runtime, loader, state, args, cha
         meter.step_done()
         if iteration % cfg.LOG_INTERVAL == 0:
             state.loss_sum = float(running)  # the one host synchronisation, at log steps only
-            log_block(state, epoch, iteration, loss_l, loss_c, optimizer, meter, last, args.log_speed, writer)
+            log_block(state, epoch, iteration, loss_l, loss_c, optimizer, runtime, meter, last, args.log_speed, writer)
         if save_due is not None and save_due(state, iteration):
             state.loss_sum = float(running)
             save(state, iteration)
@@ -288,10 +288,12 @@ def close_epoch(state, device):
     state.epoch, state.batch_in_epoch, state.loss_sum, state.loss_count = state.epoch + 1, 0, 0.0, 0
 
 
-def log_block(state, epoch, iteration, loss_l, loss_c, optimizer, meter, last_iteration, log_speed, writer=None):
+def log_block(state, epoch, iteration, loss_l, loss_c, optimizer, runtime, meter, last_iteration, log_speed,
+              writer=None):
     """The original four log lines (the running epoch loss, this step's conf and loc losses, the
-    learning rate), as means over every process; with --log_speed, or when an iteration takes
-    SLOW_ITERATION seconds or more, a fifth: speed, data wait, ETA."""
+    learning rate), as means over every process; the loss scale when it changed (NPU fp16); with
+    --log_speed, or when an iteration takes SLOW_ITERATION seconds or more, the speed, data wait
+    and ETA."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     loss_sum, loss_count, loss_c, loss_l = devices.all_reduce_sum(
         [state.loss_sum, state.loss_count, float(loss_c), float(loss_l)], loss_c.device)
@@ -302,6 +304,9 @@ def log_block(state, epoch, iteration, loss_l, loss_c, optimizer, meter, last_it
     log('epoch:' + repr(epoch) + ' || iter:' + repr(iteration) + ' || Loss:%.4f' % tloss)
     log('->> conf loss:{:.4f} || loc loss:{:.4f}'.format(loss_c, loss_l))
     log('->>lr:{:.6f}'.format(lr))
+    scale_change = runtime.loss_scale_change()
+    if scale_change:
+        log(scale_change)
     speed = meter.images_per_second()
     if log_speed or meter.seconds_per_iteration() >= SLOW_ITERATION:
         log('->> speed:{:.1f} img/s || data wait:{:.4f}s/iter || eta:{}'.format(

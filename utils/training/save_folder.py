@@ -19,7 +19,6 @@ import shlex
 import time
 
 from data.config import cfg
-from utils.checkpoint import atomic_save
 from utils.fileio import OutputDirError, check_free_space, format_bytes, make_output_dir, remove_stale_temporaries
 from utils.folder_lock import FolderLock
 
@@ -190,6 +189,8 @@ class SaveFolder:
     def save_weights(self, state_dict, path):
         """A weights file (the best model, a numbered one), written atomically."""
         if self.writer:
+            from utils.checkpoint import atomic_save  # here: the folder's rules need no PyTorch
+
             atomic_save(state_dict, path)
 
     def append_metrics(self, row):

@@ -53,9 +53,7 @@ def npu_change_data_ptr(dst, src, index):
     if index + dst_size > src_size:
         raise RuntimeError(f'Offsets overflow, got: offset(index) {index}, dst storage size {dst_size}, '
                            f'src storage size {src_size}' + pta_error(ErrCode.PARAM))
-    base = src._data.as_strided((src_size,), (1,), 0)  # src's whole storage from its start
-    dst._data = base.as_strided(dst.size(), dst.stride(), index + dst.storage_offset())
-    dst._storage_size = dst_size
+    _core.repoint_storage(dst, src, index)
     return 0
 
 

@@ -26,6 +26,13 @@ How it is built, and why this way:
   ("HCCL support one NPU per process only", torch_npu/csrc/distributed/ProcessGroupHCCL.cpp).
   Work is synchronous, so a missing host synchronisation cannot be caught; the transfers that
   torch_npu turns into stream synchronisations are recorded in `LEDGER` instead.
+* Streams (torch_npu/npu/streams.py, utils.py: Stream, current_stream, stream(), wait_stream,
+  Event) are emulated as ordering only: every kernel counts on the current stream, an event
+  records how far a stream (and the streams it waited for) had got, and waiting for it carries
+  that over. What the fake HCCL writes from its own stream is "pending" there until the stream
+  touching it is ordered after it (or the host synchronised past it): any kernel touching
+  pending memory from an unordered stream is refused as the race it would be on an NPU (see
+  `check_pending`).
 * Host memory: torch_npu's host allocator pins what `Tensor.pin_memory()` returns; a
   non_blocking copy from memory it did not allocate is turned into a stream synchronisation
   (torch_npu/csrc/core/npu/CachingHostAllocator.cpp, process_non_blocking_copy and
@@ -76,7 +83,9 @@ class _State:
         self.current = 0
         self.allocated = False
         self.float_status = False
+        self.initialized = False
         self.options = {}  # torch_npu._C._npu_setOption's record
+        self.stream = 0  # the current stream's id (0: the device's default stream)
 
 
 STATE = _State()
@@ -99,8 +108,9 @@ class Ledger:
         self.phase = None
         self._lock = threading.Lock()
 
-    def add(self, kind, detail=''):
-        where = _caller()
+    def add(self, kind, detail='', outside=None):
+        """Record an event at its caller (the first frame outside `outside`, a folder, if given)."""
+        where = _caller(outside)
         with self._lock:
             self.events.append({'kind': kind, 'detail': detail, 'where': where, 'phase': self.phase})
 
@@ -115,16 +125,18 @@ class Ledger:
 LEDGER = Ledger()
 
 
-def _caller():
+def _caller(outside=None):
     """Where a transfer was asked for: the innermost frame outside torch, the standard library
-    and this file, as a path relative to the repository ('train.py:391 to_device',
-    'tests/fake_ascend/apex/amp/__init__.py:100 check_grads_overflow_with_inf'), or the file name
-    of code from elsewhere (upstream's files run from the torch-npu wheel)."""
+    and this file, as a path relative to the repository ('utils/engine.py:391 to_device',
+    'tests/fake_ascend/torch_npu/...'), or the absolute path of code from elsewhere (Ascend
+    Apex's files, upstream's files run from the torch-npu wheel:
+    '/.../ascend-apex/apex/amp/scaler.py:135 check_grads_overflow_with_inf')."""
     frame = sys._getframe(2)
     while frame is not None:
         name = os.path.abspath(frame.f_code.co_filename)
-        if not (name == _HERE or name.startswith(_STDLIB) or 'site-packages' in name):
-            where = os.path.relpath(name, _REPO) if name.startswith(_REPO + os.sep) else os.path.basename(name)
+        if not (name == _HERE or name.startswith(_STDLIB) or 'site-packages' in name
+                or (outside is not None and name.startswith(outside + os.sep))):
+            where = os.path.relpath(name, _REPO) if name.startswith(_REPO + os.sep) else name
             return f'{where}:{frame.f_lineno} {frame.f_code.co_name}'
         frame = frame.f_back
     return '?'
@@ -168,11 +180,102 @@ def host_transfer(kind, host, non_blocking):
     """Record what torch_npu does for a copy between `host` memory and the NPU."""
     if not non_blocking:
         LEDGER.add('sync', f'{kind} blocking copy')  # CopyKernel.cpp: synchronise, then aclrtMemcpy
+        host_waits(current_stream().snapshot())
     elif not _is_pinned(host):
         LEDGER.add('sync', f'{kind} non_blocking copy from unpinned host memory')
         LEDGER.add('unpinned', kind)
+        host_waits(current_stream().snapshot())
     else:
         LEDGER.add('async', kind)
+
+
+# -- streams (ordering only) --------------------------------------------------------------------
+
+class StreamState:
+    """One stream: `queued` kernels so far, and `frontier`, how far each other stream had got
+    when this one last waited for it (an event carries the waited stream's own frontier too)."""
+
+    def __init__(self, sid):
+        self.id = sid
+        self.queued = 0
+        self.frontier = {}
+
+    def snapshot(self):
+        """What an event recorded now on this stream waits for."""
+        mark = dict(self.frontier)
+        mark[self.id] = self.queued
+        return mark
+
+    def wait(self, mark):
+        """aclrtStreamWaitEvent: later work on this stream runs after everything in `mark`."""
+        for sid, count in mark.items():
+            if sid != self.id and count > self.frontier.get(sid, 0):
+                self.frontier[sid] = count
+
+    def after(self, sid, count):
+        """Whether work queued on this stream from now on runs after stream `sid`'s first `count`."""
+        return sid == self.id or self.frontier.get(sid, 0) >= count or HOST.get(sid, 0) >= count
+
+
+STREAMS = {0: StreamState(0)}
+HOST = {}  # how far the host has synchronised each stream (everything it queues later runs after)
+PENDING = []  # (storage ptr, first element, end element, stream id, count, what): written by another stream
+
+
+def new_stream():
+    state = StreamState(len(STREAMS))
+    STREAMS[state.id] = state
+    return state
+
+
+def current_stream():
+    return STREAMS[STATE.stream]
+
+
+def host_waits(mark):
+    """The host synchronised with `mark` (a stream or event synchronisation, a blocking copy)."""
+    for sid, count in mark.items():
+        if count > HOST.get(sid, 0):
+            HOST[sid] = count
+    PENDING[:] = [p for p in PENDING if HOST.get(p[3], 0) < p[4]]
+
+
+def _extent(data):
+    """(storage ptr, first element, end element) of the memory a CPU twin covers."""
+    if data.numel() == 0:
+        return None
+    last = sum((size - 1) * stride for size, stride in zip(data.size(), data.stride()) if size)
+    start = data.storage_offset()
+    return data.untyped_storage().data_ptr(), start, start + last + 1
+
+
+def mark_pending(tensors, stream, what):
+    """`stream` wrote `tensors` (its `queued` count so far): other streams must be ordered after it."""
+    for t in tensors:
+        extent = _extent(t._data)
+        if extent is not None:
+            PENDING.append((*extent, stream.id, stream.queued, what))
+
+
+def check_pending(tensors, stream, doing):
+    """Refuse `stream` touching memory another stream wrote without `stream` being ordered after
+    that write: on an NPU the two would race (the fake runs everything at once and cannot)."""
+    for t in tensors:
+        extent = _extent(t._data)
+        if extent is None:
+            continue
+        ptr, lo, hi = extent
+        for p_ptr, p_lo, p_hi, sid, count, what in PENDING:
+            if p_ptr == ptr and lo < p_hi and p_lo < hi and not stream.after(sid, count):
+                race(f'fake torch_npu: {doing} on stream {stream.id} touches memory that {what} on stream {sid} '
+                     'writes, with no wait_stream/wait_event ordering it after that write: a race on an NPU')
+
+
+def race(message):
+    """Refuse a race. Also printed: raised inside a gradient hook or a process group called from
+    C++, the exception can reach the caller without its message (a SystemError, or an abort)."""
+    print(message, file=sys.stderr, flush=True)
+    raise RuntimeError(message)
 
 
 # -- the device tensor --------------------------------------------------------------------------
@@ -187,9 +290,12 @@ class NpuTensor(torch.Tensor):
 
     @staticmethod
     def __new__(cls, data):
+        # An empty tensor is usually an out= argument about to be resized (a composite kernel's
+        # empty() then its out= variant): its sizes are read from its twin, which the resize changes.
         out = torch.Tensor._make_wrapper_subclass(
             cls, data.size(), strides=data.stride(), storage_offset=data.storage_offset(),
-            dtype=data.dtype, layout=data.layout, device=_CXX_DEVICE, requires_grad=False)
+            dtype=data.dtype, layout=data.layout, device=_CXX_DEVICE, requires_grad=False,
+            dispatch_sizes_strides_policy='sizes' if data.numel() == 0 else None)
         out._data = data
         out._storage_size = None
         STATE.allocated = True
@@ -216,6 +322,7 @@ class NpuTensor(torch.Tensor):
 
     def tolist(self):
         LEDGER.add('sync', 'd2h tolist()')
+        host_waits(current_stream().snapshot())
         return self._data.tolist()
 
     def storage(self):
@@ -252,6 +359,17 @@ def storage_size(tensor):
     if tensor._storage_size is not None:
         return tensor._storage_size
     return tensor._data.untyped_storage().nbytes() // tensor._data.element_size()
+
+
+def repoint_storage(dst, src, offset):
+    """What torch_npu's ChangeDataPtr.cpp and Ascend Apex's change_dataptr.cpp do after their
+    checks: dst's storage now begins `offset` elements into src's storage (from its start, not
+    from src's storage offset); dst keeps its sizes, strides, storage offset and storage size.
+    A view that would run past src's memory fails here (on an NPU it would corrupt memory)."""
+    dst_size = storage_size(dst)
+    base = src._data.as_strided((storage_size(src),), (1,), 0)  # src's whole storage from its start
+    dst._data = base.as_strided(dst.size(), dst.stride(), offset + dst.storage_offset())
+    dst._storage_size = dst_size
 
 
 def _unwrap(x):
@@ -305,6 +423,11 @@ def _cube(func, args, kwargs):
 
 def run(func, args, kwargs):
     """Run an aten op for NPU operands on their CPU twins and wrap the device results."""
+    stream = STREAMS[STATE.stream]
+    if PENDING:
+        check_pending([a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, NpuTensor)],
+                      stream, str(func))
+    stream.queued += 1
     special = SPECIAL.get(func)
     if special is not None:
         return special(*args, **kwargs)
@@ -372,6 +495,7 @@ def _to_copy(x, dtype=None, layout=None, device=None, pin_memory=None, non_block
 
 def _local_scalar_dense(x):
     LEDGER.add('sync', 'd2h item()')
+    host_waits(current_stream().snapshot())
     return x._data.item()
 
 

@@ -1,8 +1,10 @@
 """Fake torch_npu.npu, registered as torch.npu (torch_npu/npu/__init__.py exports it so).
 
-Sources of each behaviour: utils.py (set_device, synchronize, is_bf16_supported, float status),
-npu_config.py (set_compile_mode), autocast_utils.py (get_amp_supported_dtype), streams.py
-(Event), memory.py (memory statistics; the fake allocates nothing on a device and reports 0).
+Sources of each behaviour: utils.py (set_device, synchronize, streams, is_bf16_supported, float
+status), npu_config.py (set_compile_mode), autocast_utils.py (get_amp_supported_dtype),
+streams.py (Stream, Event), memory.py (memory statistics; the fake allocates nothing on a device
+and reports 0), and the legacy tensor types torch.npu.FloatTensor, HalfTensor, ... that
+torch_npu/csrc/utils/TensorType.cpp creates (see _LegacyTensorType).
 """
 import os
 
@@ -11,8 +13,10 @@ import torch
 from torch_npu import _core
 from torch_npu.utils._error_code import ErrCode, pta_error
 from . import utils  # noqa: F401
-from .utils import (_get_device_index, clear_npu_overflow_flag, current_device, get_npu_overflow_flag,  # noqa: F401
-                    is_bf16_supported, npu_check_overflow, set_device, synchronize)
+from .utils import (_get_device_index, clear_npu_overflow_flag, current_device, current_stream,  # noqa: F401
+                    default_stream, get_npu_overflow_flag, is_bf16_supported, npu_check_overflow, set_device,
+                    set_stream, stream, StreamContext, synchronize)
+from .streams import Event, Stream  # noqa: F401
 
 
 def is_available():
@@ -59,23 +63,37 @@ def get_amp_supported_dtype():
     return [torch.float16, torch.float32]
 
 
-class Event:
-    """streams.py Event. The fake runs every kernel at once, so an event is always complete."""
+class _LegacyTensorType(type):
+    """torch.npu.<Type>Tensor (torch_npu/csrc/utils/TensorType.cpp, on torch's legacy constructor,
+    torch/csrc/utils/tensor_new.cpp legacy_tensor_ctor): called with a sequence, a tensor of
+    those values; with sizes, an uninitialised tensor of that shape; with nothing, an empty one,
+    all on the current NPU. isinstance() holds for an NPU tensor of that dtype."""
 
-    def __init__(self, enable_timing=False, blocking=False, interprocess=False):
-        self.recorded = False
+    def __call__(cls, *args):
+        if len(args) == 1 and not isinstance(args[0], int):
+            return torch.tensor(args[0], dtype=cls.dtype).to(torch.device('npu', _core.STATE.current))
+        if not all(isinstance(a, int) for a in args):
+            raise TypeError(f'{cls.__name__}(): expected a sequence or sizes, got {args}')
+        return torch.empty(args, dtype=cls.dtype).to(torch.device('npu', _core.STATE.current))
 
-    def record(self, stream=None):
-        self.recorded = True
+    def __instancecheck__(cls, obj):
+        return isinstance(obj, _core.NpuTensor) and obj.dtype == cls.dtype
 
-    def wait(self, stream=None):
-        pass
 
-    def query(self):
-        return True
+def _legacy_type(name, dtype):
+    return _LegacyTensorType(name, (), {'dtype': dtype, '__module__': 'torch.npu'})
 
-    def synchronize(self):
-        _core.LEDGER.add('event', 'Event.synchronize')
+
+FloatTensor = _legacy_type('FloatTensor', torch.float32)
+HalfTensor = _legacy_type('HalfTensor', torch.float16)
+BFloat16Tensor = _legacy_type('BFloat16Tensor', torch.bfloat16)
+DoubleTensor = _legacy_type('DoubleTensor', torch.float64)
+LongTensor = _legacy_type('LongTensor', torch.int64)
+IntTensor = _legacy_type('IntTensor', torch.int32)
+ShortTensor = _legacy_type('ShortTensor', torch.int16)
+CharTensor = _legacy_type('CharTensor', torch.int8)
+ByteTensor = _legacy_type('ByteTensor', torch.uint8)
+BoolTensor = _legacy_type('BoolTensor', torch.bool)
 
 
 def max_memory_allocated(device=None):

@@ -1,4 +1,5 @@
-"""Fake torch_npu.npu.utils (torch_npu/npu/utils.py): device selection, synchronisation, SoC
+"""Fake torch_npu.npu.utils (torch_npu/npu/utils.py): device selection, synchronisation, the
+current stream (StreamContext, stream, set_stream, current_stream, default_stream), SoC
 capabilities and the float-status overflow flag of the NPUs before the 910B."""
 import warnings
 
@@ -49,6 +50,47 @@ def current_device():
 def synchronize(device=None):
     _core.STATE.initialized = True
     _core.LEDGER.add('sync', 'synchronize')
+    for state in _core.STREAMS.values():  # aclrtSynchronizeDevice: every stream
+        _core.host_waits(state.snapshot())
+
+
+def current_stream(device=None):
+    from .streams import Stream
+    return Stream(stream_id=_core.STATE.stream)
+
+
+def default_stream(device=None):
+    from .streams import Stream
+    return Stream(stream_id=0)
+
+
+def set_stream(stream):
+    if stream is None:
+        return
+    _core.STATE.stream = stream.stream_id
+
+
+class StreamContext:
+    """Selects `stream` for the kernels queued inside (a no-op for None); restores the previous one."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.previous = None
+
+    def __enter__(self):
+        if self.stream is None:
+            return
+        self.previous = current_stream()
+        set_stream(self.stream)
+
+    def __exit__(self, *exc):
+        if self.stream is None:
+            return
+        set_stream(self.previous)
+
+
+def stream(stream):
+    return StreamContext(stream)
 
 
 def is_bf16_supported(including_emulation=False):

@@ -1,1 +1,0 @@
-from . import combine_tensors  # noqa: F401

@@ -1,1 +1,0 @@
-from .npu_fused_sgd import NpuFusedSGD  # noqa: F401
