@@ -139,7 +139,7 @@ def save_image(path, rgb):
     """Write ``rgb`` (uint8 [H, W, 3]) to ``path`` atomically, in the format of its extension."""
     import cv2
 
-    from utils.fileio import atomic_write_bytes
+    from utils.files.fileio import atomic_write_bytes
 
     ext = os.path.splitext(path)[1].lower() or '.jpg'
     ok, data = cv2.imencode(ext, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
@@ -154,10 +154,10 @@ def main(args):
 
     Raises DemoError, CheckpointError or DeviceUnavailable (one-line messages) for bad input.
     """
-    from utils.checkpoint import load_model
-    from utils.fileio import make_output_dir
-    from utils.image_io import ImageReadError, load_rgb
-    from utils.inference import Detector, draw_detections, inference_device
+    from utils.files.weights import load_model
+    from utils.files.fileio import make_output_dir
+    from utils.files.image_io import ImageReadError, load_rgb
+    from utils.inference.detector import Detector, draw_detections, inference_device
 
     files = list_all_inputs(args.paths)
     annotations = read_annotations(args.annotations) if args.annotations else {}

@@ -17,7 +17,7 @@ import os
 
 from data.config import cfg
 from utils.cli import HelpFormatter
-from utils.fileio import OutputDirError, atomic_write_text, make_output_dir
+from utils.files.fileio import OutputDirError, atomic_write_text, make_output_dir
 
 # The annotation parser (data/widerface.py, which loads PyTorch for its dataset) is imported
 # inside the functions that use it, so that `--help` answers at once.

@@ -119,7 +119,7 @@ def build_model(args, log, resuming=False):
     Xavier-initialised, or Kaiming from scratch with --basenet none; left as built when
     `resuming` (the weights come from the checkpoint)."""
     from s3fd import build_s3fd, init_weights_from_scratch, init_weights_xavier
-    from utils.checkpoint import CheckpointError, extract_state_dict, load_file, load_weights
+    from utils.files.weights import CheckpointError, extract_state_dict, load_file, load_weights
 
     net = build_s3fd('train', cfg.NUM_CLASSES)
     if resuming:
@@ -221,7 +221,7 @@ def claim_save_folder(folder, args, runtime, log):
     stops: rank 0 with the one-line error, the others quietly. Returns the checkpoint to resume
     from: --resume's, or with --resume auto the folder's own when there is one; None for a new run."""
     from utils import device as devices
-    from utils.fileio import OutputDirError, format_bytes
+    from utils.files.fileio import OutputDirError, format_bytes
 
     refused = removed = freed = None
     found = False
@@ -253,7 +253,7 @@ def make_room_for_a_new_run(folder, overwrite, log):
     """A new run never silently replaces another's results: where one left its checkpoint, best
     weights or other files, refuse (OutputDirError naming what is there and the ways on), or with
     --overwrite remove them, naming them."""
-    from utils.fileio import OutputDirError
+    from utils.files.fileio import OutputDirError
 
     names = folder.run_files()
     if not names:
@@ -298,7 +298,7 @@ def main(args, signals=None):
 
     from layers.modules.multibox_loss import MultiBoxLoss
     from utils import device as devices
-    from utils.checkpoint import tensor_bytes
+    from utils.files.weights import tensor_bytes
     from utils.training import engine
     from utils.training.checkpoint import TrainState, resume
     from utils.training.engine import log

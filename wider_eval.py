@@ -8,14 +8,14 @@ GT_DIR is the official ``eval_tools/ground_truth`` directory (``wider_face_val.m
 ``wider_{easy,medium,hard}_val.mat``). The protocol is that of the official MATLAB tools,
 including MATLAB's int32 arithmetic on the ground-truth boxes (``--arithmetic double`` gives
 the float64 numbers of the WiderFace-Evaluation Python port instead); see
-``utils/widerface_eval.py`` for its exact rules.
+``utils/evaluation/widerface_eval.py`` for its exact rules.
 """
 import argparse
 import json
 import sys
 
 from utils.cli import HelpFormatter
-from utils.widerface_eval import (ARITHMETICS, SETTINGS, WiderEvalError, evaluate,
+from utils.evaluation.widerface_eval import (ARITHMETICS, SETTINGS, WiderEvalError, evaluate,
                                   load_ground_truth, plot_pr_curves)
 
 RULE = '=' * 49

@@ -24,7 +24,7 @@ Modes
     ``single``: one pass at ``min(1, sqrt(1700 * 1200 / (h * w)))``; same-size images are
     batched (``--batch_size``), which gives the same boxes as one image at a time.
     ``multiscale``: the S3FD test (original + mirror, a shrunk and enlarged passes, box
-    voting; see utils/inference.py), one image at a time. Every pass of either mode resizes
+    voting; see utils/inference/detector.py), one image at a time. Every pass of either mode resizes
     and maps its boxes back as the reference port's ``tools/wider_test.py``:
     ``cv2.resize(img, None, fx=s, fy=s)``, boxes times the resized size over ``s``.
     ``--max_size N`` caps the longer side of every pass (a deviation for quick runs; the
@@ -157,7 +157,7 @@ def _list_from_filelist(path):
 
 
 def _list_from_mat(path):
-    from utils.widerface_eval import WiderEvalError, list_split_images
+    from utils.evaluation.widerface_eval import WiderEvalError, list_split_images
     try:
         return [f'{event}/{name}.jpg' for event, name in list_split_images(path)]
     except WiderEvalError as exc:
@@ -271,7 +271,7 @@ def claim_out_dir(out_dir):
     files of that run still there. Raises WiderTestError, the lock released, when another run
     holds the folder, or when it holds prediction files that no run recorded (they would be
     scored with this run's and are not this script's to delete)."""
-    from utils.folder_lock import LOCK_NAME, FolderInUseError, FolderLock, describe_owner
+    from utils.files.folder_lock import LOCK_NAME, FolderInUseError, FolderLock, describe_owner
 
     lock = FolderLock(out_dir, '--out')
     try:
@@ -324,7 +324,7 @@ def remove_earlier_run(out_dir, earlier):
 def write_run_record(out_dir, args, items, started, finished=None, written=None, skipped=None):
     """Record this run in `out_dir` (RUN_RECORD, written atomically): what it tests and every
     prediction file it may write, so that the next run in the folder removes exactly those."""
-    from utils.fileio import atomic_write_text
+    from utils.files.fileio import atomic_write_text
 
     record = {'written_by': 'wider_test.py', 'model': os.path.abspath(args.model),
               'dataset_dir': os.path.abspath(args.dataset_dir), 'split': args.split, 'mode': args.mode,
@@ -376,7 +376,7 @@ def official_test_side(items):
     from the file headers), or None."""
     from PIL import Image
 
-    from utils.inference import single_scale
+    from utils.inference.detector import single_scale
 
     sides = []
     for _, _, path in items[:SIZE_SAMPLE]:
@@ -425,10 +425,10 @@ def run(detector, items, args):
     """Detect every image and write its prediction file; returns the skip messages."""
     from tqdm import tqdm
 
-    from utils.batch_detect import detect_files
-    from utils.fileio import DiskFullError
-    from utils.inference import to_wider_rows
-    from utils.widerface_eval import write_prediction_file
+    from utils.inference.batch_detect import detect_files
+    from utils.files.fileio import DiskFullError
+    from utils.inference.detector import to_wider_rows
+    from utils.evaluation.widerface_eval import write_prediction_file
 
     skipped, written = [], 0
     bar = tqdm(total=len(items), unit='img', desc=f'{args.split} ({args.mode})', file=sys.stderr,
@@ -459,12 +459,12 @@ def main(args):
     Raises WiderTestError, CheckpointError, DeviceUnavailable or WiderEvalError (one-line
     messages) for bad input.
     """
-    from utils.fileio import make_output_dir
+    from utils.files.fileio import make_output_dir
 
     items, source = image_list(args.dataset_dir, args.split)
     if args.num_images is not None:
         items = items[:args.num_images]
-    from utils.widerface_eval import load_ground_truth
+    from utils.evaluation.widerface_eval import load_ground_truth
     gt = load_ground_truth(args.eval) if args.eval else None   # fail before the long run
     make_output_dir(args.out, '--out')
     lock, record, earlier = claim_out_dir(args.out)
@@ -477,10 +477,10 @@ def main(args):
 def test_into_folder(args, items, source, gt, record, earlier):
     """The test itself, in a prediction folder this process holds (see main): the earlier run's
     files removed once the model has loaded, this run recorded, detections, then the score."""
-    from utils.checkpoint import load_model
-    from utils.fileio import DiskFullError
-    from utils.inference import Detector, inference_device
-    from utils.widerface_eval import evaluate
+    from utils.files.weights import load_model
+    from utils.files.fileio import DiskFullError
+    from utils.inference.detector import Detector, inference_device
+    from utils.evaluation.widerface_eval import evaluate
 
     ctx = inference_device(args.device, args.device_id, args.amp)
     net = load_model(args.model, 'test', ctx.device, args.variant)

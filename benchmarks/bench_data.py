@@ -46,7 +46,7 @@ import torch  # noqa: E402
 from data.widerface import WIDERDetection  # noqa: E402
 from data.widerface import annotation_path, image_root  # noqa: E402
 from prepare_wider_data import convert_split, write_atomic  # noqa: E402
-from utils.image_io import load_rgb  # noqa: E402
+from utils.files.image_io import load_rgb  # noqa: E402
 
 REAL_NAME = '0--Parade/0_Parade_marchingband_1_465.jpg'
 TARGET = 120.0

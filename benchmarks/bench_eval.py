@@ -86,7 +86,7 @@ def synthetic_detections(boxes, rng, fill_to):
 def write_prediction_set(gt, out_dir, fill_to, seed):
     """Write one prediction file per val image; returns the total number of boxes."""
     import numpy as np
-    from utils.widerface_eval import format_prediction_file
+    from utils.evaluation.widerface_eval import format_prediction_file
     rng = np.random.default_rng(seed)
     total = 0
     for (event, name), boxes in zip(gt.images, gt.boxes):
@@ -117,7 +117,7 @@ def main(args):
     cpu = pin_to_one_core()
     if REPO not in sys.path:
         sys.path.insert(0, REPO)
-    from utils.widerface_eval import evaluate_detections, load_ground_truth, read_predictions
+    from utils.evaluation.widerface_eval import evaluate_detections, load_ground_truth, read_predictions
     gt = load_ground_truth(args.gt)
     with tempfile.TemporaryDirectory(prefix='bench_eval_') as pred_dir:
         start = time.perf_counter()

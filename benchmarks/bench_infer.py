@@ -7,7 +7,7 @@
         [--threads N] [--image PATH]
 
 Each timed step is what wider_test.py does per batch once the images are decoded and resized,
-``utils.inference.Detector.detect_resized``: uint8 images -> device, mean subtraction, the
+``utils.inference.detector.Detector.detect_resized``: uint8 images -> device, mean subtraction, the
 test-phase network with Detect (softmax, threshold 0.05, top 5000, NMS 0.3, top 750), and the
 conversion to pixel boxes on the host (whose copy to the host waits for the device). The image is the real WIDER val image of ../shared resized to WIDTHxHEIGHT (a
 synthetic scene when it is absent) repeated across the batch. Without --model the weights
@@ -83,9 +83,9 @@ import torch  # noqa: E402
 from data.config import cfg  # noqa: E402
 from s3fd import build_s3fd, init_weights_from_scratch  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
-from utils.checkpoint import load_model  # noqa: E402
-from utils.image_io import load_rgb  # noqa: E402
-from utils.inference import Detector, inference_device  # noqa: E402
+from utils.files.weights import load_model  # noqa: E402
+from utils.files.image_io import load_rgb  # noqa: E402
+from utils.inference.detector import Detector, inference_device  # noqa: E402
 
 
 def bench_image(path, width, height):

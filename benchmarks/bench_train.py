@@ -60,7 +60,7 @@ from s3fd import build_s3fd, init_weights_from_scratch  # noqa: E402
 from benchmarks.bench_layers import random_faces  # noqa: E402
 from utils.training.engine import FiniteCheck, training_step  # noqa: E402
 from utils import device as devices  # noqa: E402
-from utils.fileio import atomic_write_text  # noqa: E402
+from utils.files.fileio import atomic_write_text  # noqa: E402
 
 def train_flops_per_image(input_size):
     """Multiply-adds of every convolution at this input size, x2 for FLOPs, x3 for

@@ -57,7 +57,7 @@ from data.factory import detection_collate  # noqa: E402
 from data.widerface import WIDERDetection  # noqa: E402
 from layers.modules.multibox_loss import MultiBoxLoss  # noqa: E402
 from s3fd import build_s3fd  # noqa: E402
-from utils.checkpoint import load_model  # noqa: E402
+from utils.files.weights import load_model  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
 
 

@@ -82,8 +82,8 @@ import numpy as np  # noqa: E402
 import scipy.io  # noqa: E402
 
 from data.widerface import ATTRIBUTE_NAMES, annotation_path, image_root
-from utils.fileio import atomic_write_bytes
-from utils.widerface_eval import FACE_MAT, SETTING_MATS, SETTINGS
+from utils.files.fileio import atomic_write_bytes
+from utils.evaluation.widerface_eval import FACE_MAT, SETTING_MATS, SETTINGS
 
 GENERATOR_VERSION = 1
 MANIFEST_NAME = 'synthetic_wider.json'

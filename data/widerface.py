@@ -29,7 +29,7 @@ from data.config import cfg
 from utils.augmentations import TrainAugmentation, fallback_plan, val_transform
 from utils.transforms import clip_boxes, to_tensor, to_uint8_tensor
 from utils.cli import UserError
-from utils.image_io import ImageReadError, load_rgb
+from utils.files.image_io import ImageReadError, load_rgb
 
 __all__ = ['ATTRIBUTE_NAMES', 'AnnotationError', 'DatasetError', 'UnusableImageError', 'WiderAnnotation',
            'annotation_path',

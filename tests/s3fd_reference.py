@@ -1,6 +1,6 @@
 """The WIDER FACE test of the reference PyTorch port (yxlijun/S3FD.pytorch, tools/wider_test.py),
 rewritten for the tests from what that script computes, pass by pass, with OpenCV, NumPy and
-the network only: nothing from utils.inference. Tests compare utils.inference.Detector with it.
+the network only: nothing from utils.inference. Tests compare utils.inference.detector.Detector with it.
 
 What it computes (facts read from the reference script):
 - a pass at scale ``s``: ``cv2.resize(img, None, fx=s, fy=s, INTER_LINEAR)`` unless ``s == 1``;
@@ -12,7 +12,7 @@ What it computes (facts read from the reference script):
   clusters at pixel-inclusive IoU >= 0.3 around the best remaining box, single-box clusters
   dropped, score-weighted coordinates, the best score, at most 750 boxes.
 The one choice not taken from the reference: boxes of equal score are ordered by pass order
-(stable sort, as utils.inference); the reference's order of equal scores is whatever NumPy's
+(stable sort, as utils.inference.detector); the reference's order of equal scores is whatever NumPy's
 (unstable) quicksort gives.
 """
 import cv2
@@ -26,7 +26,7 @@ from data.config import cfg
 class OneImageAtATime(nn.Module):
     """Runs the wrapped network on each image of a batch alone, as an NCHW-contiguous tensor.
     The same pixels then give bit-identical outputs however the caller batched and laid them
-    out (utils.inference batches a pass with its mirror, channels-last; the reference runs one
+    out (utils.inference.detector batches a pass with its mirror, channels-last; the reference runs one
     image at a time), so a comparison sees the procedure and not the float rounding of
     different convolution kernels: with random weights many scores agree to 1e-6, and that
     rounding alone reorders them and changes a few voted boxes."""

@@ -4,9 +4,9 @@
 with CAP_SYS_ADMIN: a plain container or a CI runner usually cannot); it yields None elsewhere,
 and the test skips. `fill(folder)` then takes all of its space.
 
-`SimulatedFullDisk(monkeypatch, budget)`: what runs everywhere. Files that utils/fileio.py and
-utils/checkpoint.py open for writing raise ENOSPC once `budget` bytes in all are written, as
-the kernel does, and utils.fileio.free_bytes reports what is left of the budget.
+`SimulatedFullDisk(monkeypatch, budget)`: what runs everywhere. Files that utils/files/fileio.py and
+utils/files/weights.py open for writing raise ENOSPC once `budget` bytes in all are written, as
+the kernel does, and utils.files.fileio.free_bytes reports what is left of the budget.
 """
 import contextlib
 import errno
@@ -14,8 +14,8 @@ import os
 import shutil
 import subprocess
 
-import utils.checkpoint
-import utils.fileio
+import utils.files.weights
+import utils.files.fileio
 
 
 @contextlib.contextmanager
@@ -86,7 +86,7 @@ class _Writer:
 
 
 class SimulatedFullDisk:
-    """ENOSPC after `budget` bytes written through utils.fileio / utils.checkpoint's `open`."""
+    """ENOSPC after `budget` bytes written through utils.files.fileio / utils.files.weights's `open`."""
 
     def __init__(self, monkeypatch, budget=0):
         self.left = budget
@@ -95,6 +95,6 @@ class SimulatedFullDisk:
             handle = open(file, mode, *args, **kwargs)
             return _Writer(handle, self) if any(m in mode for m in 'wax+') else handle
 
-        for module in (utils.fileio, utils.checkpoint):
+        for module in (utils.files.fileio, utils.files.weights):
             monkeypatch.setattr(module, 'open', full_open, raising=False)
-        monkeypatch.setattr(utils.fileio, 'free_bytes', lambda folder: self.left)
+        monkeypatch.setattr(utils.files.fileio, 'free_bytes', lambda folder: self.left)

@@ -13,7 +13,7 @@ from data.config import cfg
 from data.widerface import read_wider_annotations
 from utils.augmentations import TrainAugmentation, distort_image, fallback_plan, train_transform, val_transform
 from utils.transforms import clip_boxes, subtract_mean, to_tensor, to_uint8_tensor
-from utils.image_io import load_rgb
+from utils.files.image_io import load_rgb
 
 S = 640
 MEAN = np.array([123, 117, 104], dtype=np.uint8)

@@ -8,9 +8,9 @@ import sys
 import pytest
 
 from utils.cli import ToolError, UserError, at_least, one_line, run_cli
-from utils.checkpoint import CheckpointError
+from utils.files.weights import CheckpointError
 from utils.device import DeviceUnavailable
-from utils.fileio import OutputDirError
+from utils.files.fileio import OutputDirError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -5,7 +5,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tools import convert_official
-from utils.checkpoint import CheckpointError, load_file, load_model
+from utils.files.weights import CheckpointError, load_file, load_model
 
 BGR_MEAN = (104.0, 117.0, 123.0)  # the released model's input mean (B, G, R)
 RGB_MEAN = (123.0, 117.0, 104.0)  # this repository's (R, G, B)

@@ -8,7 +8,7 @@ import torch
 
 import demo
 from s3fd import build_s3fd
-from utils import checkpoint
+from utils.files import weights as checkpoint
 from s3fd import MIN_INPUT_SIDE
 
 
@@ -163,7 +163,7 @@ def test_with_annotations_false_detections_are_counted_and_drawn_apart(model, im
     """What the model takes for faces includes false ones: with the image's annotations, the
     line says how many detections are on an annotated face (one per face, best score first)
     and how many elsewhere, and draws them green and red."""
-    from utils.inference import Detector
+    from utils.inference.detector import Detector
     dets = np.array([[10, 10, 50, 50, 0.9],     # on the face
                      [12, 12, 48, 48, 0.7],     # on the same face again: a duplicate
                      [60, 40, 100, 80, 0.8],    # nothing there

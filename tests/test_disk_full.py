@@ -10,10 +10,10 @@ import tempfile
 import pytest
 import torch
 
-import utils.fileio as fileio
+import utils.files.fileio as fileio
 from small_disk import SimulatedFullDisk, fill, require_tmpfs, tmpfs
-from utils.checkpoint import atomic_save, load_file, save_size_estimate, tensor_bytes
-from utils.fileio import (DiskFullError, OutputDirError, atomic_write_bytes, atomic_write_text,
+from utils.files.weights import atomic_save, load_file, save_size_estimate, tensor_bytes
+from utils.files.fileio import (DiskFullError, OutputDirError, atomic_write_bytes, atomic_write_text,
                           check_free_space, format_bytes)
 
 BIG = {'weight': torch.zeros(1 << 20)}  # 4 MiB: more than the whole small disk

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from s3fd import build_s3fd, init_weights_from_scratch
 from tools import export_onnx
 from utils.cli import ToolError
-from utils.checkpoint import CheckpointError, load_model
+from utils.files.weights import CheckpointError, load_model
 
 HAVE_ONNX = all(importlib.util.find_spec(m) is not None for m in ('onnx', 'onnxruntime'))
 HAVE_ONNXSCRIPT = importlib.util.find_spec('onnxscript') is not None

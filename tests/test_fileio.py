@@ -3,7 +3,7 @@ import stat
 
 import pytest
 
-from utils.fileio import (OutputDirError, atomic_path, atomic_write_bytes, atomic_write_text, check_output_file,
+from utils.files.fileio import (OutputDirError, atomic_path, atomic_write_bytes, atomic_write_text, check_output_file,
                           make_output_dir)
 
 

@@ -1,4 +1,4 @@
-"""utils/folder_lock.py and the save folder's claim (utils/training/save_folder.py) with real
+"""utils/files/folder_lock.py and the save folder's claim (utils/training/save_folder.py) with real
 processes: one run per save folder, a kill -9'd owner never blocks the next run, and the
 temporary files of an interrupted save are removed by the next run only."""
 import errno
@@ -12,18 +12,18 @@ import textwrap
 
 import pytest
 
-import utils.fileio as fileio
+import utils.files.fileio as fileio
 from conftest import REPO_ROOT
-from utils.fileio import DiskFullError, OutputDirError
-from utils.folder_lock import LOCK_NAME, FolderInUseError, FolderLock
+from utils.files.fileio import DiskFullError, OutputDirError
+from utils.files.folder_lock import LOCK_NAME, FolderInUseError, FolderLock
 from utils.training.save_folder import SaveFolder
 
 # A stand-in for train.py's start: claim the folder, report, then do what `mode` says.
 RUN = textwrap.dedent('''
     import os, sys, time
     sys.path.insert(0, {repo!r})
-    from utils.fileio import atomic_path
-    from utils.folder_lock import FolderInUseError
+    from utils.files.fileio import atomic_path
+    from utils.files.folder_lock import FolderInUseError
     from utils.training.save_folder import SaveFolder
     folder, mode = sys.argv[1], sys.argv[2]
     save_folder = SaveFolder(folder)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from utils.image_io import ImageReadError, load_rgb
+from utils.files.image_io import ImageReadError, load_rgb
 
 
 def _pattern():
@@ -101,7 +101,7 @@ def test_unreadable_files_raise_one_line_error_naming_the_file(tmp_path, kind):
 def test_exif_orientation_is_ignored_unless_asked_for(tmp_path, monkeypatch, decoder):
     """Boxes are given on the stored pixel grid: a rotated-by-EXIF JPEG must not be turned
     by one decoder and left by the other. demo.py asks for the upright view."""
-    import utils.image_io as image_io
+    import utils.files.image_io as image_io
     if decoder == 'pillow':
         monkeypatch.setattr(image_io, '_decode_opencv', lambda data, exif_orientation: None)
     path = tmp_path / 'rotated.jpg'

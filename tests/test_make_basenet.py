@@ -11,7 +11,7 @@ import torchvision
 
 from s3fd import build_s3fd, vgg
 from tools import make_basenet
-from utils.checkpoint import CheckpointError, load_file, load_weights
+from utils.files.weights import CheckpointError, load_file, load_weights
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RGB_MEAN = (123.0, 117.0, 104.0)  # this repository's input mean (cfg.img_mean)

@@ -26,7 +26,7 @@ import torch
 
 from conftest import TORCH_NPU_WHEEL_DIR as WHEEL_DIR, computed_once as shared, extract_torch_npu_files, synthetic_lists
 from s3fd import build_s3fd, init_weights_from_scratch
-from utils.checkpoint import load_file
+from utils.files.weights import load_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAKE = os.path.join(REPO, 'tests', 'fake_ascend')

@@ -25,7 +25,7 @@ from utils.training import checkpoint as training_checkpoint
 from utils.training import engine
 from utils.training.checkpoint import TrainState
 from s3fd import build_s3fd
-from utils.checkpoint import atomic_save, load_file
+from utils.files.weights import atomic_save, load_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -565,7 +565,7 @@ def test_stale_temporaries_are_removed_and_a_full_disk_stops_before_the_epoch(li
     assert not stale.exists() and other.exists()
     assert f'Removed 1 temporary file(s) of interrupted saves from {tmp_path}' in capsys.readouterr().out
     # The next epoch's checkpoint would not fit: one line, before the epoch's work, the old file kept.
-    from utils import fileio
+    from utils.files import fileio
     before = (tmp_path / 'sfd_face_checkpoint.pth').read_bytes()
     monkeypatch.setattr(fileio, 'free_bytes', lambda folder: 1 << 20)
     status = run_cli(lists, tmp_path, '--epochs', '2', '--resume', str(tmp_path / 'sfd_face_checkpoint.pth'))

@@ -9,7 +9,7 @@ import types
 import pytest
 import torch
 
-from utils.checkpoint import CheckpointError, atomic_save, load_file
+from utils.files.weights import CheckpointError, atomic_save, load_file
 from utils.training.checkpoint import (TrainState, check_checkpoint, check_resume_options, checkpoint_contents,
                                        checkpoint_template)
 

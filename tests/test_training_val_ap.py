@@ -11,10 +11,10 @@ import prepare_wider_data
 import wider_test
 from data.synthetic import generate
 from s3fd import build_s3fd, init_weights_from_scratch
-from utils.checkpoint import atomic_save
+from utils.files.weights import atomic_save
 from utils.device import setup_device
 from utils.training.val_ap import ValAP, ValAPError, format_ap_line, image_key, list_ground_truth, mean_ap
-from utils.widerface_eval import evaluate_detections
+from utils.evaluation.widerface_eval import evaluate_detections
 
 
 @pytest.fixture(scope='module')

@@ -11,7 +11,7 @@ from scipy.io import savemat
 
 import wider_eval
 from conftest import REAL_GT_DIR, REPO_ROOT, require_shared
-from utils.widerface_eval import (SETTINGS, WiderEvalError, WiderEvalWarning, evaluate, plot_pr_curves,
+from utils.evaluation.widerface_eval import (SETTINGS, WiderEvalError, WiderEvalWarning, evaluate, plot_pr_curves,
                                   evaluate_detections, list_split_images, load_ground_truth,
                                   read_prediction_file, read_predictions, write_prediction_file)
 
@@ -431,7 +431,7 @@ def test_matlab_rounds_small_offsets_and_takes_the_first_face_at_half(tmp_path):
 
 
 def test_matlab_normalises_scores_in_single_precision():
-    from utils.widerface_eval import THRESHOLDS, normalise_scores
+    from utils.evaluation.widerface_eval import THRESHOLDS, normalise_scores
     # (0.0538 - 0.05) / 0.95 is 0.0039999999999999975 in float64 but 0.0040000011 in single:
     # MATLAB keeps it from threshold 0.004 on, float64 only from 0.003.
     scores = np.array([0.05, 0.0538, 1.0])
@@ -631,7 +631,7 @@ def test_cli_errors_are_one_line_without_traceback(tiny_case, tmp_path):
 
 
 def test_matlab_int32_conversion_rounds_half_away_saturates_and_zeroes_nan():
-    from utils.widerface_eval import _int32
+    from utils.evaluation.widerface_eval import _int32
     x = np.array([0.5, -0.5, 1.5, -2.5, 2.4999, 0.49999999999999994, np.nan, np.inf, -np.inf, 3e10])
     assert _int32(x).tolist() == [1, -1, 2, -3, 2, 0, 0, 2 ** 31 - 1, -2 ** 31, 2 ** 31 - 1]
 

@@ -18,10 +18,10 @@ from data.synthetic import generate
 from data.widerface import read_wider_annotations
 from layers.modules.multibox_loss import MultiBoxLoss
 from s3fd import build_s3fd, init_weights_from_scratch
-from utils.checkpoint import CheckpointError, load_model
-from utils.image_io import load_rgb
-from utils.inference import images_to_input, resize_rgb, single_scale, to_wider_rows
-from utils.widerface_eval import read_prediction_file, read_predictions, load_ground_truth
+from utils.files.weights import CheckpointError, load_model
+from utils.files.image_io import load_rgb
+from utils.inference.detector import images_to_input, resize_rgb, single_scale, to_wider_rows
+from utils.evaluation.widerface_eval import read_prediction_file, read_predictions, load_ground_truth
 
 MAX_SIZE = 128
 

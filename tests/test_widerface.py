@@ -440,7 +440,7 @@ def test_more_workers_than_cores_start_as_many_as_the_cores_saying_so_once(small
     the AP test's decoder start 2 processes each, with one line saying why, instead of PyTorch's
     two-line warning that the workers may run slowly or freeze."""
     import data.factory
-    from utils.batch_detect import detect_files
+    from utils.inference.batch_detect import detect_files
 
     monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1}, raising=False)  # PyTorch reads it too
     monkeypatch.setattr(os, 'cpu_count', lambda: 2)
@@ -453,7 +453,7 @@ def test_more_workers_than_cores_start_as_many_as_the_cores_saying_so_once(small
         assert [loader.num_workers for loader in loaders] == [2, 2]
         assert make_loader(ds, EpochBatchSampler(len(ds), 2), num_workers=2).num_workers == 2
 
-        class Detector:  # what detect_files asks of utils.inference.Detector in 'multiscale' mode
+        class Detector:  # what detect_files asks of utils.inference.detector.Detector in 'multiscale' mode
             max_size = None
 
             def detect(self, rgb, mode):

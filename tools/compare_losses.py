@@ -162,7 +162,7 @@ def plot(a, b, path):
         print(f'compare_losses.py: --plot needs matplotlib, which is not installed (pip install matplotlib); '
               f'{path} not drawn', file=sys.stderr)
         return False
-    from utils.fileio import atomic_path
+    from utils.files.fileio import atomic_path
 
     fig = Figure(figsize=(12, 4.5))
     FigureCanvasAgg(fig)

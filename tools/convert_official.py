@@ -16,7 +16,7 @@ accepted.
 
 The output is {'weight': state_dict in this repository's keys, 'variant': 'caffe'}: the
 released fc6 is 3x3 with pad 3 and no dilation, which `build_s3fd(..., variant='caffe')`
-builds (fc7 is 24x24 at 640x640, 34,356 priors). `utils.checkpoint.load_model`, wider_test.py
+builds (fc7 is 24x24 at 640x640, 34,356 priors). `utils.files.weights.load_model`, wider_test.py
 and demo.py pick the variant from the file.
 
 Input: the released model takes BGR minus (104, 117, 123); this repository feeds RGB minus
@@ -57,9 +57,9 @@ import torch  # noqa: E402
 
 from s3fd import build_s3fd  # noqa: E402
 from utils.cli import ToolError, run_cli  # noqa: E402
-from utils.checkpoint import (CheckpointError, atomic_save, check_layout, describe_keys,  # noqa: E402
+from utils.files.weights import (CheckpointError, atomic_save, check_layout, describe_keys,  # noqa: E402
                               extract_state_dict, load_file, load_weights)
-from utils.fileio import check_output_file  # noqa: E402
+from utils.files.fileio import check_output_file  # noqa: E402
 
 VARIANT = 'caffe'
 # Released name -> this repository's module, for every convolution (weight and bias).

@@ -74,8 +74,8 @@ import torch.nn.functional as F  # noqa: E402
 from layers.functions.prior_box import prior_grid  # noqa: E402
 from s3fd import MIN_INPUT_SIDE  # noqa: E402
 from utils.cli import ToolError, run_cli  # noqa: E402
-from utils.checkpoint import load_model  # noqa: E402
-from utils.fileio import atomic_path, check_output_file  # noqa: E402
+from utils.files.weights import load_model  # noqa: E402
+from utils.files.fileio import atomic_path, check_output_file  # noqa: E402
 
 INPUT_NAME = 'image'
 OUTPUT_NAMES = ('loc', 'conf', 'priors')

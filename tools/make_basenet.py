@@ -82,8 +82,8 @@ import torch.nn as nn  # noqa: E402
 from data.config import cfg  # noqa: E402
 from s3fd import VARIANTS, vgg  # noqa: E402
 from utils.cli import ToolError, run_cli  # noqa: E402
-from utils.checkpoint import atomic_save, check_layout, extract_state_dict, load_file, load_weights  # noqa: E402
-from utils.fileio import check_output_file  # noqa: E402
+from utils.files.weights import atomic_save, check_layout, extract_state_dict, load_file, load_weights  # noqa: E402
+from utils.files.fileio import check_output_file  # noqa: E402
 
 FC6_INDEX, FC7_INDEX = 31, 33
 FC_CHANNEL_STEP = 4  # 4096 -> 1024 channels

@@ -106,7 +106,7 @@ def draw(rows):
 
 def plot(rows, out):
     """Draw `rows` (see draw) into the image file `out`, written atomically."""
-    from utils.fileio import atomic_path
+    from utils.files.fileio import atomic_path
 
     fig = draw(rows)
     ext = os.path.splitext(out)[1].lstrip('.').lower() or 'png'

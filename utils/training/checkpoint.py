@@ -31,7 +31,7 @@ import typing
 import torch
 
 from data.config import cfg
-from utils.checkpoint import CheckpointError, atomic_save, checkpoint_variant, extract_state_dict, load_file, \
+from utils.files.weights import CheckpointError, atomic_save, checkpoint_variant, extract_state_dict, load_file, \
     load_weights
 from utils.cli import one_line
 from utils.training.engine import lr_step_index

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from data.config import cfg
 from utils import device as devices
-from utils.checkpoint import nonfinite_tensors
+from utils.files.weights import nonfinite_tensors
 from utils.cli import UserError
 from utils.transforms import subtract_mean
 

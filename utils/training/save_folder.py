@@ -5,7 +5,7 @@ its file names and its rules.
     sfd_face_checkpoint.pth    the full, resumable checkpoint (utils/training/checkpoint.py)
     sfd_face_<iteration>.pth   the weights after iteration i, when i != 0 and i % cfg.SAVE_INTERVAL == 0
     metrics.jsonl              one row per validated epoch (tools/plot_training.py draws it)
-    .sfd_run.lock              held by the run that uses the folder (utils/folder_lock.py)
+    .sfd_run.lock              held by the run that uses the folder (utils/files/folder_lock.py)
 
 One process writes (under torchrun, global rank 0): on the others the writing methods do nothing.
 A folder holds one run: a new run is refused where another left its checkpoint or best weights,
@@ -19,8 +19,8 @@ import shlex
 import time
 
 from data.config import cfg
-from utils.fileio import OutputDirError, check_free_space, format_bytes, make_output_dir, remove_stale_temporaries
-from utils.folder_lock import FolderLock
+from utils.files.fileio import OutputDirError, check_free_space, format_bytes, make_output_dir, remove_stale_temporaries
+from utils.files.folder_lock import FolderLock
 
 METRICS_NAME = 'metrics.jsonl'
 
@@ -189,7 +189,7 @@ class SaveFolder:
     def save_weights(self, state_dict, path):
         """A weights file (the best model, a numbered one), written atomically."""
         if self.writer:
-            from utils.checkpoint import atomic_save  # here: the folder's rules need no PyTorch
+            from utils.files.weights import atomic_save  # here: the folder's rules need no PyTorch
 
             atomic_save(state_dict, path)
 

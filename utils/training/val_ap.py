@@ -1,6 +1,6 @@
 """WIDER AP of the model being trained (train.py --val_ap): the single-scale test of
 wider_test.py on the validation list's images, scored in memory with the official protocol
-of wider_eval.py (utils/widerface_eval.py).
+of wider_eval.py (utils/evaluation/widerface_eval.py).
 
 Ground truth
     The official val .mat files (``--eval_gt DIR``, or found at ``<WIDER>/eval_tools/ground_truth``
@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from data.config import cfg
 from utils.cli import UserError
-from utils.widerface_eval import (SETTINGS, GroundTruth, evaluate_detections, format_prediction_file,
+from utils.evaluation.widerface_eval import (SETTINGS, GroundTruth, evaluate_detections, format_prediction_file,
                                   load_ground_truth, parse_prediction_bytes)
 
 
@@ -112,8 +112,8 @@ class ValAP:
 
         Returns ``{setting: AP}``, or None when `should_stop()` became true on any process
         (the detection loop stops at the next image). Every process must call this."""
-        from utils.batch_detect import detect_files
-        from utils.inference import Detector, to_wider_rows
+        from utils.inference.batch_detect import detect_files
+        from utils.inference.detector import Detector, to_wider_rows
 
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         mine = list(range(rank, len(self.paths), world))

@@ -1,4 +1,4 @@
-"""utils/inference.py: preprocessing, box conversion, the multi-scale plan, box voting, output rows."""
+"""utils/inference/detector.py: preprocessing, box conversion, the multi-scale plan, box voting, output rows."""
 import cv2
 import numpy as np
 import pytest
@@ -8,8 +8,8 @@ import torch.nn as nn
 import s3fd_reference
 from data.config import cfg
 from s3fd import MIN_INPUT_SIDE, build_s3fd, init_weights_from_scratch
-from utils.image_io import load_rgb
-from utils.inference import (Detector, bbox_vote, draw_detections, images_to_input, max_shrink, multi_scale_plan,
+from utils.files.image_io import load_rgb
+from utils.inference.detector import (Detector, bbox_vote, draw_detections, images_to_input, max_shrink, multi_scale_plan,
                              resize_rgb, scaled_size, single_scale, to_pixel_boxes, to_wider_rows)
 
 

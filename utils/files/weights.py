@@ -9,7 +9,7 @@ import math
 import torch
 
 from utils.cli import UserError
-from utils.fileio import atomic_path
+from utils.files.fileio import atomic_path
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -52,7 +52,7 @@ def atomic_save(obj, path):
     """torch.save through a temporary file renamed over `path`, synced to disk first.
 
     A crash or kill during the write leaves the previous file intact. A full disk raises
-    `utils.fileio.DiskFullError` (an OSError): one line naming `path`, the space free and the
+    `utils.files.fileio.DiskFullError` (an OSError): one line naming `path`, the space free and the
     size of the file, where torch itself says 'basic_ios::clear: iostream error'.
     """
     # Through a Python file rather than a path: torch's own C++ file writer reports a full disk

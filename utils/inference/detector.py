@@ -11,7 +11,7 @@ Coordinates
     descending.
 
 Input
-    RGB uint8 ``[H, W, 3]`` (``utils.image_io.load_rgb``) resized as the reference test
+    RGB uint8 ``[H, W, 3]`` (``utils.files.image_io.load_rgb``) resized as the reference test
     (S3FD.pytorch ``tools/wider_test.py``) resizes: ``cv2.resize(img, None, fx=s, fy=s)``
     with ``INTER_LINEAR`` (no resize at ``s == 1``). OpenCV then makes the image
     ``round(W * s) x round(H * s)`` (halves to even) and samples the source at

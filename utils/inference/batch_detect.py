@@ -9,8 +9,8 @@ import cv2
 import torch
 from torch.utils.data import DataLoader
 
-from utils.image_io import ImageReadError, load_rgb
-from utils.inference import resize_rgb, single_scale
+from utils.files.image_io import ImageReadError, load_rgb
+from utils.inference.detector import resize_rgb, single_scale
 
 
 class _DecodedImages:

@@ -22,7 +22,7 @@ import shlex
 import socket
 import sys
 
-from utils.fileio import OutputDirError
+from utils.files.fileio import OutputDirError
 
 LOCK_NAME = '.sfd_run.lock'
 

@@ -1,9 +1,9 @@
-"""utils/checkpoint.py: what load_file accepts and how it refuses the rest."""
+"""utils/files/weights.py: what load_file accepts and how it refuses the rest."""
 import pytest
 import torch
 
-import utils.checkpoint as checkpoint
-from utils.checkpoint import CheckpointError, load_file
+import utils.files.weights as checkpoint
+from utils.files.weights import CheckpointError, load_file
 
 
 def test_both_torch_save_formats_load(tmp_path):
@@ -59,7 +59,7 @@ def test_nan_and_inf_weights_are_named_at_load_time():
     import copy
     import math
 
-    from utils.checkpoint import check_finite_weights, load_weights, nonfinite_tensors
+    from utils.files.weights import check_finite_weights, load_weights, nonfinite_tensors
 
     model = _small_model()
     state = copy.deepcopy(model.state_dict())
@@ -82,7 +82,7 @@ def test_nan_and_inf_weights_are_named_at_load_time():
     (lambda t: torch.empty_like(t, device='meta'), '0.weight (float32, meta)'),  # no values to load
 ])
 def test_weights_of_another_kind_are_refused_by_every_loading_path(make, words):
-    from utils.checkpoint import load_weights
+    from utils.files.weights import load_weights
 
     model = _small_model()
     state = dict(model.state_dict(), **{'0.weight': make(model.state_dict()['0.weight'])})

@@ -92,7 +92,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from utils.cli import UserError
-from utils.fileio import atomic_path, atomic_write_text
+from utils.files.fileio import atomic_path, atomic_write_text
 
 SETTINGS = ('easy', 'medium', 'hard')
 FACE_MAT = 'wider_face_val.mat'
