@@ -41,10 +41,6 @@ class ImageResult(collections.namedtuple('ImageResult', 'path out faces seconds'
     matched = None
 
 
-class DemoError(UserError, RuntimeError):
-    """Bad input of demo.py; the message is one line."""
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(formatter_class=HelpFormatter, description='S3FD face detection demo: draw the detected faces.')
     parser.add_argument('paths', nargs='+', metavar='IMAGE_OR_DIR',
@@ -76,9 +72,9 @@ def read_annotations(list_file):
     try:
         paths, boxes = read_face_list(list_file)
     except FileNotFoundError:
-        raise DemoError(f'--annotations {list_file}: no such file') from None
+        raise UserError(f'--annotations {list_file}: no such file') from None
     except AnnotationError as exc:
-        raise DemoError(str(exc)) from None
+        raise UserError(str(exc)) from None
     return {os.path.realpath(p): b[:, :4].copy() for p, b in zip(paths, boxes)}
 
 
@@ -111,13 +107,13 @@ def list_inputs(path):
         files = sorted(os.path.join(path, f) for f in os.listdir(path)
                        if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(path, f)))
         if not files:
-            raise DemoError(f'{path}: no image files ({", ".join(IMAGE_EXTENSIONS)}) in this directory')
+            raise UserError(f'{path}: no image files ({", ".join(IMAGE_EXTENSIONS)}) in this directory')
         return files
-    raise DemoError(f'{path}: no such file or directory')
+    raise UserError(f'{path}: no such file or directory')
 
 
 def list_all_inputs(paths):
-    """The image files of every path in order, each file once. DemoError when two different
+    """The image files of every path in order, each file once. UserError when two different
     files have the same name: their results (OUT/<file name>) would replace each other."""
     files, seen, by_name = [], set(), {}
     for path in paths:
@@ -128,7 +124,7 @@ def list_all_inputs(paths):
             seen.add(real)
             name = os.path.basename(file)
             if name in by_name:
-                raise DemoError(f'{by_name[name]} and {file}: both would be saved as {name} in --out, one over '
+                raise UserError(f'{by_name[name]} and {file}: both would be saved as {name} in --out, one over '
                                 f'the other: give them in separate runs with separate --out folders')
             by_name[name] = file
             files.append(file)
@@ -144,7 +140,7 @@ def save_image(path, rgb):
     ext = os.path.splitext(path)[1].lower() or '.jpg'
     ok, data = cv2.imencode(ext, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     if not ok:
-        raise DemoError(f'{path}: OpenCV cannot encode {ext} images')
+        raise UserError(f'{path}: OpenCV cannot encode {ext} images')
     atomic_write_bytes(path, data.tobytes())
 
 
@@ -152,7 +148,7 @@ def main(args):
     """Process every image; returns a list of ImageResult (input path, output path, faces,
     seconds; with --annotations, `annotated` and `matched`).
 
-    Raises DemoError, CheckpointError or DeviceUnavailable (one-line messages) for bad input.
+    Raises UserError, CheckpointError or DeviceUnavailable (one-line messages) for bad input.
     """
     from utils.files.weights import load_model
     from utils.files.fileio import make_output_dir
@@ -163,11 +159,11 @@ def main(args):
     annotations = read_annotations(args.annotations) if args.annotations else {}
     out_dir = os.path.abspath(args.out)
     if any(os.path.dirname(os.path.abspath(f)) == out_dir for f in files):
-        raise DemoError(f'--out {args.out} is the input directory: the results would replace the images')
-    ctx = inference_device(args.device, args.device_id)
-    net = load_model(args.model, 'test', ctx.device, args.variant)
+        raise UserError(f'--out {args.out} is the input directory: the results would replace the images')
+    runtime = inference_device(args.device, args.device_id)
+    net = load_model(args.model, 'test', runtime.device, args.variant)
     # Each pass keeps the protocol's candidates; --thresh selects what is drawn and counted.
-    detector = Detector(net, ctx.device, thresh=min(args.thresh, cfg.CONF_THRESH), max_size=args.max_size)
+    detector = Detector(net, runtime.device, thresh=min(args.thresh, cfg.CONF_THRESH), max_size=args.max_size)
     make_output_dir(out_dir, '--out')
     results, skipped = [], []
     for path in files:
@@ -177,10 +173,10 @@ def main(args):
             skipped.append(str(exc))
             print(f'skipped: {exc}', file=sys.stderr)
             continue
-        ctx.synchronize()
+        runtime.synchronize()
         start = time.perf_counter()
         dets = detector.detect(rgb, args.mode)
-        ctx.synchronize()
+        runtime.synchronize()
         seconds = time.perf_counter() - start
         shown = dets[dets[:, 4] >= args.thresh]
         annotated = annotations.get(os.path.realpath(path))
@@ -205,7 +201,7 @@ def main(args):
     if skipped:
         print(f'warning: skipped {len(skipped)} unreadable image(s)', file=sys.stderr)
     if not results:
-        raise DemoError(f'none of the {len(files)} image(s) could be read')
+        raise UserError(f'none of the {len(files)} image(s) could be read')
     if len(results) > 1:
         mean = sum(r[3] for r in results[1:]) / (len(results) - 1)
         print(f'{len(results)} image(s), {sum(r.faces for r in results)} detection(s); '

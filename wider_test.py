@@ -76,10 +76,6 @@ SPLITS = ('train', 'val', 'test')
 RUN_RECORD = '.wider_test_run.json'  # in the prediction folder: the run that wrote it (see "Prediction folder")
 
 
-class WiderTestError(UserError, RuntimeError):
-    """Bad input of wider_test.py (dataset layout, arguments); the message is one line."""
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(formatter_class=HelpFormatter, description='S3FD detections on a WIDER FACE split, in the official '
                                                  'prediction layout.')
@@ -145,7 +141,7 @@ def _list_from_annotations(path):
     try:
         return [r.name for r in read_wider_annotations(path)]
     except AnnotationError as exc:
-        raise WiderTestError(str(exc)) from None
+        raise UserError(str(exc)) from None
 
 
 def _list_from_filelist(path):
@@ -153,7 +149,7 @@ def _list_from_filelist(path):
     try:
         return [line.strip() for line in read_text_lines(path) if line.strip()]
     except AnnotationError as exc:
-        raise WiderTestError(str(exc)) from None
+        raise UserError(str(exc)) from None
 
 
 def _list_from_mat(path):
@@ -161,7 +157,7 @@ def _list_from_mat(path):
     try:
         return [f'{event}/{name}.jpg' for event, name in list_split_images(path)]
     except WiderEvalError as exc:
-        raise WiderTestError(str(exc)) from None
+        raise UserError(str(exc)) from None
 
 
 def image_list(dataset_dir, split):
@@ -169,12 +165,12 @@ def image_list(dataset_dir, split):
 
     Returns ``(items, source)``: items a list of ``(event, name, path)`` with ``name`` the file
     name without extension (the evaluation key is ``(event, name)``) and ``path`` the image
-    file; ``source`` the list file used. Raises WiderTestError when the split is absent.
+    file; ``source`` the list file used. Raises UserError when the split is absent.
     """
     from data.widerface import annotation_path, image_root
 
     if not os.path.isdir(dataset_dir):
-        raise WiderTestError(f'dataset directory {dataset_dir} does not exist')
+        raise UserError(f'dataset directory {dataset_dir} does not exist')
     split_dir = os.path.join(dataset_dir, 'wider_face_split')
     candidates = [
         (annotation_path(dataset_dir, split), _list_from_annotations),
@@ -187,14 +183,14 @@ def image_list(dataset_dir, split):
             names = reader(path)
             break
     else:
-        raise WiderTestError(f'{dataset_dir}: no image list for split {split!r} (looked for '
+        raise UserError(f'{dataset_dir}: no image list for split {split!r} (looked for '
                              f'{", ".join(os.path.relpath(p, dataset_dir) for p, _ in candidates)})')
     images_dir = image_root(dataset_dir, split)
     if not os.path.isdir(images_dir):
-        raise WiderTestError(f'{images_dir}: no such directory (the images of split {split!r}; '
+        raise UserError(f'{images_dir}: no such directory (the images of split {split!r}; '
                              f'list read from {path})')
     if not names:
-        raise WiderTestError(f'{path}: lists no image')
+        raise UserError(f'{path}: lists no image')
     items = []
     for rel in names:
         rel = rel.replace('\\', '/').strip('/')
@@ -268,7 +264,7 @@ def describe_run(record):
 def claim_out_dir(out_dir):
     """Take `out_dir` for this run: its lock, then a look at what is in it. Returns `(lock,
     record, earlier)`: the record of the run that wrote it before (or None) and the prediction
-    files of that run still there. Raises WiderTestError, the lock released, when another run
+    files of that run still there. Raises UserError, the lock released, when another run
     holds the folder, or when it holds prediction files that no run recorded (they would be
     scored with this run's and are not this script's to delete)."""
     from utils.files.folder_lock import LOCK_NAME, FolderInUseError, FolderLock, describe_owner
@@ -282,7 +278,7 @@ def claim_out_dir(out_dir):
                 owner = describe_owner(json.load(handle))
         except (OSError, ValueError):
             owner = describe_owner(None)
-        raise WiderTestError(f'--out {out_dir}: in use by another wider_test.py run ({owner}); two runs in '
+        raise UserError(f'--out {out_dir}: in use by another wider_test.py run ({owner}); two runs in '
                              f'one folder would mix their predictions: wait for it to end, or give another '
                              f'--out') from None
     if lock.warning:
@@ -293,7 +289,7 @@ def claim_out_dir(out_dir):
     unrecorded = [rel for rel in present if rel not in recorded]
     if unrecorded:
         lock.release()
-        raise WiderTestError(f'--out {out_dir}: holds {len(unrecorded)} prediction file(s) that no wider_test.py '
+        raise UserError(f'--out {out_dir}: holds {len(unrecorded)} prediction file(s) that no wider_test.py '
                              f'run recorded there (e.g. {os.path.join(out_dir, *unrecorded[0].split("/"))}; '
                              f'another tool\'s, or an older wider_test.py\'s): they would be scored with this '
                              f'run\'s, and are not this script\'s to delete: move them away or give another --out')
@@ -456,7 +452,7 @@ def run(detector, items, args):
 def main(args):
     """Run the test; returns ``{'easy', 'medium', 'hard'}`` APs with --eval, else None.
 
-    Raises WiderTestError, CheckpointError, DeviceUnavailable or WiderEvalError (one-line
+    Raises UserError, CheckpointError, DeviceUnavailable or WiderEvalError (one-line
     messages) for bad input.
     """
     from utils.files.fileio import make_output_dir
@@ -482,11 +478,11 @@ def test_into_folder(args, items, source, gt, record, earlier):
     from utils.inference.detector import Detector, inference_device
     from utils.evaluation.widerface_eval import evaluate
 
-    ctx = inference_device(args.device, args.device_id, args.amp)
-    net = load_model(args.model, 'test', ctx.device, args.variant)
-    detector = Detector(net, ctx.device, thresh=args.thresh, max_size=args.max_size, autocast=ctx.autocast)
+    runtime = inference_device(args.device, args.device_id, args.amp)
+    net = load_model(args.model, 'test', runtime.device, args.variant)
+    detector = Detector(net, runtime.device, thresh=args.thresh, max_size=args.max_size, autocast=runtime.autocast)
     print(f'wider_test: {len(items)} {args.split} images from {source}; model {args.model}; '
-          f'{ctx.describe()}; mode {args.mode}'
+          f'{runtime.describe()}; mode {args.mode}'
           + (f'; longer side capped at {args.max_size}' if args.max_size else ''), flush=True)
     warning = size_mismatch_warning(training_input_size(args.model), official_test_side(items), args.max_size,
                                 args.model)
@@ -518,7 +514,7 @@ def test_into_folder(args, items, source, gt, record, earlier):
         if len(skipped) > 10:
             print(f'  ... and {len(skipped) - 10} more', file=sys.stderr)
     if done == 0:
-        raise WiderTestError(f'none of the {len(items)} images could be read')
+        raise UserError(f'none of the {len(items)} images could be read')
     if gt is None:
         default_gt = os.path.join(args.dataset_dir, 'eval_tools', 'ground_truth')
         gt_hint = default_gt if os.path.isdir(default_gt) else 'GT_DIR'

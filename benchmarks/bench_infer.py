@@ -126,13 +126,13 @@ def build_network(args, device):
 def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
-    ctx = inference_device(args.device, args.device_id, args.amp, fixed_size=True)
-    on_cpu = ctx.type == 'cpu'
+    runtime = inference_device(args.device, args.device_id, args.amp, fixed_size=True)
+    on_cpu = runtime.type == 'cpu'
     iters = args.iters or (3 if on_cpu else 30)
     warmup = args.warmup if args.warmup is not None else (1 if on_cpu else 5) + (3 if args.compile else 0)
     rgb, source = bench_image(args.image, args.width, args.height)
-    net, weights = build_network(args, ctx.device)
-    detector = Detector(net, ctx.device, thresh=cfg.CONF_THRESH, autocast=ctx.autocast)
+    net, weights = build_network(args, runtime.device)
+    detector = Detector(net, runtime.device, thresh=cfg.CONF_THRESH, autocast=runtime.autocast)
 
     results = {}
     for batch_size in args.batch_sizes:
@@ -141,7 +141,7 @@ def main(args):
             detector.detect_resized(images, 1.0)
         times, boxes = [], 0
         for _ in range(iters):
-            ctx.synchronize()
+            runtime.synchronize()
             start = time.perf_counter()
             dets = detector.detect_resized(images, 1.0)
             times.append(time.perf_counter() - start)
@@ -158,9 +158,9 @@ def main(args):
         }
     report = {
         'benchmark': 'S3FD single-scale inference (to pixel boxes)',
-        'device': str(ctx.device),
-        'device_name': torch.cuda.get_device_name(ctx.device) if ctx.type == 'cuda' else None,
-        'precision': ctx.describe().split('| ')[-1],
+        'device': str(runtime.device),
+        'device_name': torch.cuda.get_device_name(runtime.device) if runtime.type == 'cuda' else None,
+        'precision': runtime.describe().split('| ')[-1],
         'channels_last': args.channels_last, 'compile': args.compile, 'compile_mode': args.compile_mode,
         'nms_mode': args.nms_mode,
         'threads': torch.get_num_threads() if on_cpu else None,

@@ -80,23 +80,23 @@ def train_flops_per_image(input_size):
     return 3 * 2 * sum(macs)
 
 
-def prepare_training(net, ctx, lr, channels_last=False, compile_net=False, sgd_impl=None, compile_mode=None):
-    """`net` on ctx's device (channels-last, compiled on request) with its SGD (train.py's
+def prepare_training(net, runtime, lr, channels_last=False, compile_net=False, sgd_impl=None, compile_mode=None):
+    """`net` on runtime's device (channels-last, compiled on request) with its SGD (train.py's
     momentum and weight decay), loss and finiteness check: (net, optimizer, criterion, finite)."""
-    net = net.to(ctx.device)
+    net = net.to(runtime.device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
-    optimizer = ctx.make_optimizer(net.parameters(), lr, 0.9, 5e-4, sgd_impl)
-    net, optimizer = ctx.initialize(net, optimizer)
+    optimizer = runtime.make_optimizer(net.parameters(), lr, 0.9, 5e-4, sgd_impl)
+    net, optimizer = runtime.initialize(net, optimizer)
     if compile_net:
         net = torch.compile(net, mode=compile_mode)
-    return net, optimizer, MultiBoxLoss(cfg), FiniteCheck(ctx.device)
+    return net, optimizer, MultiBoxLoss(cfg), FiniteCheck(runtime.device)
 
 
-def device_peak(ctx, precision):
-    if ctx.type != 'cuda':
+def device_peak(runtime, precision):
+    if runtime.type != 'cuda':
         return None
-    return (device_spec(torch.cuda.get_device_name(ctx.device)) or {}).get(precision)
+    return (device_spec(torch.cuda.get_device_name(runtime.device)) or {}).get(precision)
 
 
 def synthetic_batches(args, count, gen):
@@ -114,7 +114,7 @@ def synthetic_batches(args, count, gen):
     return batches
 
 
-def loader_batches(args, ctx):
+def loader_batches(args, runtime):
     from data.factory import EpochBatchSampler, make_loader
     from data.synthetic import generate
     from data.widerface import WIDERDetection
@@ -131,7 +131,7 @@ def loader_batches(args, ctx):
     dataset = WIDERDetection(list_file, 'train', input_size=args.input_size,
                              normalize=False)  # as train.py: uint8 to the device
     sampler = EpochBatchSampler(len(dataset), args.batch_size, seed=0)
-    loader = make_loader(dataset, sampler, args.num_workers, pin_memory=ctx.pin_memory)
+    loader = make_loader(dataset, sampler, args.num_workers, pin_memory=runtime.pin_memory)
 
     def forever():
         epoch = 0
@@ -144,23 +144,23 @@ def loader_batches(args, ctx):
 
 def main(args):
     try:
-        ctx = devices.setup_device(args.device, args.device_id, args.amp, args.amp_dtype, args.loss_scale)
+        runtime = devices.setup_device(args.device, args.device_id, args.amp, args.amp_dtype, args.loss_scale)
     except devices.DeviceUnavailable as e:
         sys.exit(f'bench_train.py: error: {e}')
     if args.data == 'loader':
-        ctx.share_cpu(args.num_workers)
+        runtime.share_cpu(args.num_workers)
     torch.manual_seed(0)
     net = build_s3fd('train')
     init_weights_from_scratch(net)
-    net, optimizer, criterion, finite = prepare_training(net, ctx, args.lr, args.channels_last, args.compile,
+    net, optimizer, criterion, finite = prepare_training(net, runtime, args.lr, args.channels_last, args.compile,
                                                          None if args.sgd == 'default' else args.sgd)
 
     if args.data == 'synthetic':
         made = synthetic_batches(args, 4, torch.Generator().manual_seed(0))
-        made = [(images.to(ctx.device), targets) for images, targets in made]
+        made = [(images.to(runtime.device), targets) for images, targets in made]
         source = (made[i % len(made)] for i in range(10 ** 9))
     else:
-        source = loader_batches(args, ctx)
+        source = loader_batches(args, runtime)
 
     def run(steps):
         losses, skipped = [], 0
@@ -169,29 +169,29 @@ def main(args):
             t = time.perf_counter()
             images, targets = next(source)
             wait += time.perf_counter() - t
-            loss, _, _, stepped = training_step(net, criterion, optimizer, ctx, finite, images, targets,
+            loss, _, _, stepped = training_step(net, criterion, optimizer, runtime, finite, images, targets,
                                                 args.channels_last)
             losses.append(loss)
             skipped += not stepped
         return losses, wait, skipped
 
     _, _, skipped_warmup = run(args.warmup)
-    ctx.synchronize()
-    if ctx.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats(ctx.device)
+    runtime.synchronize()
+    if runtime.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(runtime.device)
     start = time.perf_counter()
     losses, wait, skipped = run(args.steps)
-    ctx.synchronize()
+    runtime.synchronize()
     elapsed = time.perf_counter() - start
 
     step_time = elapsed / args.steps
     images_per_s = args.batch_size / step_time
-    precision = 'fp32' if ctx.amp == 'off' else ('fp16' if ctx.amp == 'apex' else
-                                                 str(ctx.amp_dtype).replace('torch.bfloat', 'bf').replace('torch.float', 'fp'))
+    precision = 'fp32' if runtime.amp == 'off' else ('fp16' if runtime.amp == 'apex' else
+                                                 str(runtime.amp_dtype).replace('torch.bfloat', 'bf').replace('torch.float', 'fp'))
     flops = train_flops_per_image(args.input_size)
-    peak = device_peak(ctx, precision)
+    peak = device_peak(runtime, precision)
     print(json.dumps({
-        'device': ctx.describe(), 'device_name': torch.cuda.get_device_name(ctx.device) if ctx.type == 'cuda' else ctx.type,
+        'device': runtime.describe(), 'device_name': torch.cuda.get_device_name(runtime.device) if runtime.type == 'cuda' else runtime.type,
         'batch_size': args.batch_size, 'input_size': args.input_size, 'precision': precision,
         'channels_last': args.channels_last, 'compile': args.compile, 'sgd': args.sgd, 'data': args.data,
         'num_workers': args.num_workers if args.data == 'loader' else None,
@@ -201,7 +201,7 @@ def main(args):
         'achieved_tflops': round(flops * images_per_s / 1e12, 2),
         'peak_tflops': peak,
         'peak_fraction': round(flops * images_per_s / 1e12 / peak, 4) if peak else None,
-        'peak_mem_gb': round(ctx.max_memory_gb(), 2) if ctx.max_memory_gb() is not None else None,
+        'peak_mem_gb': round(runtime.max_memory_gb(), 2) if runtime.max_memory_gb() is not None else None,
         'lr': args.lr, 'final_loss': round(float(losses[-1]), 4),
         # A step whose loss is not finite skips the update (and its cost): such a run's speed
         # is not a training speed.

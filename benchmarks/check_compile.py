@@ -88,20 +88,20 @@ def named_grads(model):
             for name, p in model.named_parameters()}
 
 
-def outputs(net, ctx, images, channels_last):
+def outputs(net, runtime, images, channels_last):
     """(loc, conf) of one training-mode forward (the graph the steps use: no recompilation), float32."""
-    images, _ = to_device(images, [], ctx.device, channels_last)
-    with ctx.autocast():
+    images, _ = to_device(images, [], runtime.device, channels_last)
+    with runtime.autocast():
         loc, conf, _ = net(images)
     return loc.detach().float(), conf.detach().float()
 
 
 def main(args):
     try:
-        ctx = devices.setup_device(args.device, args.device_id, args.amp, args.amp_dtype)
+        runtime = devices.setup_device(args.device, args.device_id, args.amp, args.amp_dtype)
     except devices.DeviceUnavailable as e:
         sys.exit(f'check_compile.py: error: {e}')
-    if ctx.type == 'cuda' and ctx.amp == 'off':  # compare float32 with float32, not TF32
+    if runtime.type == 'cuda' and runtime.amp == 'off':  # compare float32 with float32, not TF32
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     inductor = set_inductor_options(args.inductor)
@@ -114,9 +114,9 @@ def main(args):
     for name in ('eager', 'compiled'):
         out, grads = {}, {}
         losses, first_nonfinite = train_steps(
-            copy.deepcopy(initial), ctx, batches, args.steps, args.lr, args.channels_last,
+            copy.deepcopy(initial), runtime, batches, args.steps, args.lr, args.channels_last,
             compile_net=name == 'compiled', compile_mode=args.mode,
-            on_start=lambda net: out.update(zip(('loc', 'conf'), outputs(net, ctx, batches[0][0], args.channels_last))),
+            on_start=lambda net: out.update(zip(('loc', 'conf'), outputs(net, runtime, batches[0][0], args.channels_last))),
             on_first_step=lambda model: grads.update(named_grads(model)))
         results[name] = dict(loss=losses[0], loc=out['loc'], conf=out['conf'], grads=grads, losses=losses,
                              first_nonfinite=first_nonfinite and first_nonfinite['step'])
@@ -140,7 +140,7 @@ def main(args):
                      or (compiled['first_nonfinite'] is not None and eager['first_nonfinite'] is None))
     ok = math.isfinite(grad_rel) and grad_rel <= args.tolerance and not new_nonfinite
     print(json.dumps({
-        'device': ctx.describe(), 'torch': torch.__version__, 'batch_size': args.batch_size,
+        'device': runtime.describe(), 'torch': torch.__version__, 'batch_size': args.batch_size,
         'input_size': args.input_size, 'channels_last': args.channels_last, 'mode': args.mode,
         'inductor': inductor,
         'loss_rel_diff': sig(loss_rel),

@@ -603,7 +603,7 @@ class _Phases:
 def record_upstream(recorder, config, batch_size=2, height=64, width=64, steps=2, seed=0):
     """Run `steps` training steps of an upstream `config` (UPSTREAM_CONFIGS) on the fake torch_npu,
     in a process where it is imported: train.py's own step (utils.training.engine.training_step)
-    with utils.device's DeviceContext (its optimizer, initialize, zero_grad, autocast, backward,
+    with utils.device's Runtime (its optimizer, initialize, zero_grad, autocast, backward,
     step), the objects it calls wrapped to label the recorder's phases. torch_npu's GradScaler
     unscales in a phase of its own, before the step, as GradScaler.step would."""
     from data.config import cfg

@@ -49,7 +49,7 @@ from utils.training.engine import nonfinite_parameters, training_step  # noqa: E
 from utils import device as devices  # noqa: E402
 
 
-def train_steps(model, ctx, batches, steps, lr, channels_last=False, compile_net=False, compile_mode=None,
+def train_steps(model, runtime, batches, steps, lr, channels_last=False, compile_net=False, compile_mode=None,
                 on_start=None, on_first_step=None):
     """Train `model` in place for `steps` SGD steps on `batches` (cycled), as train.py does.
 
@@ -58,14 +58,14 @@ def train_steps(model, ctx, batches, steps, lr, channels_last=False, compile_net
     on_start(net) runs before step 1 with the network that trains (compiled or not);
     on_first_step(model) after step 1, whose gradients are still in .grad.
     """
-    net, optimizer, criterion, finite = prepare_training(model, ctx, lr, channels_last, compile_net,
+    net, optimizer, criterion, finite = prepare_training(model, runtime, lr, channels_last, compile_net,
                                                          compile_mode=compile_mode)
     if on_start is not None:
         on_start(net)
     losses, first_nonfinite = [], None
     for step in range(steps):
         images, targets = batches[step % len(batches)]
-        loss, _, _, _ = training_step(net, criterion, optimizer, ctx, finite, images, targets, channels_last)
+        loss, _, _, _ = training_step(net, criterion, optimizer, runtime, finite, images, targets, channels_last)
         losses.append(float(loss))
         if step == 0 and on_first_step is not None:
             on_first_step(model)
@@ -77,12 +77,12 @@ def train_steps(model, ctx, batches, steps, lr, channels_last=False, compile_net
     return losses, first_nonfinite
 
 
-def train_losses(net, ctx, batches, steps, lr, channels_last=False, compile_net=False):
+def train_losses(net, runtime, batches, steps, lr, channels_last=False, compile_net=False):
     """(losses, first update as one flat float32 CPU vector, first_nonfinite or None) of a copy of `net`."""
     model = copy.deepcopy(net)
     initial = flat_weights(model)
     update = {}
-    losses, first_nonfinite = train_steps(model, ctx, batches, steps, lr, channels_last, compile_net,
+    losses, first_nonfinite = train_steps(model, runtime, batches, steps, lr, channels_last, compile_net,
                                           on_first_step=lambda m: update.setdefault('delta', flat_weights(m) - initial))
     return losses, update['delta'], first_nonfinite
 

@@ -257,29 +257,29 @@ def device_times(prof, on_device):
 
 def main(args):
     try:
-        ctx = devices.setup_device(args.device, args.device_id, args.amp, args.amp_dtype)
+        runtime = devices.setup_device(args.device, args.device_id, args.amp, args.amp_dtype)
     except devices.DeviceUnavailable as e:
         sys.exit(f'profile_train.py: error: {e}')
     torch.manual_seed(0)
     net = build_s3fd('train')
     init_weights_from_scratch(net)
-    net, optimizer, criterion, finite = prepare_training(net, ctx, args.lr, args.channels_last, False)
+    net, optimizer, criterion, finite = prepare_training(net, runtime, args.lr, args.channels_last, False)
     run_net = torch.compile(net) if args.compile else net
-    batches = [(images.to(ctx.device), targets)
+    batches = [(images.to(runtime.device), targets)
                for images, targets in synthetic_batches(args, 2, torch.Generator().manual_seed(0))]
 
     def steps(count, start=0):
         for i in range(count):
             images, targets = batches[(start + i) % len(batches)]
-            training_step(run_net, criterion, optimizer, ctx, finite, images, targets, args.channels_last)
-        ctx.synchronize()
+            training_step(run_net, criterion, optimizer, runtime, finite, images, targets, args.channels_last)
+        runtime.synchronize()
 
     steps(args.warmup)
     start = time.perf_counter()
     steps(args.steps)
     step_time = (time.perf_counter() - start) / args.steps
 
-    on_device = ctx.type == 'cuda'
+    on_device = runtime.type == 'cuda'
     scopes = Scopes()
     scopes.attach(net, criterion, optimizer, module_hooks=not args.compile)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_device else [])
@@ -306,7 +306,7 @@ def main(args):
     times, kernels_ms = device_times(prof, on_device)
     per_step = {key: ms / args.steps for key, ms in times.items()}
     total = sum(per_step.values())
-    name = torch.cuda.get_device_name(ctx.device) if on_device else ctx.type
+    name = torch.cuda.get_device_name(runtime.device) if on_device else runtime.type
     bandwidth = (device_spec(name) or {}).get('hbm_tbs')
     kinds = {}
     for kind in KINDS:
@@ -320,7 +320,7 @@ def main(args):
     for (phase, kind, op), ms in per_step.items():
         by_op[(op, phase, kind)] += ms
     print(json.dumps({
-        'device': ctx.describe(), 'device_name': name, 'batch_size': args.batch_size,
+        'device': runtime.describe(), 'device_name': name, 'batch_size': args.batch_size,
         'input_size': args.input_size, 'channels_last': args.channels_last, 'compile': args.compile,
         'step_time_s': round(step_time, 4), 'profiled_step_s': round(profiled_step, 4),
         'device_ms_per_step': round(total, 3), 'device_busy': round(total / 1e3 / profiled_step, 3),

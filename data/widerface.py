@@ -31,7 +31,7 @@ from utils.transforms import clip_boxes, to_tensor, to_uint8_tensor
 from utils.cli import UserError
 from utils.files.image_io import ImageReadError, load_rgb
 
-__all__ = ['ATTRIBUTE_NAMES', 'AnnotationError', 'DatasetError', 'UnusableImageError', 'WiderAnnotation',
+__all__ = ['ATTRIBUTE_NAMES', 'AnnotationError', 'UnusableImageError', 'WiderAnnotation',
            'annotation_path',
            'image_root', 'read_text_lines', 'read_wider_annotations', 'read_face_list', 'WIDERDetection']
 
@@ -59,10 +59,6 @@ class AnnotationError(UserError, ValueError):
 
     def __reduce__(self):
         return type(self), (self.path, self.line, self.reason)
-
-
-class DatasetError(UserError, RuntimeError):
-    """No readable image could be found for a sample (every replacement tried failed)."""
 
 
 class UnusableImageError(ValueError):
@@ -435,7 +431,7 @@ class WIDERDetection(Dataset):
             out, out_boxes = self.augment.render(image, plan)
             return self._image_tensor(out), self._target(out_boxes, labels[plan.keep])
         what = 'usable' if isinstance(last_error, UnusableImageError) else 'readable'
-        raise DatasetError(f'{self.list_file}: no {what} training image found in '
+        raise UserError(f'{self.list_file}: no {what} training image found in '
                            f'{self.max_replacements} tries from sample {index}; last error: {last_error}')
 
     def _val_item(self, index):
@@ -448,4 +444,4 @@ class WIDERDetection(Dataset):
                 continue
             out, out_boxes = val_transform(image, boxes, self.input_size)
             return self._image_tensor(out), self._target(out_boxes, labels)
-        raise DatasetError(f'{self.list_file}: no readable image found from sample {index} on')
+        raise UserError(f'{self.list_file}: no readable image found from sample {index} on')

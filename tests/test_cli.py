@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from utils.cli import ToolError, UserError, at_least, one_line, run_cli
+from utils.cli import UserError, at_least, one_line, run_cli
 from utils.files.weights import CheckpointError
 from utils.device import DeviceUnavailable
 from utils.files.fileio import OutputDirError
@@ -94,7 +94,7 @@ def test_every_user_error_is_one_line_and_a_status(capsys):
         raise args.error
 
     for error in (CheckpointError('a.pth: no such file'), DeviceUnavailable('--device gpu: no CUDA'),
-                  OutputDirError('--out x: cannot write'), ToolError('needs onnx')):
+                  OutputDirError('--out x: cannot write'), UserError('needs onnx')):
         assert isinstance(error, UserError)
         assert run_cli(main, lambda argv: argparse.Namespace(error=error), prog='tool.py', status=3) == 3
         assert capsys.readouterr().err == f'tool.py: error: {error}\n'

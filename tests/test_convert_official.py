@@ -207,7 +207,7 @@ def test_code_executing_pickle_is_refused(tmp_path):
 
 
 def test_a_missing_src_says_where_the_released_file_comes_from(tmp_path):
-    with pytest.raises(convert_official.ToolError) as e:
+    with pytest.raises(convert_official.UserError) as e:
         convert_official.main(convert_official.parse_args(['--src', 's3fd-619a316812.pth',
                                                            '--dst', str(tmp_path / 'o.pth')]))
     assert str(e.value) == ('--src s3fd-619a316812.pth: no such file. The released S3FD weights in the layout of '

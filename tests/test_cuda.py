@@ -91,20 +91,20 @@ def test_detect_matches_cpu(cuda, nms_mode):
 
 @pytest.mark.parametrize('channels_last', [False, True])
 def test_bf16_training_step_updates_the_weights(cuda, channels_last):
-    ctx = devices.setup_device('gpu', amp='native', amp_dtype='bf16')
+    runtime = devices.setup_device('gpu', amp='native', amp_dtype='bf16')
     torch.manual_seed(0)
     net = build_s3fd('train')
     init_weights_from_scratch(net)
-    net.to(ctx.device)
+    net.to(runtime.device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
-    optimizer = ctx.make_optimizer(net.parameters(), 1e-3, 0.9, 5e-4)
+    optimizer = runtime.make_optimizer(net.parameters(), 1e-3, 0.9, 5e-4)
     first_conv = net.vgg[0].weight.detach().clone()
     gen = torch.Generator().manual_seed(0)
-    images = torch.randn(2, 3, 160, 224, generator=gen).to(ctx.device) * 60
+    images = torch.randn(2, 3, 160, 224, generator=gen).to(runtime.device) * 60
     targets = [random_faces(gen, 3, 160).clamp(max=1.0), random_faces(gen, 1, 160).clamp(max=1.0)]
-    loss, loss_l, loss_c, stepped = training_step(net, MultiBoxLoss(cfg), optimizer, ctx,
-                                                  FiniteCheck(ctx.device), images, targets, channels_last)
+    loss, loss_l, loss_c, stepped = training_step(net, MultiBoxLoss(cfg), optimizer, runtime,
+                                                  FiniteCheck(runtime.device), images, targets, channels_last)
     assert stepped and torch.isfinite(loss) and loss.dtype == torch.float32
     assert loss_l > 0 and loss_c > 0
     # The trunk feeds every head; the deepest heads may see no positive at 160x224.

@@ -15,18 +15,18 @@ def test_cpu_precision_and_refusals():
 
 
 def test_share_cpu_leaves_a_core_per_worker_and_keeps_under_omp_num_threads(monkeypatch):
-    ctx = setup_device('cpu')
+    runtime = setup_device('cpu')
     threads = torch.get_num_threads()
     monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(8)))
     try:
         monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
-        assert ctx.share_cpu(num_workers=2) == 6 == torch.get_num_threads()
-        assert ctx.share_cpu(num_workers=0, processes=2) == 4
-        assert ctx.share_cpu(num_workers=9) == 1
+        assert runtime.share_cpu(num_workers=2) == 6 == torch.get_num_threads()
+        assert runtime.share_cpu(num_workers=0, processes=2) == 4
+        assert runtime.share_cpu(num_workers=9) == 1
         monkeypatch.setenv('OMP_NUM_THREADS', '3')  # a ceiling set by the user or a scheduler
-        assert ctx.share_cpu(num_workers=2) == 3
+        assert runtime.share_cpu(num_workers=2) == 3
         monkeypatch.setenv('OMP_NUM_THREADS', 'lots')  # not a number: ignored
-        assert ctx.share_cpu(num_workers=2) == 6
+        assert runtime.share_cpu(num_workers=2) == 6
     finally:
         torch.set_num_threads(threads)
 
@@ -40,10 +40,10 @@ def test_loss_scale_option_and_the_cpu_context():
     for bad in ('0', '-1', 'inf', 'nan', 'auto'):
         with pytest.raises(argparse.ArgumentTypeError):
             loss_scale(bad)
-    ctx = setup_device('cpu', loss_scale='dynamic')
-    assert ctx.current_loss_scale() is None and ctx.loss_scale_change() is None and ctx.state_dict() == {}
+    runtime = setup_device('cpu', loss_scale='dynamic')
+    assert runtime.current_loss_scale() is None and runtime.loss_scale_change() is None and runtime.state_dict() == {}
     net = torch.nn.Linear(2, 2)
-    assert ctx.wrap_distributed(net, 1) is net  # one process: no DDP wrapper
+    assert runtime.wrap_distributed(net, 1) is net  # one process: no DDP wrapper
 
 
 def test_train_options_keep_the_recipe_defaults():

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from s3fd import build_s3fd, init_weights_from_scratch
 from tools import export_onnx
-from utils.cli import ToolError
+from utils.cli import UserError
 from utils.files.weights import CheckpointError, load_model
 
 HAVE_ONNX = all(importlib.util.find_spec(m) is not None for m in ('onnx', 'onnxruntime'))
@@ -127,7 +127,7 @@ def test_fixed_size_export_has_constant_priors(checkpoint, tmp_path, capsys, cap
 @needs_onnx
 def test_failed_check_writes_nothing(checkpoint, tmp_path):
     out = tmp_path / 'never.onnx'
-    with pytest.raises(ToolError, match='disagrees with PyTorch'):
+    with pytest.raises(UserError, match='disagrees with PyTorch'):
         export_onnx.main(export_onnx.parse_args(
             ['--model', checkpoint, '--out', str(out), '--input_size', '64', '64', '--exporter', 'torchscript',
              '--atol', '-1', '--rtol', '0']))
@@ -147,7 +147,7 @@ def test_bad_model_file(tmp_path):
 def test_missing_packages_are_named(monkeypatch, tmp_path):
     for name in ('onnx', 'onnxruntime', 'onnxscript'):
         monkeypatch.setitem(sys.modules, name, None)  # import raises ImportError
-    with pytest.raises(ToolError, match='onnx, onnxruntime, onnxscript.*requirements-onnx.txt'):
+    with pytest.raises(UserError, match='onnx, onnxruntime, onnxscript.*requirements-onnx.txt'):
         export_onnx.main(export_onnx.parse_args(['--model', 'x.pth', '--out', str(tmp_path / 'o.onnx')]))
 
 

@@ -254,13 +254,13 @@ def test_src_torchvision_takes_the_weights_api_file_once_into_torch_cache(tv_fil
     assert set(written) == set(basenet) and all(torch.equal(written[k], basenet[k]) for k in basenet)
     state, source = make_basenet.torchvision_vgg16()   # a second time: from the cache
     assert len(downloads) == 1 and source == str(cached) and 'downloading' not in capsys.readouterr().out
-    with pytest.raises(make_basenet.ToolError, match='--src_norm caffe does not apply'):
+    with pytest.raises(make_basenet.UserError, match='--src_norm caffe does not apply'):
         make_basenet.main(make_basenet.parse_args(['--src', 'torchvision', '--src_norm', 'caffe', '--dst', str(dst)]))
 
 
 def test_a_missing_src_says_where_the_file_comes_from(tmp_path, monkeypatch):
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
-    with pytest.raises(make_basenet.ToolError) as error:
+    with pytest.raises(make_basenet.UserError) as error:
         make_basenet.main(make_basenet.parse_args(['--src', 'vgg16-397923af.pth', '--dst', str(tmp_path / 'x.pth')]))
     assert str(error.value) == (
         f"--src vgg16-397923af.pth: no such file. It is torchvision's ImageNet VGG16, vgg16-397923af.pth, from "

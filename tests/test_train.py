@@ -220,10 +220,10 @@ def test_resume_loads_after_initialize_and_checks_what_defines_the_batches(lists
     # are loaded after the device context's initialize.
     order = []
     from utils import device as devices
-    initialize, load_amp = devices.DeviceContext.initialize, devices.DeviceContext.load_state_dict
-    monkeypatch.setattr(devices.DeviceContext, 'initialize',
+    initialize, load_amp = devices.Runtime.initialize, devices.Runtime.load_state_dict
+    monkeypatch.setattr(devices.Runtime, 'initialize',
                         lambda self, *a: order.append('initialize') or initialize(self, *a))
-    monkeypatch.setattr(devices.DeviceContext, 'load_state_dict',
+    monkeypatch.setattr(devices.Runtime, 'load_state_dict',
                         lambda self, *a: order.append('amp state') or load_amp(self, *a))
     load_weights = training_checkpoint.load_weights
     monkeypatch.setattr(training_checkpoint, 'load_weights', lambda *a: order.append('weights') or load_weights(*a))

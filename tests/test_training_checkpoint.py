@@ -20,7 +20,7 @@ SCALER = {'scale': 65536.0, 'growth_factor': 2.0, 'backoff_factor': 0.5, 'growth
 
 
 class Runtime:
-    """The parts of utils.device.DeviceContext a checkpoint reads: a CPU run with a GradScaler."""
+    """The parts of utils.device.Runtime a checkpoint reads: a CPU run with a GradScaler."""
     type, device = 'cpu', torch.device('cpu')
 
     def state_dict(self):

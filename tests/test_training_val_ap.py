@@ -13,7 +13,8 @@ from data.synthetic import generate
 from s3fd import build_s3fd, init_weights_from_scratch
 from utils.files.weights import atomic_save
 from utils.device import setup_device
-from utils.training.val_ap import ValAP, ValAPError, format_ap_line, image_key, list_ground_truth, mean_ap
+from utils.cli import UserError
+from utils.training.val_ap import ValAP, format_ap_line, image_key, list_ground_truth, mean_ap
 from utils.evaluation.widerface_eval import evaluate_detections
 
 
@@ -79,6 +80,6 @@ def test_without_the_official_files_one_ap_over_the_listed_faces(wider, tmp_path
     shutil.copy(first[0], renamed)
     (tmp_path / 'one.txt').write_text(f'{renamed} {first[1]}\n')
     gt_dir = str(wider / 'WIDER' / 'eval_tools' / 'ground_truth')
-    with pytest.raises(ValAPError, match=r'--eval_gt .*: 1 of the 1 images of .* are not in its '
+    with pytest.raises(UserError, match=r'--eval_gt .*: 1 of the 1 images of .* are not in its '
                                          r'wider_face_val.mat \(first: .*/not_in_the_mat\)'):
         ValAP(str(tmp_path / 'one.txt'), gt_dir)

@@ -10,8 +10,8 @@ from PIL import Image
 
 from data.config import cfg
 from data.factory import EpochBatchSampler, dataset_factory, detection_collate, make_loader
-from data.widerface import (AnnotationError, DatasetError, WIDERDetection, read_face_list,
-                            read_wider_annotations)
+from data.widerface import AnnotationError, WIDERDetection, read_face_list, read_wider_annotations
+from utils.cli import UserError
 from utils.transforms import subtract_mean
 
 SIZE = 160  # small output keeps the suite fast; 640 is covered by the real-image test
@@ -276,7 +276,7 @@ def test_all_images_unreadable_is_a_clear_error_not_a_hang(tmp_path):
     with open(gone, 'wb') as handle:
         handle.write(b'corrupt')
     ds = WIDERDetection(list_file, 'train', input_size=SIZE)
-    with pytest.warns(RuntimeWarning), pytest.raises(DatasetError, match='no readable training image'):
+    with pytest.warns(RuntimeWarning), pytest.raises(UserError, match='no readable training image'):
         ds[0]
 
 
@@ -420,7 +420,7 @@ def test_an_image_whose_faces_all_lie_outside_it_is_not_called_unreadable(tmp_pa
         f'or of another size of it?)']
     only_outside = WIDERDetection(_write(tmp_path / 'o.txt', _line(outside, [(500, 10, 20, 20)]) + '\n'),
                                   'train', input_size=SIZE)
-    with pytest.warns(RuntimeWarning), pytest.raises(DatasetError) as info:
+    with pytest.warns(RuntimeWarning), pytest.raises(UserError) as info:
         only_outside[0]
     assert 'no usable training image' in str(info.value) and 'cannot read image' not in str(info.value)
     assert 'none of its 1 faces lies inside the 200x100 image' in str(info.value)

@@ -26,7 +26,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.cli import ToolError, at_least, run_cli  # noqa: E402
+from utils.cli import UserError, at_least, run_cli  # noqa: E402
 
 DEFAULT_TOLERANCE = 0.05
 # train.py's log lines (the original repository's format; spaces around the separators may vary)
@@ -59,19 +59,19 @@ def _number(text, path, number):
     try:
         value = float(text)
     except ValueError:
-        raise ToolError(f'{path}:{number}: loss {text!r} is not a number') from None
+        raise UserError(f'{path}:{number}: loss {text!r} is not a number') from None
     return value
 
 
 def read_run(path):
-    """A Run from a train.py log or a metrics.jsonl file; ToolError (one line) when it holds neither."""
+    """A Run from a train.py log or a metrics.jsonl file; UserError (one line) when it holds neither."""
     try:
         with open(path, encoding='utf-8-sig', errors='replace') as handle:
             lines = handle.read().splitlines()
     except FileNotFoundError:
-        raise ToolError(f'{path}: no such file') from None
+        raise UserError(f'{path}: no such file') from None
     except OSError as exc:
-        raise ToolError(f'{path}: cannot read the file ({exc.strerror or exc})') from None
+        raise UserError(f'{path}: cannot read the file ({exc.strerror or exc})') from None
     run = Run(path)
     if any(line.lstrip().startswith('{') for line in lines[:5]):
         _read_metrics(run, lines)
@@ -85,7 +85,7 @@ def read_run(path):
             if match:
                 run.val[int(match.group(1))] = _number(match.group(2), path, number)
     if not run.train and not run.val:
-        raise ToolError(f'{path}: no train.py loss lines (epoch:E || iter:I || Loss:X) and no metrics.jsonl rows')
+        raise UserError(f'{path}: no train.py loss lines (epoch:E || iter:I || Loss:X) and no metrics.jsonl rows')
     return run
 
 
@@ -100,12 +100,12 @@ def _read_metrics(run, lines):
         except json.JSONDecodeError:
             if number == len(lines):
                 continue
-            raise ToolError(f'{run.path}:{number}: not a JSON object') from None
+            raise UserError(f'{run.path}:{number}: not a JSON object') from None
         if not isinstance(row, dict) or not isinstance(row.get('epoch'), int):
-            raise ToolError(f'{run.path}:{number}: a row without an integer "epoch"')
+            raise UserError(f'{run.path}:{number}: a row without an integer "epoch"')
         for key in ('train_loss', 'val_loss'):
             if row.get(key) is not None and not isinstance(row[key], (int, float)):
-                raise ToolError(f'{run.path}:{number}: "{key}" is not a number')
+                raise UserError(f'{run.path}:{number}: "{key}" is not a number')
         if row.get('train_loss') is not None and isinstance(row.get('iteration'), int):
             run.train[row['iteration']] = float(row['train_loss'])
         if row.get('val_loss') is not None:
@@ -128,7 +128,7 @@ def compare(a, b):
     rows += [('val', f'epoch {e}', a.val[e], b.val[e], relative(a.val[e], b.val[e]))
              for e in sorted(set(a.val) & set(b.val))]
     if not rows:
-        raise ToolError(f'{a.path} and {b.path} have no iteration or validated epoch in common '
+        raise UserError(f'{a.path} and {b.path} have no iteration or validated epoch in common '
                         f'(A: iterations {_span(a.train)}, B: iterations {_span(b.train)})')
     return rows
 
@@ -185,7 +185,7 @@ def plot(a, b, path):
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format=ext, dpi=100)
     except (OSError, ValueError) as exc:
-        raise ToolError(f'{path}: cannot write the plot ({exc})') from None
+        raise UserError(f'{path}: cannot write the plot ({exc})') from None
     print(f'curves drawn to {path}')
     return True
 

@@ -56,7 +56,7 @@ if __name__ == '__main__':
 import torch  # noqa: E402
 
 from s3fd import build_s3fd  # noqa: E402
-from utils.cli import ToolError, run_cli  # noqa: E402
+from utils.cli import UserError, run_cli  # noqa: E402
 from utils.files.weights import (CheckpointError, atomic_save, check_layout, describe_keys,  # noqa: E402
                               extract_state_dict, load_file, load_weights)
 from utils.files.fileio import check_output_file  # noqa: E402
@@ -130,7 +130,7 @@ def main(args):
     """Convert args.src and write args.dst atomically; returns the saved checkpoint dict."""
     check_output_file(args.dst, '--dst')
     if not os.path.exists(args.src):
-        raise ToolError(f'--src {args.src}: no such file. The released S3FD weights in the layout of its PyTorch '
+        raise UserError(f'--src {args.src}: no such file. The released S3FD weights in the layout of its PyTorch '
                         f'port are s3fd-619a316812.pth, which the face-alignment package downloads from '
                         f'{RELEASED_URL} (e.g. wget that URL)')
     state = extract_state_dict(load_file(args.src), args.src)

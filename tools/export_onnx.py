@@ -73,7 +73,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from layers.functions.prior_box import prior_grid  # noqa: E402
 from s3fd import MIN_INPUT_SIDE  # noqa: E402
-from utils.cli import ToolError, run_cli  # noqa: E402
+from utils.cli import UserError, run_cli  # noqa: E402
 from utils.files.weights import load_model  # noqa: E402
 from utils.files.fileio import atomic_path, check_output_file  # noqa: E402
 
@@ -118,7 +118,7 @@ class S3FDForExport(nn.Module):
 
 
 def _import_onnx(exporter):
-    """(onnx, onnxruntime), or ToolError naming what is missing."""
+    """(onnx, onnxruntime), or UserError naming what is missing."""
     missing = []
     modules = {}
     for name in ('onnx', 'onnxruntime') + (('onnxscript',) if exporter == 'dynamo' else ()):
@@ -128,7 +128,7 @@ def _import_onnx(exporter):
             missing.append(name)
     if missing:
         extra = ' (or use --exporter torchscript)' if missing == ['onnxscript'] else ''
-        raise ToolError(f'export_onnx needs {", ".join(missing)}: {INSTALL_HINT}{extra}')
+        raise UserError(f'export_onnx needs {", ".join(missing)}: {INSTALL_HINT}{extra}')
     return modules['onnx'], modules['onnxruntime']
 
 
@@ -213,7 +213,7 @@ def add_metadata(onnx, path, variant, source):
 def compare(session, wrapper, image, atol, rtol):
     """Max abs difference onnxruntime vs PyTorch per output: {'loc': ..., 'conf': ..., 'priors': ...}.
 
-    Raises ToolError when an output differs by more than atol + rtol * max|PyTorch output|.
+    Raises UserError when an output differs by more than atol + rtol * max|PyTorch output|.
     """
     with torch.no_grad():
         expected = wrapper(image)
@@ -221,15 +221,15 @@ def compare(session, wrapper, image, atol, rtol):
         got = session.run(list(OUTPUT_NAMES), {INPUT_NAME: image.numpy()})
     except Exception as e:  # onnxruntime raises its own exception types
         first = str(e).strip().splitlines()[0]
-        raise ToolError(f'onnxruntime could not run the export on a {tuple(image.shape)} input: {first}') from None
+        raise UserError(f'onnxruntime could not run the export on a {tuple(image.shape)} input: {first}') from None
     diffs = {}
     for name, ref, out in zip(OUTPUT_NAMES, expected, got):
         if tuple(out.shape) != tuple(ref.shape):
-            raise ToolError(f'onnxruntime gave {name} of shape {tuple(out.shape)}, PyTorch {tuple(ref.shape)}')
+            raise UserError(f'onnxruntime gave {name} of shape {tuple(out.shape)}, PyTorch {tuple(ref.shape)}')
         diffs[name] = (torch.from_numpy(out) - ref).abs().max().item()
         limit = atol + rtol * ref.abs().max().item()
         if diffs[name] > limit:
-            raise ToolError(f'the export disagrees with PyTorch on {name} for a {tuple(image.shape)} input: '
+            raise UserError(f'the export disagrees with PyTorch on {name} for a {tuple(image.shape)} input: '
                             f'max abs difference {diffs[name]:.3g} > {limit:.3g} (--atol {atol}, --rtol {rtol})')
     return diffs
 
@@ -250,7 +250,7 @@ def main(args):
     onnx, ort = _import_onnx(args.exporter)
     height, width = args.input_size
     if min(height, width) < MIN_INPUT_SIDE:
-        raise ToolError(f'--input_size {height} {width}: both sides must be at least {MIN_INPUT_SIDE} pixels')
+        raise UserError(f'--input_size {height} {width}: both sides must be at least {MIN_INPUT_SIDE} pixels')
     check_output_file(args.out, '--out')
     net = load_model(args.model, phase='train', variant=args.variant).eval()
     generator = torch.Generator().manual_seed(args.seed)
@@ -276,7 +276,7 @@ def main(args):
         except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             hint = '; --exporter torchscript may work' if args.exporter == 'dynamo' else ''
-            raise ToolError(f'{args.exporter} export of {args.model} failed: {first}{hint}') from None
+            raise UserError(f'{args.exporter} export of {args.model} failed: {first}{hint}') from None
         add_metadata(onnx, tmp, net.variant, args.model)
         session = ort.InferenceSession(tmp, providers=['CPUExecutionProvider'])
         results = {}

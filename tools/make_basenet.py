@@ -81,7 +81,7 @@ import torch.nn as nn  # noqa: E402
 
 from data.config import cfg  # noqa: E402
 from s3fd import VARIANTS, vgg  # noqa: E402
-from utils.cli import ToolError, run_cli  # noqa: E402
+from utils.cli import UserError, run_cli  # noqa: E402
 from utils.files.weights import atomic_save, check_layout, extract_state_dict, load_file, load_weights  # noqa: E402
 from utils.files.fileio import check_output_file  # noqa: E402
 
@@ -192,7 +192,7 @@ def torchvision_vgg16():
     """torchvision's ImageNet VGG16 state_dict through its weights API, and where it is cached:
     `VGG16_Weights.IMAGENET1K_V1.get_state_dict` downloads vgg16-397923af.pth into
     torch_cache_dir() the first time (the download checked against the SHA-256 prefix in the
-    name) and reads it from there afterwards, with weights_only=True. ToolError in one line when
+    name) and reads it from there afterwards, with weights_only=True. UserError in one line when
     it cannot be had."""
     from torchvision.models import VGG16_Weights
 
@@ -205,7 +205,7 @@ def torchvision_vgg16():
         state = weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
     except (OSError, RuntimeError, ValueError) as exc:  # URLError is an OSError; a bad hash a RuntimeError
         reason = str(getattr(exc, 'reason', '') or exc).strip().splitlines()
-        raise ToolError(f'--src torchvision: cannot get {weights.url} ({reason[0] if reason else type(exc).__name__}): '
+        raise UserError(f'--src torchvision: cannot get {weights.url} ({reason[0] if reason else type(exc).__name__}): '
                         f'without internet here, fetch that file elsewhere and give it as --src') from None
     return state, cached
 
@@ -214,11 +214,11 @@ def load_source(src, src_norm='torchvision'):
     """(state_dict, the file it was read from) of --src: torchvision's weights API, or a local file."""
     if src == TORCHVISION_SOURCE:
         if src_norm != 'torchvision':
-            raise ToolError(f"--src torchvision is torchvision's VGG16, trained on torchvision's normalisation: "
+            raise UserError(f"--src torchvision is torchvision's VGG16, trained on torchvision's normalisation: "
                             f'--src_norm {src_norm} does not apply to it')
         return torchvision_vgg16()
     if not os.path.exists(src):
-        raise ToolError(f"--src {src}: no such file. It is torchvision's ImageNet VGG16, vgg16-397923af.pth, from "
+        raise UserError(f"--src {src}: no such file. It is torchvision's ImageNet VGG16, vgg16-397923af.pth, from "
                         f"{TORCHVISION_VGG16_URL}; with internet, --src torchvision downloads it once into "
                         f"torch's cache ({torch_cache_dir()}) through torchvision's weights API")
     return extract_state_dict(load_file(src), src), src

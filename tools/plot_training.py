@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.cli import HelpFormatter, ToolError, run_cli  # noqa: E402
+from utils.cli import HelpFormatter, UserError, run_cli  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -33,9 +33,9 @@ def read_metrics(path):
         with open(path, encoding='utf-8-sig') as handle:
             lines = handle.read().splitlines()
     except FileNotFoundError:
-        raise ToolError(f'{path}: no such file (train.py writes metrics.jsonl in its --save_folder)') from None
+        raise UserError(f'{path}: no such file (train.py writes metrics.jsonl in its --save_folder)') from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ToolError(f'{path}: cannot read the file ({exc})') from None
+        raise UserError(f'{path}: cannot read the file ({exc})') from None
     rows = {}
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -45,12 +45,12 @@ def read_metrics(path):
         except json.JSONDecodeError:
             if number == len(lines):
                 continue  # a write cut short by a crash
-            raise ToolError(f'{path}:{number}: not a JSON object') from None
+            raise UserError(f'{path}:{number}: not a JSON object') from None
         if not isinstance(row, dict) or not isinstance(row.get('epoch'), int):
-            raise ToolError(f'{path}:{number}: a row without an integer "epoch"')
+            raise UserError(f'{path}:{number}: a row without an integer "epoch"')
         rows[row['epoch']] = row
     if not rows:
-        raise ToolError(f'{path}: holds no epoch yet')
+        raise UserError(f'{path}: holds no epoch yet')
     return [rows[epoch] for epoch in sorted(rows)]
 
 
@@ -64,7 +64,7 @@ def draw(rows):
         from matplotlib.figure import Figure
         from matplotlib.ticker import MaxNLocator
     except ImportError:
-        raise ToolError('drawing needs matplotlib, which is not installed: pip install matplotlib') from None
+        raise UserError('drawing needs matplotlib, which is not installed: pip install matplotlib') from None
 
     epochs = [row['epoch'] for row in rows]
     settings = []

@@ -26,12 +26,10 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 class UserError(Exception):
     """An error whose message is written for the user: bad input, a missing file or package, a
-    failed check. `run_cli` prints it as one line instead of a traceback. Each module derives
-    its own errors from it (CheckpointError, DeviceUnavailable, OutputDirError, ...)."""
-
-
-class ToolError(UserError, RuntimeError):
-    """A failure of a tool (a missing optional package, a failed verification)."""
+    failed check. `run_cli` prints it as one line instead of a traceback. Scripts raise it as it
+    is; a subclass exists only where a caller treats that kind of failure differently
+    (CheckpointError, DeviceUnavailable, OutputDirError and DiskFullError, ImageReadError,
+    AnnotationError, WiderEvalError, Diverged)."""
 
 
 def at_least(minimum, kind=int, maximum=None):
@@ -80,7 +78,7 @@ def one_line(error):
     if 'Traceback (most recent call last)' not in text:
         return text.splitlines()[0] if text else type(error).__name__
     last = text.splitlines()[-1]
-    name, _, message = last.partition(': ')  # 'data.widerface.DatasetError: message'
+    name, _, message = last.partition(': ')  # 'data.widerface.UserError: message'
     return message if message and name.rsplit('.', 1)[-1] == type(error).__name__ else last
 
 

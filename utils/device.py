@@ -1,21 +1,21 @@
 """Device, mixed precision, optimizer and distributed set-up: every such choice lives here.
 
-    ctx = setup_device('gpu'|'npu'|'cpu', device_id, amp='auto'|'apex'|'native'|'off',
-                       amp_dtype='bf16'|'fp16', loss_scale=None|32.0|'dynamic', npu_jit_compile=False,
-                       combine_ddp=False)
-    model.to(ctx.device)
-    optimizer = ctx.make_optimizer(model.parameters(), lr, momentum, weight_decay)
-    model, optimizer = ctx.initialize(model, optimizer)      # Ascend Apex O2, else unchanged
-    net = ctx.wrap_distributed(model, world_size)            # DDP under torchrun (not with combine_ddp)
-    ctx.zero_grad(optimizer)                                # as this optimizer accepts it
-    with ctx.autocast():
+    runtime = setup_device('gpu'|'npu'|'cpu', device_id, amp='auto'|'apex'|'native'|'off',
+                           amp_dtype='bf16'|'fp16', loss_scale=None|32.0|'dynamic', npu_jit_compile=False,
+                           combine_ddp=False)
+    model.to(runtime.device)
+    optimizer = runtime.make_optimizer(model.parameters(), lr, momentum, weight_decay)
+    model, optimizer = runtime.initialize(model, optimizer)      # Ascend Apex O2, else unchanged
+    net = runtime.wrap_distributed(model, world_size)            # DDP under torchrun (not with combine_ddp)
+    runtime.zero_grad(optimizer)                                # as this optimizer accepts it
+    with runtime.autocast():
         loss = ...
-    ctx.backward(loss, optimizer)                           # loss scaling handled here
-    applied = ctx.step(optimizer)                           # False: an overflowing step was skipped
-    # or, for a step not to take (non-finite loss): ctx.discard(optimizer)
-    message = ctx.loss_scale_change()                       # at a log step: the scale, when it changed
+    runtime.backward(loss, optimizer)                           # loss scaling handled here
+    applied = runtime.step(optimizer)                           # False: an overflowing step was skipped
+    # or, for a step not to take (non-finite loss): runtime.discard(optimizer)
+    message = runtime.loss_scale_change()                       # at a log step: the scale, when it changed
 
-`ctx.notes`: lines for the log about choices made for the user (e.g. --amp auto not using an Apex).
+`runtime.notes`: lines for the log about choices made for the user (e.g. --amp auto not using an Apex).
 
 Host memory to pin for the loader and host-to-device copies: `pins_host_memory(device_type)`.
 
@@ -75,8 +75,9 @@ def _import_torch_npu():
 RECIPE_LOSS_SCALE = 32.0
 
 
-class DeviceContext:
-    """What the training loop needs to know about its device and precision.
+class Runtime:
+    """The run's device and precision: what the training loop needs to know about them (made by
+    setup_device; train.py and the engine call it `runtime`).
 
     Attributes: device (torch.device), type ('cuda', 'npu', 'cpu'), amp ('apex', 'native',
     'off'), amp_dtype (torch dtype under autocast or None), scaler (GradScaler or None),
@@ -435,13 +436,13 @@ class DeviceContext:
 
 def setup_device(name, device_id=0, amp='auto', amp_dtype='bf16', loss_scale=None, npu_jit_compile=False,
                  combine_ddp=False):
-    """Resolve --device/--amp into a DeviceContext; DeviceUnavailable with one line if not possible.
+    """Resolve --device/--amp into a Runtime; DeviceUnavailable with one line if not possible.
 
     On the NPU, operators run precompiled (torch.npu.set_compile_mode(jit_compile=False), as
     the Ascend model zoo sets it) unless npu_jit_compile: jit compilation is torch_npu's default
     before the 910B (CheckJitDisableInner, framework/interface/EnvVariables.cpp) and would
     compile operators again for the matcher's per-batch shapes. `--amp auto` uses Ascend's
-    Apex when it imports and is Ascend's (else native autocast, with a line in ctx.notes saying
+    Apex when it imports and is Ascend's (else native autocast, with a line in runtime.notes saying
     why). loss_scale: None (the recipe's static 32, or on a resume the checkpoint's), a number
     (static) or 'dynamic'; it applies to the NPU's fp16 recipes. combine_ddp: Apex's own data
     parallelism instead of DistributedDataParallel (NPU, Apex, torchrun with several processes)."""
@@ -497,7 +498,7 @@ def setup_device(name, device_id=0, amp='auto', amp_dtype='bf16', loss_scale=Non
         if distributed_env()[1] <= 1:
             raise DeviceUnavailable('--combine_ddp exchanges gradients between processes: run it under torchrun '
                                     'with more than one process')
-    return DeviceContext(device, amp, dtype, loss_scale, apex_amp=apex_amp, torch_npu=torch_npu,
+    return Runtime(device, amp, dtype, loss_scale, apex_amp=apex_amp, torch_npu=torch_npu,
                          combine_ddp=combine_ddp, notes=notes)
 
 

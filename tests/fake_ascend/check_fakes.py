@@ -395,20 +395,20 @@ def apex_static_loss_scale_steps_on_overflow():
 def apex_pinned_dynamic_scale_skips_overflow_and_keeps_the_scale():
     for name in ('Ascend910B1', 'Ascend910A'):  # inf/nan mode, then saturation mode (float status)
         soc(name)
-        ctx = devices.setup_device('npu', 0, 'apex', loss_scale=32.0)
+        runtime = devices.setup_device('npu', 0, 'apex', loss_scale=32.0)
         model = linear()
-        opt = ctx.make_optimizer(model.parameters(), 0.1, 0.9, 0.0)
-        model, opt = ctx.initialize(model, opt)
-        ctx.zero_grad(opt)
-        masters = [p.detach().cpu().clone() for p in ctx.apex_amp.master_params(opt)]
+        opt = runtime.make_optimizer(model.parameters(), 0.1, 0.9, 0.0)
+        model, opt = runtime.initialize(model, opt)
+        runtime.zero_grad(opt)
+        masters = [p.detach().cpu().clone() for p in runtime.apex_amp.master_params(opt)]
         x = torch.randn(2, 4).to('npu')
-        ctx.backward(model(x).float().sum() * 1e6, opt)  # fp16 gradients overflow
-        assert ctx.step(opt) is False, name
-        assert all(torch.equal(a, p.detach().cpu()) for a, p in zip(masters, ctx.apex_amp.master_params(opt)))
-        assert ctx.state_dict()['apex']['loss_scaler0']['loss_scale'] == 32.0
-        ctx.zero_grad(opt)
-        ctx.backward(model(x).float().sum(), opt)
-        assert ctx.step(opt) is True, name
+        runtime.backward(model(x).float().sum() * 1e6, opt)  # fp16 gradients overflow
+        assert runtime.step(opt) is False, name
+        assert all(torch.equal(a, p.detach().cpu()) for a, p in zip(masters, runtime.apex_amp.master_params(opt)))
+        assert runtime.state_dict()['apex']['loss_scaler0']['loss_scale'] == 32.0
+        runtime.zero_grad(opt)
+        runtime.backward(model(x).float().sum(), opt)
+        assert runtime.step(opt) is True, name
     soc('Ascend910B1')
 
 
@@ -416,22 +416,22 @@ def apex_pinned_dynamic_scale_skips_overflow_and_keeps_the_scale():
 def native_fp16_skips_overflow_and_keeps_the_scale():
     for name in ('Ascend910B1', 'Ascend910A'):
         soc(name)
-        ctx = devices.setup_device('npu', 0, 'native', 'fp16', loss_scale=32.0)
+        runtime = devices.setup_device('npu', 0, 'native', 'fp16', loss_scale=32.0)
         model = linear()
-        opt = ctx.make_optimizer(model.parameters(), 0.1, 0.9, 0.0)
+        opt = runtime.make_optimizer(model.parameters(), 0.1, 0.9, 0.0)
         before = model.weight.detach().cpu().clone()
-        ctx.zero_grad(opt)
+        runtime.zero_grad(opt)
         x = torch.randn(2, 4).to('npu')
-        with ctx.autocast():
+        with runtime.autocast():
             out = model(x)
-        ctx.backward(out.float().sum() * 1e6, opt)
-        assert ctx.step(opt) is False, name
-        assert torch.equal(before, model.weight.detach().cpu()) and ctx.scaler.get_scale() == 32.0
-        ctx.zero_grad(opt)
-        with ctx.autocast():
+        runtime.backward(out.float().sum() * 1e6, opt)
+        assert runtime.step(opt) is False, name
+        assert torch.equal(before, model.weight.detach().cpu()) and runtime.scaler.get_scale() == 32.0
+        runtime.zero_grad(opt)
+        with runtime.autocast():
             out = model(x)
-        ctx.backward(out.float().sum(), opt)
-        assert ctx.step(opt) is True and ctx.scaler.get_scale() == 32.0, name
+        runtime.backward(out.float().sum(), opt)
+        assert runtime.step(opt) is True and runtime.scaler.get_scale() == 32.0, name
     soc('Ascend910B1')
 
 
@@ -458,17 +458,17 @@ def amp_auto_without_apex_on_910a_and_910b():
     sys.modules['apex'] = None  # not installed
     try:
         soc('Ascend910A')
-        ctx = devices.setup_device('npu', 0, 'auto')
-        assert ctx.describe() == 'npu:0 | autocast float16 + GradScaler (loss scale 32)', ctx.describe()
-        assert ctx.notes == ['--amp auto: not using Apex (apex is not installed); torch.autocast float16 instead']
+        runtime = devices.setup_device('npu', 0, 'auto')
+        assert runtime.describe() == 'npu:0 | autocast float16 + GradScaler (loss scale 32)', runtime.describe()
+        assert runtime.notes == ['--amp auto: not using Apex (apex is not installed); torch.autocast float16 instead']
         soc('Ascend910B1')
-        ctx = devices.setup_device('npu', 0, 'auto')
-        assert ctx.describe() == 'npu:0 | autocast bfloat16', ctx.describe()
+        runtime = devices.setup_device('npu', 0, 'auto')
+        assert runtime.describe() == 'npu:0 | autocast bfloat16', runtime.describe()
     finally:
         del sys.modules['apex']
     if not ascend_apex_missing():
-        ctx = devices.setup_device('npu', 0, 'auto')
-        assert ctx.amp == 'apex' and not ctx.notes, ctx.describe()
+        runtime = devices.setup_device('npu', 0, 'auto')
+        assert runtime.amp == 'apex' and not runtime.notes, runtime.describe()
 
 
 def nvidia_apex():
@@ -505,11 +505,11 @@ def amp_auto_falls_back_from_a_broken_or_nvidia_apex():
                 return real(name, *args)
             devices.importlib.import_module = fake
             soc('Ascend910A')
-            ctx = devices.setup_device('npu', 0, 'auto')
-            assert ctx.amp == 'native' and ctx.amp_dtype == torch.float16 and ctx.scaler is not None, ctx.describe()
-            assert len(ctx.notes) == 1 and '\n' not in ctx.notes[0] and words in ctx.notes[0], ctx.notes
-            assert ctx.notes[0].startswith('--amp auto: not using Apex (') and ctx.notes[0].endswith(
-                'torch.autocast float16 instead'), ctx.notes
+            runtime = devices.setup_device('npu', 0, 'auto')
+            assert runtime.amp == 'native' and runtime.amp_dtype == torch.float16 and runtime.scaler is not None, runtime.describe()
+            assert len(runtime.notes) == 1 and '\n' not in runtime.notes[0] and words in runtime.notes[0], runtime.notes
+            assert runtime.notes[0].startswith('--amp auto: not using Apex (') and runtime.notes[0].endswith(
+                'torch.autocast float16 instead'), runtime.notes
             message = raises(devices.DeviceUnavailable, words, devices.setup_device, 'npu', 0, 'apex')
             assert '\n' not in message, message
     finally:
@@ -530,21 +530,21 @@ def combine_ddp_needs_apex_on_the_npu_and_several_processes():
                'npu', 0, 'apex', combine_ddp=True)
 
 
-def overflowing_step(ctx, model, opt, factor):
-    ctx.zero_grad(opt)
+def overflowing_step(runtime, model, opt, factor):
+    runtime.zero_grad(opt)
     x = torch.ones(2, model.in_features).to('npu')
-    with ctx.autocast():
+    with runtime.autocast():
         out = model(x)
-    ctx.backward(out.float().sum() * factor, opt)
-    return ctx.step(opt)
+    runtime.backward(out.float().sum() * factor, opt)
+    return runtime.step(opt)
 
 
 def train_ctx(amp, loss_scale, dtype='fp16'):
-    ctx = devices.setup_device('npu', 0, amp, dtype, loss_scale=loss_scale)
+    runtime = devices.setup_device('npu', 0, amp, dtype, loss_scale=loss_scale)
     model = linear()
-    opt = ctx.make_optimizer(model.parameters(), 0.1, 0.9, 0.0)
-    model, opt = ctx.initialize(model, opt)
-    return ctx, model, opt
+    opt = runtime.make_optimizer(model.parameters(), 0.1, 0.9, 0.0)
+    model, opt = runtime.initialize(model, opt)
+    return runtime, model, opt
 
 
 def check_dynamic_scale(amp, initial):
@@ -552,14 +552,14 @@ def check_dynamic_scale(amp, initial):
     scale; the log line reports the scale when it changes."""
     for name in ('Ascend910B1', 'Ascend910A'):
         soc(name)
-        ctx, model, opt = train_ctx(amp, 'dynamic')
-        assert ctx.loss_scale_change() == f'->>loss scale:{initial:g} (dynamic)'
-        assert ctx.loss_scale_change() is None
-        assert overflowing_step(ctx, model, opt, 1e6) is False and ctx.overflow_scale == initial, name
-        assert ctx.current_loss_scale() == initial / 2
-        assert ctx.loss_scale_change() == f'->>loss scale:{initial / 2:g} (was {initial:g})'
-        assert overflowing_step(ctx, model, opt, 1e-3) is True
-        assert ctx.state_dict()['loss_scale'] == {'mode': 'dynamic', 'scale': initial / 2}
+        runtime, model, opt = train_ctx(amp, 'dynamic')
+        assert runtime.loss_scale_change() == f'->>loss scale:{initial:g} (dynamic)'
+        assert runtime.loss_scale_change() is None
+        assert overflowing_step(runtime, model, opt, 1e6) is False and runtime.overflow_scale == initial, name
+        assert runtime.current_loss_scale() == initial / 2
+        assert runtime.loss_scale_change() == f'->>loss scale:{initial / 2:g} (was {initial:g})'
+        assert overflowing_step(runtime, model, opt, 1e-3) is True
+        assert runtime.state_dict()['loss_scale'] == {'mode': 'dynamic', 'scale': initial / 2}
 
 
 @check
@@ -576,9 +576,9 @@ def check_resume_keeps_the_loss_scale(amp):
     """A resume without --loss_scale continues in the checkpoint's mode at the scale it reached; an
     explicit different --loss_scale starts afresh at its own, saying so. (Apex's scalers are global:
     each context is used before the next is made.)"""
-    ctx, model, opt = train_ctx(amp, 'dynamic')
-    assert overflowing_step(ctx, model, opt, 1e6) is False
-    saved = ctx.state_dict()
+    runtime, model, opt = train_ctx(amp, 'dynamic')
+    assert overflowing_step(runtime, model, opt, 1e6) is False
+    saved = runtime.state_dict()
     resumed, model, opt = train_ctx(amp, None)  # the default: static 32 unless a checkpoint says otherwise
     message = resumed.load_state_dict(saved, opt)
     assert message == "Loss scale: continuing the checkpoint's, a dynamic loss scale, at 32768", message

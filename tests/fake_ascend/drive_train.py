@@ -59,14 +59,14 @@ def main(spec):
     contexts = []  # the optimizers of the run
 
     def setup_device(*args, **kwargs):
-        ctx = real_setup(*args, **kwargs)
-        make_optimizer = ctx.make_optimizer
+        runtime = real_setup(*args, **kwargs)
+        make_optimizer = runtime.make_optimizer
 
         def record(*a, **k):
             contexts.append(make_optimizer(*a, **k))
             return contexts[-1]
-        ctx.make_optimizer = record
-        return ctx
+        runtime.make_optimizer = record
+        return runtime
     devices.setup_device = setup_device
     for index, run in enumerate(spec['runs']):
         contexts.clear()

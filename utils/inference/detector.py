@@ -82,7 +82,7 @@ __all__ = ['OFFICIAL_MAX_PIXELS', 'MIN_INPUT_SIDE', 'inference_device', 'max_shr
 # ----------------------------------------------------------------------------- device
 
 def inference_device(name, device_id=0, amp='off', fixed_size=False):
-    """The DeviceContext of an inference script (``utils.device.setup_device``, which raises
+    """The Runtime of an inference script (``utils.device.setup_device``, which raises
     DeviceUnavailable with a one-line message).
 
     Args:
@@ -94,11 +94,11 @@ def inference_device(name, device_id=0, amp='off', fixed_size=False):
     """
     if name is None:
         name = 'gpu' if torch.cuda.is_available() else 'cpu'
-    ctx = setup_device(name, device_id, amp='off' if amp == 'off' else 'native',
+    runtime = setup_device(name, device_id, amp='off' if amp == 'off' else 'native',
                        amp_dtype='fp16' if amp == 'fp16' else 'bf16')
-    if ctx.type == 'cuda' and not fixed_size:
+    if runtime.type == 'cuda' and not fixed_size:
         torch.backends.cudnn.benchmark = False
-    return ctx
+    return runtime
 
 
 # ----------------------------------------------------------------------------- scales
@@ -227,7 +227,7 @@ class Detector:
         device: torch.device or string.
         thresh: per-pass score threshold (rows below are dropped).
         max_size: optional cap of the longer input side of every pass (a speed deviation).
-        autocast: context-manager factory wrapped around the network (``DeviceContext.autocast``;
+        autocast: context-manager factory wrapped around the network (``Runtime.autocast``;
             default: none).
     """
 

@@ -7,7 +7,7 @@ The file is a dict written by torch.save and read back with weights_only=True:
     weight       the model's state_dict, plain key names        } the original repository's two
     epoch        the epoch being trained, or the last one done   } fields, with their meaning
     optimizer    the optimizer's state_dict (SGD momentum buffers)
-    amp          the loss scaler (and Apex O2's fp32 master weights): DeviceContext.state_dict()
+    amp          the loss scaler (and Apex O2's fp32 master weights): Runtime.state_dict()
     state        TrainState as a dict: the exact position and what the run has measured
     step_index   how many of cfg.LR_STEPS the iteration has passed
     rng          {'torch': the CPU generator's state, 'cuda': this GPU's generator state or None}
@@ -114,7 +114,7 @@ def plain_args(args):
 
 def checkpoint_contents(model, optimizer, device, args, state, world_size=1):
     """The dict `save_checkpoint` writes. `model` is the bare S3FD (plain key names), `device`
-    the DeviceContext (its loss scaler), `state` the TrainState."""
+    the Runtime (its loss scaler), `state` the TrainState."""
     finished_epoch = state.batch_in_epoch == 0 and state.epoch > 0
     return {
         'version': CHECKPOINT_VERSION,

@@ -28,10 +28,6 @@ SLOW_ITERATION = 5.0
 EXPLODED_WEIGHT = 1e4
 
 
-class TrainingError(UserError, RuntimeError):
-    """A training run cannot start or go on as asked; the message is one line for the user."""
-
-
 def log(*parts):
     """Print on the main process only (torchrun starts one process per device)."""
     if devices.is_main_process():
@@ -114,7 +110,7 @@ class FiniteCheck:
 
 def training_step(net, criterion, optimizer, runtime, finite, images, targets, channels_last=False, stop=False):
     """One SGD step: forward under autocast, loss, backward and update unless the loss is not
-    finite or (NPU fp16) the gradients overflowed. `runtime` is the DeviceContext (device, AMP,
+    finite or (NPU fp16) the gradients overflowed. `runtime` is the Runtime (device, AMP,
     loss scaling), `finite` the FiniteCheck, `stop` whether this process was asked to stop (then
     `finite.stop` says whether any was). Returns (loss, loss_l, loss_c) detached and whether the
     update was applied."""
@@ -213,7 +209,7 @@ class SpeedMeter:
 # -- one epoch -----------------------------------------------------------------------------------
 
 
-class Diverged(TrainingError):
+class Diverged(UserError):
     """MAX_NONFINITE_IN_A_ROW steps in a row were skipped. `overflow`: the last one for an fp16
     gradient overflow (its loss was finite), else for a non-finite loss (the weights give one)."""
 

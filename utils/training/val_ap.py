@@ -26,10 +26,6 @@ from utils.evaluation.widerface_eval import (SETTINGS, GroundTruth, evaluate_det
                                   load_ground_truth, parse_prediction_bytes)
 
 
-class ValAPError(UserError, ValueError):
-    """The AP evaluation cannot be set up as asked; the message is one line."""
-
-
 def image_key(path):
     """``(event, name)`` of a WIDER image path ``.../<event>/<name>.jpg``: the key of the .mat files."""
     return os.path.basename(os.path.dirname(path)), os.path.splitext(os.path.basename(path))[0]
@@ -66,7 +62,7 @@ class ValAP:
         max_images: only the first N images of the list (a quick subset), or None.
         max_size: cap of the longer side of the detection input (like wider_test.py --max_size).
         log: print function of the main process.
-    Raises ValAPError when an explicit gt_dir does not cover the list's images.
+    Raises UserError when an explicit gt_dir does not cover the list's images.
     """
 
     def __init__(self, val_file, gt_dir=None, max_images=None, max_size=None, log=print):
@@ -78,7 +74,7 @@ class ValAP:
         self.paths, self.max_size = paths, max_size
         keys = [image_key(p) for p in paths]
         if len(set(keys)) != len(keys):
-            raise ValAPError(f'{val_file}: an image is listed twice (or two events share an image name): '
+            raise UserError(f'{val_file}: an image is listed twice (or two events share an image name): '
                              'AP needs one entry per image')
         explicit = gt_dir is not None
         gt_dir = gt_dir or find_ground_truth(paths[0])
@@ -91,7 +87,7 @@ class ValAP:
                 self.gt, self.arithmetic = gt.subset_images(keys), 'matlab'
                 self.source = f'Easy/Medium/Hard with the official ground truth in {gt_dir}'
             elif explicit:
-                raise ValAPError(f'--eval_gt {gt_dir}: {len(missing)} of the {len(keys)} images of {val_file} '
+                raise UserError(f'--eval_gt {gt_dir}: {len(missing)} of the {len(keys)} images of {val_file} '
                                  f'are not in its wider_face_val.mat (first: {"/".join(missing[0])})')
             else:
                 log(f'val AP: {gt_dir} does not cover {len(missing)} of the {len(keys)} images of {val_file}; '
@@ -107,7 +103,7 @@ class ValAP:
         return f'{len(self.paths)} images, single-scale{size}; {self.source}'
 
     @torch.no_grad()
-    def evaluate(self, model, ctx, workers=0, should_stop=None):
+    def evaluate(self, model, runtime, workers=0, should_stop=None):
         """APs of `model` (the bare S3FD, in train or test phase; it is restored as it was).
 
         Returns ``{setting: AP}``, or None when `should_stop()` became true on any process
@@ -120,8 +116,8 @@ class ValAP:
         phase, training = model.phase, model.training
         model.phase = 'test'
         model.eval()
-        detector = Detector(model, ctx.device, thresh=cfg.CONF_THRESH, max_size=self.max_size,
-                            autocast=ctx.autocast)
+        detector = Detector(model, runtime.device, thresh=cfg.CONF_THRESH, max_size=self.max_size,
+                            autocast=runtime.autocast)
         rows, cut_short = {}, False
         try:
             for index, dets, hw, error in detect_files(detector, [self.paths[i] for i in mine], 'single',
