@@ -478,6 +478,18 @@ def test_missing_prediction_files_still_count_their_faces(tiny_gt, tmp_path):
     assert aps == {s: pytest.approx(1 / tiny_gt.num_faces[s], abs=1e-12) for s in SETTINGS}
 
 
+def test_boxes_without_extent_and_negative_scores_are_scored_but_said(tiny_gt, tmp_path):
+    write_preds(str(tmp_path / 'pred'), [np.array([[0, 0, -4, 9, 0.9], [3, 3, 9, 0, -0.5], [0, 0, 9, 9, -0.2]]),
+                                         np.array([[0, 0, 9, 9, 0.8]])], tiny_gt)
+    with pytest.warns(WiderEvalWarning) as caught:
+        evaluate(str(tmp_path / 'pred'), tiny_gt)
+    messages = [str(w.message) for w in caught]
+    example = os.path.join(str(tmp_path / 'pred'), '1--Handshaking', 'img.txt')
+    assert any(m.startswith(f'2 boxes in 1 files have a width or height <= 0 (e.g. {example}); scored as detections '
+                            'that match no face') for m in messages), messages
+    assert any(m.startswith(f'2 boxes in 1 files have a negative score (e.g. {example})') for m in messages), messages
+
+
 def test_jpg_is_stripped_as_a_suffix_not_as_characters(tmp_path):
     gt_dir = write_gt(str(tmp_path / 'gt'), [('2--Demonstration', 'crowd_jpg', [A], {s: [1] for s in SETTINGS})])
     gt = load_ground_truth(gt_dir)

@@ -135,6 +135,9 @@ def test_list_file_parsing_with_spaces_comments_and_blank_lines(tmp_path):
     ('/a.jpg 1 1 2 3 4 1.5\n', 1, 'label 1.5'),
     (b'/a.jpg 1 1 2 3 4 1\n/caf\xe9.jpg 1 1 2 3 4 1\n', 2, 'not UTF-8 text .byte 0xe9'),
     ('/a.jpg 1 1 2 3 4 1\n/b.jpg 1 1 2 inf 4 1\n', 2, 'non-finite'),
+    # A bad number among many faces is named with its place, not quoted with the whole line.
+    ('/a.jpg 100 ' + '1 2 3 4 1 ' * 42 + '1 2 nan 4 1 ' + '1 2 3 4 1 ' * 57 + '\n', 1,
+     r"non-finite number \(nan or inf\) 'nan' in a box \(face 43, number 3 of 5\)$"),
 ])
 def test_malformed_list_line_names_file_and_line(tmp_path, text, line, words):
     if isinstance(text, bytes):
@@ -276,8 +279,10 @@ def test_all_images_unreadable_is_a_clear_error_not_a_hang(tmp_path):
     with open(gone, 'wb') as handle:
         handle.write(b'corrupt')
     ds = WIDERDetection(list_file, 'train', input_size=SIZE)
-    with pytest.warns(RuntimeWarning), pytest.raises(UserError, match='no readable training image'):
+    with pytest.warns(RuntimeWarning) as caught, pytest.raises(UserError, match='no readable training image'):
         ds[0]
+    shown = warnings.formatwarning(caught[0].message, caught[0].category, caught[0].filename, caught[0].lineno)
+    assert shown.count('\n') == 1 and 'skipping unreadable image' in shown, shown  # no source line under it
 
 
 def test_faces_outside_the_image_are_clipped_or_dropped(tmp_path, capsys):

@@ -458,7 +458,24 @@ def read_predictions(pred_dir, gt, warn=None):
     if missing or unmatched:
         _warn(warn, f'{matched} of {n_images} images have a prediction file in {pred_dir}; {missing} without one '
                     f'are scored as no detections; {unmatched} files match no ground-truth image and are ignored')
+    _warn_odd_boxes(dets, gt, pred_dir, warn)
     return dets, dict(images=n_images, matched=matched, missing=missing, unmatched_files=unmatched)
+
+
+def _warn_odd_boxes(dets, gt, pred_dir, warn):
+    """Say so, with counts and a file to look at, when predictions hold boxes without extent or
+    negative scores: they are scored as the official tool scores them, which a user should know."""
+    for what, odd, meaning in (
+            ('a width or height <= 0', lambda d: (d[:, 2] <= 0) | (d[:, 3] <= 0),
+             'as detections that match no face, a false positive each (the official arithmetic)'),
+            ('a negative score', lambda d: d[:, 4] < 0,
+             'as they are: scores are min-max normalised over all predictions, so only their order counts')):
+        counts = [int(odd(d).sum()) if d is not None and len(d) else 0 for d in dets]
+        if sum(counts):
+            first = next(i for i, n in enumerate(counts) if n)
+            example = os.path.join(pred_dir, *gt.images[first]) + '.txt'
+            _warn(warn, f'{sum(counts)} boxes in {sum(1 for n in counts if n)} files have {what} (e.g. {example}); '
+                        f'scored {meaning}')
 
 
 # ----------------------------------------------------------------------------- protocol
