@@ -18,7 +18,6 @@ Exit status: 0 aligned, 1 not aligned, 2 bad input (one line naming the file and
 --plot draws both curves (needs matplotlib; without it the table and verdict still print).
 """
 import argparse
-import json
 import math
 import os
 import re
@@ -90,22 +89,14 @@ def read_run(path):
 
 
 def _read_metrics(run, lines):
-    """metrics.jsonl: one JSON row per epoch (train.py's Trainer.write_metrics). A last line cut
-    short by a crash is left out; any other bad line is an error."""
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(lines):
-                continue
-            raise UserError(f'{run.path}:{number}: not a JSON object') from None
-        if not isinstance(row, dict) or not isinstance(row.get('epoch'), int):
-            raise UserError(f'{run.path}:{number}: a row without an integer "epoch"')
+    """metrics.jsonl (utils.training.save_folder.metrics_rows): each epoch's mean training loss at
+    its last iteration, and its validation loss."""
+    from utils.training.save_folder import metrics_rows
+
+    for row in metrics_rows(lines, run.path):
         for key in ('train_loss', 'val_loss'):
             if row.get(key) is not None and not isinstance(row[key], (int, float)):
-                raise UserError(f'{run.path}:{number}: "{key}" is not a number')
+                raise UserError(f'{run.path}: epoch {row["epoch"]}: "{key}" is not a number')
         if row.get('train_loss') is not None and isinstance(row.get('iteration'), int):
             run.train[row['iteration']] = float(row['train_loss'])
         if row.get('val_loss') is not None:

@@ -9,7 +9,6 @@ is marked in each panel; legends sit below the panels. A run that was resumed ma
 (pip install matplotlib).
 """
 import argparse
-import json
 import os
 import sys
 
@@ -27,31 +26,14 @@ def parse_args(argv=None):
 
 
 def read_metrics(path):
-    """The rows of a metrics file, one per epoch (the last row of an epoch written twice), in
-    epoch order. A last line cut short by a crash is left out; any other bad line is an error."""
-    try:
-        with open(path, encoding='utf-8-sig') as handle:
-            lines = handle.read().splitlines()
-    except FileNotFoundError:
-        raise UserError(f'{path}: no such file (train.py writes metrics.jsonl in its --save_folder)') from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f'{path}: cannot read the file ({exc})') from None
-    rows = {}
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(lines):
-                continue  # a write cut short by a crash
-            raise UserError(f'{path}:{number}: not a JSON object') from None
-        if not isinstance(row, dict) or not isinstance(row.get('epoch'), int):
-            raise UserError(f'{path}:{number}: a row without an integer "epoch"')
-        rows[row['epoch']] = row
+    """The rows of a metrics file, one per epoch, in epoch order (utils.training.save_folder);
+    UserError when it holds none."""
+    from utils.training.save_folder import read_metrics as rows_of
+
+    rows = rows_of(path)
     if not rows:
         raise UserError(f'{path}: holds no epoch yet')
-    return [rows[epoch] for epoch in sorted(rows)]
+    return rows
 
 
 def draw(rows):

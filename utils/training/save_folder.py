@@ -19,6 +19,7 @@ import shlex
 import time
 
 from data.config import cfg
+from utils.cli import UserError
 from utils.files.fileio import OutputDirError, check_free_space, format_bytes, make_output_dir, remove_stale_temporaries
 from utils.files.folder_lock import FolderLock
 
@@ -36,6 +37,38 @@ def _json_safe(value):
     if isinstance(value, dict):
         return {k: _json_safe(v) for k, v in value.items()}
     return value
+
+
+def metrics_rows(lines, path):
+    """The rows of metrics.jsonl's `lines`, one per epoch (its last row, when a resumed run wrote
+    an epoch again), in epoch order. A last line cut short by a crash is left out; any other bad
+    line is a UserError naming the file and the line."""
+    rows = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                continue  # a write cut short by a crash
+            raise UserError(f'{path}:{number}: not a JSON object') from None
+        if not isinstance(row, dict) or not isinstance(row.get('epoch'), int):
+            raise UserError(f'{path}:{number}: a row without an integer "epoch"')
+        rows[row['epoch']] = row
+    return [rows[epoch] for epoch in sorted(rows)]
+
+
+def read_metrics(path):
+    """metrics_rows of the file at `path`; UserError in one line when it cannot be read."""
+    try:
+        with open(path, encoding='utf-8-sig') as handle:
+            lines = handle.read().splitlines()
+    except FileNotFoundError:
+        raise UserError(f'{path}: no such file (train.py writes {METRICS_NAME} in its --save_folder)') from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f'{path}: cannot read the file ({exc})') from None
+    return metrics_rows(lines, path)
 
 
 class SaveFolder:
