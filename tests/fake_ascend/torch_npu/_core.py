@@ -127,7 +127,7 @@ LEDGER = Ledger()
 
 def _caller(outside=None):
     """Where a transfer was asked for: the innermost frame outside torch, the standard library
-    and this file, as a path relative to the repository ('utils/engine.py:391 to_device',
+    and this file, as a path relative to the repository ('utils/training/engine.py:80 to_device',
     'tests/fake_ascend/torch_npu/...'), or the absolute path of code from elsewhere (Ascend
     Apex's files, upstream's files run from the torch-npu wheel:
     '/.../ascend-apex/apex/amp/scaler.py:135 check_grads_overflow_with_inf')."""
