@@ -226,8 +226,8 @@ def claim_save_folder(folder, args, runtime, log):
     refused = removed = freed = None
     found = False
     try:
-        removed, freed = folder.claim(advice=f'wait for it to end (then --resume {folder.checkpoint} continues it) '
-                                             'or give another --save_folder')
+        removed, freed = folder.claim(advice='wait for it to end (then --resume auto continues it) or give another '
+                                             '--save_folder')
         found = folder.writer and args.resume == 'auto' and os.path.isfile(folder.checkpoint)
         if folder.writer and (args.resume is None or (args.resume == 'auto' and not found)):
             make_room_for_a_new_run(folder, args.overwrite, log)
@@ -307,17 +307,16 @@ def main(args, signals=None):
     from utils.training.val_ap import format_ap_line
 
     signals = (signals or StopSignals()).install()  # until training starts, a signal ends the run at once
-
-    # -- set-up: the device and its processes, the save folder, data, model, optimizer ------------
-    rank, world, local_rank = devices.distributed_env()
-    runtime = devices.setup_device(args.device, local_rank if world > 1 else args.device_id, args.amp,
-                                   args.amp_dtype, args.loss_scale, args.npu_jit_compile, args.combine_ddp)
-    devices.init_distributed(runtime.type)
-    folder = SaveFolder(args.save_folder, args.dataset, writer=devices.is_main_process(),
-                        checkpoint_interval=args.checkpoint_interval)
-    net = eval_net = writer = None
+    folder = net = eval_net = writer = None
     finished = False
     try:
+        # -- set-up: the device and its processes, the save folder, data, model, optimizer --------
+        rank, world, local_rank = devices.distributed_env()
+        runtime = devices.setup_device(args.device, local_rank if world > 1 else args.device_id, args.amp,
+                                       args.amp_dtype, args.loss_scale, args.npu_jit_compile, args.combine_ddp)
+        devices.init_distributed(runtime.type)
+        folder = SaveFolder(args.save_folder, args.dataset, writer=devices.is_main_process(),
+                            checkpoint_interval=args.checkpoint_interval)
         resume_from = claim_save_folder(folder, args, runtime, log)
         channels_last = runtime.type == 'cuda' if args.channels_last is None else args.channels_last
         runtime.share_cpu(args.num_workers, world)
@@ -446,7 +445,8 @@ def main(args, signals=None):
             writer.close()
         net = eval_net = None  # DDP's reducer holds the process group: let it go first (see cleanup_distributed)
         devices.cleanup_distributed(synchronize=finished)
-        folder.release()
+        if folder is not None:
+            folder.release()
     return state, stop
 
 
