@@ -216,7 +216,9 @@ def test_real_ground_truth_matches_the_official_counts(real_gt):
 def test_perfect_predictions_score_one(real_gt, tmp_path):
     dets, hit_faces, _ = perfect_dets(real_gt, np.random.default_rng(0))
     write_preds(tmp_path, dets, real_gt)
-    aps = evaluate(str(tmp_path), real_gt, arithmetic='double')
+    # The official ground truth has 11 faces without extent, which the copies keep: said, not hidden.
+    with pytest.warns(WiderEvalWarning, match=r'^11 boxes in 9 files have a width or height <= 0'):
+        aps = evaluate(str(tmp_path), real_gt, arithmetic='double')
     for s in SETTINGS:
         # AP = share of counted faces that a prediction reaches: 1 except in hard, which counts a
         # face annotated twice and the face of negative width (see reached_faces): 31956 / 31958.
