@@ -86,18 +86,12 @@ def parse_args(argv=None):
 def cli(argv=None, signals=None):
     """The demo's command line (also `python train.py --demo`); returns the exit status, as train.py."""
     from utils.cli import run_cli
-    from utils.training.stop import EXIT_STOPPED, Interrupted, StopSignals
+    from utils.training.stop import EXIT_STOPPED, StopSignals
 
-    signals = (signals or StopSignals()).install()
+    signals = (signals or StopSignals('train.py')).install()
     rest = parse_args(sys.argv[1:] if argv is None else argv)
     outcome = {}
-    try:
-        status = run_cli(lambda a: outcome.update(stop=main(a, signals)[1]), lambda a: a, rest, prog='train.py',
-                         status=2)
-    except Interrupted as stopped:
-        print(f'train.py: {stopped.signal} during start-up, before the first step: nothing new to save',
-              file=sys.stderr, flush=True)
-        return EXIT_STOPPED
+    status = run_cli(lambda a: outcome.update(stop=main(a, signals)[1]), lambda a: a, rest, prog='train.py', status=2)
     return EXIT_STOPPED if status == 0 and outcome.get('stop') else status
 
 

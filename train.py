@@ -499,22 +499,16 @@ def cli(argv=None):
     """Command-line entry; returns the exit status (utils/training/stop.py): 0 when the run reached
     its end; 75 when a stop signal ended it early, its checkpoint saved, or during start-up, with
     nothing new to save (a scheduler requeues it); 2 with one line `train.py: error: ...`."""
-    from utils.training.stop import EXIT_STOPPED, Interrupted, StopSignals  # light: no PyTorch
+    from utils.training.stop import EXIT_STOPPED, StopSignals  # light: no PyTorch
 
-    signals = StopSignals().install()  # before PyTorch loads: a Ctrl-C in the first seconds is one line too
+    signals = StopSignals('train.py').install()  # before PyTorch loads: a Ctrl-C in the first seconds is one line too
     args = parse_args(argv)
     if args.demo:
         import quickstart
         return quickstart.cli(argv, signals)
     outcome = {}
-    try:
-        status = run_cli(lambda a: outcome.update(zip(('state', 'stop'), main(a, signals))), lambda _: args,
-                         prog='train.py', status=2)
-    except Interrupted as stopped:
-        print(f'train.py: {stopped.signal} during start-up, before the first step: nothing new to save; run the '
-              'same command again to start (with --resume auto, to continue from the checkpoint)',
-              file=sys.stderr, flush=True)
-        return EXIT_STOPPED
+    status = run_cli(lambda a: outcome.update(zip(('state', 'stop'), main(a, signals))), lambda _: args,
+                     prog='train.py', status=2)
     return EXIT_STOPPED if status == 0 and outcome.get('stop') else status
 
 

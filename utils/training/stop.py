@@ -7,8 +7,11 @@
     2    a one-line error: bad input, a damaged checkpoint, a diverged run (the last good state kept)
     130  a second Ctrl-C: stopped at once, without saving (the last saved checkpoint is kept)
 
-During start-up a signal ends the process at once (`Interrupted`, turned into one line by
-train.py). Once training starts it only sets a flag: the loop stops after the current step, or
+During start-up a signal ends the process at once with one line and status 75: nothing has
+been trained, nothing is being written, and the lock goes with the process. It exits from the
+handler rather than raising there: the signal may arrive while PyTorch is loading, inside Python
+code that C++ called (pybind11), where an exception cannot unwind and aborts the process instead.
+Once training starts it only sets a flag: the loop stops after the current step, or
 at once during validation, and saves the checkpoint. Under torchrun every process must stop at
 the same step: the flag travels with the all-reduce of the step's finite-loss check
 (utils/training/engine.py, StepCheck), which every step already makes and reads, so a signal to
@@ -23,15 +26,6 @@ EXIT_STOPPED = getattr(os, 'EX_TEMPFAIL', 75)
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-class Interrupted(BaseException):
-    """A stop signal during start-up. A BaseException, like KeyboardInterrupt, so that no
-    `except Exception` on the way turns it into another error."""
-
-    def __init__(self, name):
-        super().__init__(name)
-        self.signal = name
-
-
 def stopped_message(iteration, checkpoint_path, signal_name=None):
     """The last line of a run stopped before its end, its checkpoint saved:
     'Stopped at iteration 4 (SIGTERM); resume with --resume weights/sfd_face_checkpoint.pth'."""
@@ -42,12 +36,13 @@ def stopped_message(iteration, checkpoint_path, signal_name=None):
 class StopSignals:
     """The run's SIGINT/SIGTERM handlers, from `install()` to `close()`.
 
-        signals = StopSignals().install()   # start-up: a signal raises Interrupted
+        signals = StopSignals('train.py').install()   # start-up: a signal ends the process, exit 75
         signals.training()                  # the loop: a signal sets `received`
         signals.close()
     """
 
-    def __init__(self):
+    def __init__(self, prog='train.py'):
+        self.prog = prog
         self.received = None  # the name of the first signal, once training has started
         self._pid = os.getpid()
         self._previous = {}
@@ -72,8 +67,12 @@ class StopSignals:
             return  # a DataLoader worker forked with this handler: the main process decides
         name = signal.Signals(signum).name
         if not self._training:
-            signal.signal(signum, signal.SIG_IGN)  # the first one is enough to stop
-            raise Interrupted(name)
+            sys.stdout.flush()
+            if os.environ.get('RANK', '0') == '0':  # under torchrun every process gets it: one line
+                print(f'{self.prog}: {name} during start-up, before the first step: nothing new to save; run the '
+                      'same command again to start (with --resume auto, to continue from the checkpoint)',
+                      file=sys.stderr, flush=True)
+            os._exit(EXIT_STOPPED)
         if self.received is not None:
             if signum != signal.SIGINT:
                 # Schedulers deliver SIGTERM twice (to every process and again through torchrun's
