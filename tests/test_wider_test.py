@@ -405,7 +405,7 @@ def test_nan_weights_are_refused_before_any_prediction(wider, random_model, tmp_
 
 def train_py_save_folder(folder, model, input_size):
     """A save folder as train.py leaves it: the best weights sfd_face.pth (weights only) and
-    sfd_face_checkpoint.pth, whose 'args' are train.py's options (utils.engine.save_checkpoint
+    sfd_face_checkpoint.pth, whose 'args' are train.py's options (utils.training.checkpoint.save_checkpoint
     keeps the plain values of vars(args))."""
     import train
     folder.mkdir()

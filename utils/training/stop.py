@@ -14,7 +14,7 @@ code that C++ called (pybind11), where an exception cannot unwind and aborts the
 Once training starts it only sets a flag: the loop stops after the current step, or
 at once during validation, and saves the checkpoint. Under torchrun every process must stop at
 the same step: the flag travels with the all-reduce of the step's finite-loss check
-(utils/training/engine.py, StepCheck), which every step already makes and reads, so a signal to
+(utils/training/engine.py, FiniteCheck), which every step already makes and reads, so a signal to
 any process stops all of them after the step in progress, at no cost to the others.
 """
 import os
