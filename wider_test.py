@@ -60,7 +60,6 @@ import datetime
 import hashlib
 import json
 import os
-import re
 import statistics
 import sys
 import time
@@ -349,12 +348,11 @@ def training_input_size(model_path):
     whole."""
     import torch
 
-    folder, name = os.path.split(model_path)
-    candidates = [model_path]
-    match = re.fullmatch(r'(sfd_[A-Za-z]+)(?:_\d+)?\.pth', name)
-    if match:
-        candidates.append(os.path.join(folder, f'{match.group(1)}_checkpoint.pth'))
-    for path in candidates:
+    from utils.training.save_folder import SaveFolder
+
+    for path in (model_path, SaveFolder.checkpoint_beside(model_path)):
+        if path is None:
+            continue
         try:
             obj = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
         except Exception:  # absent, or not a zip checkpoint: nothing to learn from it

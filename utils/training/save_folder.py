@@ -87,6 +87,14 @@ class SaveFolder:
     def numbered(self, iteration):
         return os.path.join(self.path, f'sfd_{self.dataset}_{iteration}.pth')
 
+    @staticmethod
+    def checkpoint_beside(weights_path):
+        """The checkpoint of the run that wrote `weights_path` (its best or a numbered weights
+        file), in the same folder; None for a file of another name."""
+        folder, name = os.path.split(weights_path)
+        match = re.fullmatch(r'sfd_(?P<dataset>[A-Za-z]+)(_\d+)?\.pth', name)
+        return SaveFolder(folder, match['dataset'], writer=False).checkpoint if match else None
+
     def output_pattern(self):
         """The names of the files a run writes here (another dataset's or tool's files, the basenet, are
         not its business)."""
